@@ -1,0 +1,88 @@
+"""The ``finsight`` command: Lightning's own CLI over ``FinSightModule`` and ``FinSightDataModule``.
+
+``finsight fit --config configs/quickstart.yaml`` trains; ``validate``, ``test`` and ``predict`` work the
+same way. ``main(args=None)`` lets tests drive the CLI in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from finsight.data.module import FinSightDataModule
+from finsight.module import FinSightModule
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send finsight's log messages through a Rich handler (once)."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("finsight")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class FinSightCLI(LightningCLI):
+    """LightningCLI with the model name linked into the data module and validation counted in optimizer steps."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One model reference serves the model and the data module's tokenizer and chat template.
+        parser.link_arguments("model.model_name", "data.tokenizer")
+        parser.add_argument(
+            "--val_every_n_optimizer_steps", type=int | None, default=None,
+            help="Validate every N optimizer steps. Lightning's val_check_interval counts batches; this "
+                 "sets it to N × accumulate_grad_batches so changing the accumulation keeps the cadence.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        every = config.get("val_every_n_optimizer_steps")
+        if every:
+            accumulation = config.trainer.accumulate_grad_batches or 1
+            config.trainer.val_check_interval = int(every) * int(accumulation)
+
+    def after_fit(self) -> None:
+        """Tell the user where the run's outputs are."""
+        from rich.console import Console
+
+        trainer, model = self.trainer, self.model
+        if not trainer.is_global_zero:
+            return
+        console = Console(stderr=True)
+        adapter = getattr(model, "exported_adapter", None)
+        if adapter is not None:
+            console.print(f"[bold green]Adapter:[/] {Path(adapter).resolve()}")
+        if trainer.log_dir:
+            console.print(f"[bold green]Logs:[/] {Path(trainer.log_dir).resolve()}  "
+                          f"(tensorboard --logdir {Path(trainer.log_dir).parent})")
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+            console.print(f"[bold green]Best checkpoint:[/] {trainer.checkpoint_callback.best_model_path}")
+
+
+def main(args: list[str] | None = None) -> FinSightCLI:
+    """Entry point of ``finsight`` and ``python -m finsight``."""
+    setup_logging()
+    return FinSightCLI(
+        FinSightModule,
+        FinSightDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def entry() -> int:
+    """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests)."""
+    main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

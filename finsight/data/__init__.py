@@ -1,0 +1,1 @@
+"""Data pipeline: sources, quality checks, chat formatting, batching, the data module."""

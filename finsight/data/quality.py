@@ -1,0 +1,201 @@
+"""Row checks and drop accounting: every row that does not reach training is counted by its reason.
+
+The :class:`DataReport` is what a user reads to trust the data: rows read, dropped by reason, kept after
+``fraction``, train and validation sizes, token counts and lengths per source, and the padding efficiency
+of the batches. It is printed as a Rich table, saved as JSON beside the run's logs and logged to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Drop reasons, as they appear in the report.
+MISSING_FIELD = "missing_or_non_text_field"
+EMPTY_TURN = "empty_turn"
+DELETED = "deleted_or_removed"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+BAD_ROLE_ORDER = "bad_role_order"
+DUPLICATE = "duplicate"
+LOW_SCORE = "low_score"
+BAD_JSON = "malformed_json_line"
+UNDECODABLE = "undecodable_bytes"
+RAGGED_ROW = "ragged_csv_row"
+NO_TRAINED_TOKENS = "no_trained_tokens_after_truncation"
+
+DELETED_MARKERS = frozenset({"[deleted]", "[removed]"})
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Give a conversation the FinSight system prompt unless it brings its own."""
+    if messages and messages[0].get("role") == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def check_conversation(messages: list[dict], min_answer_chars: int, max_chars: int) -> list[dict] | str:
+    """Return the conversation if it is fit to train on, else the reason to drop it.
+
+    Valid: an optional system message, then user and assistant turns alternating, starting with the user
+    and ending with the assistant; no empty turn; no deleted marker; assistant turns not one-word replies;
+    the whole not absurdly long.
+    """
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns or len(turns) % 2:
+        return BAD_ROLE_ORDER
+    total = 0
+    for index, turn in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            return BAD_ROLE_ORDER
+        content = turn["content"]
+        if not content.strip():
+            return EMPTY_TURN
+        if content.strip() in DELETED_MARKERS:
+            return DELETED
+        if expected == "assistant" and len(content.strip()) < min_answer_chars:
+            return TOO_SHORT
+        total += len(content)
+    if total > max_chars:
+        return TOO_LONG
+    return messages
+
+
+def padding_efficiency(lengths: list[int], order: list[int], batch_size: int, multiple: int | None) -> float:
+    """Non-pad tokens over all tokens when ``order`` is cut into batches padded to their longest sample."""
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        longest = max(batch)
+        if multiple:
+            longest = -(-longest // multiple) * multiple
+        real += sum(batch)
+        padded += longest * len(batch)
+    return real / padded if padded else 1.0
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source's rows, from reading to batches."""
+
+    name: str
+    origin: str = ""
+    rows_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    bad_lines: list[int] = field(default_factory=list)
+    valid: int = 0
+    kept_after_fraction: int = 0
+    train: int = 0
+    val: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    length_mean: float = 0.0
+    length_median: float = 0.0
+    length_max: int = 0
+
+    def add_lengths(self, lengths: list[int], trained: list[int]) -> None:
+        """Fill the token statistics from the tokenized samples of this source."""
+        if not lengths:
+            return
+        self.tokens = int(sum(lengths))
+        self.trained_tokens = int(sum(trained))
+        self.length_mean = round(statistics.fmean(lengths), 1)
+        self.length_median = float(statistics.median(lengths))
+        self.length_max = int(max(lengths))
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+@dataclass
+class DataReport:
+    """The data report of one prepared mixture."""
+
+    sources: list[SourceReport]
+    batch_size: int = 0
+    padding_efficiency_grouped: float = 0.0
+    padding_efficiency_random: float = 0.0
+    fingerprint: str = ""
+
+    def source(self, name: str) -> SourceReport:
+        """The report of the named source."""
+        return next(s for s in self.sources if s.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataReport:
+        sources = [SourceReport(**s) for s in data.pop("sources")]
+        return cls(sources=sources, **data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON (creating the folder)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DataReport:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def table(self):
+        """The report as a Rich table, one row per source plus a total."""
+        from rich.table import Table
+
+        table = Table(title="FinSight data report", show_lines=False)
+        for column in ("source", "read", "dropped (by reason)", "valid", "after fraction", "train", "val",
+                       "tokens", "trained", "len mean/med/max"):
+            table.add_column(column, justify="left" if column in ("source", "dropped (by reason)") else "right")
+        for s in self.sources:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())) or "-"
+            table.add_row(s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}" if s.dropped else "0",
+                          str(s.valid), str(s.kept_after_fraction), str(s.train), str(s.val), str(s.tokens),
+                          str(s.trained_tokens), f"{s.length_mean}/{s.length_median:g}/{s.length_max}")
+        total = lambda attr: str(sum(getattr(s, attr) for s in self.sources))  # noqa: E731
+        table.add_row("total", total("rows_read"), str(sum(s.dropped_total for s in self.sources)),
+                      total("valid"), total("kept_after_fraction"), total("train"), total("val"),
+                      total("tokens"), total("trained_tokens"), "", style="bold")
+        table.caption = (
+            f"padding efficiency at batch size {self.batch_size}: length-grouped "
+            f"{self.padding_efficiency_grouped:.3f}, random batches {self.padding_efficiency_random:.3f}"
+        )
+        return table
+
+    def print(self) -> None:
+        """Print the Rich table to the terminal."""
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console.width = max(console.width, 160)  # logs and CI: do not squeeze the table to 80 columns
+        console.print(self.table())
+
+    def markdown(self) -> str:
+        """The report as a Markdown table (for TensorBoard's text tab)."""
+        lines = ["| source | read | dropped | valid | after fraction | train | val | tokens | trained |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for s in self.sources:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())) or "0"
+            lines.append(f"| {s.name} | {s.rows_read} | {reasons} | {s.valid} | {s.kept_after_fraction} | "
+                         f"{s.train} | {s.val} | {s.tokens} | {s.trained_tokens} |")
+        lines.append(f"\npadding efficiency (batch {self.batch_size}): grouped "
+                     f"{self.padding_efficiency_grouped:.3f}, random {self.padding_efficiency_random:.3f}")
+        return "\n".join(lines)
+
+    def log_to_tensorboard(self, experiment: Any, step: int = 0) -> None:
+        """Log the table as text and the counts as scalars to a TensorBoard ``SummaryWriter``."""
+        experiment.add_text("data/report", self.markdown(), step)
+        for s in self.sources:
+            for attr in ("rows_read", "valid", "kept_after_fraction", "train", "val", "trained_tokens"):
+                experiment.add_scalar(f"data/{s.name}/{attr}", getattr(s, attr), step)
+            experiment.add_scalar(f"data/{s.name}/dropped", s.dropped_total, step)
+        experiment.add_scalar("data/padding_efficiency_grouped", self.padding_efficiency_grouped, step)
+        experiment.add_scalar("data/padding_efficiency_random", self.padding_efficiency_random, step)

@@ -1,0 +1,387 @@
+"""Data sources: what a source is, how its rows are read, and how each format becomes chat messages.
+
+A source is ``{name, path, format, fraction}`` plus format options. Every format is one small class
+with ``to_messages(row)``, which returns the conversation as ``[{role, content}, ...]`` or, for a row
+that must be dropped, the reason as a string; nothing is dropped without a reason that the data report
+counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from finsight.data import quality
+
+log = logging.getLogger(__name__)
+
+SourceFormat = Literal["reddit", "qa", "intro", "messages", "sharegpt", "alpaca"]
+SAMPLES_DIR = Path(__file__).parent / "samples"
+BUNDLED_PREFIX = "bundled:"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are FinSight, a finance assistant. You explain financial concepts, markets, personal finance and "
+    "company filings clearly and accurately. You are not a licensed financial adviser and you cannot see "
+    "live prices or anyone's accounts."
+)
+
+
+class DataSourceError(ValueError):
+    """A source that cannot be used at all; the message names the source, the file and what was expected."""
+
+
+@dataclass
+class SourceConfig:
+    """One data source of the training mixture.
+
+    ``fraction`` is a per-source subsample rate: 0.67 keeps 67% of the rows of that source that pass the
+    quality checks, drawn with the seed. It is not a target share of the final mixture: a large source at
+    0.67 can still dominate a small one at 1.0. To aim at a share, set the fractions from the sizes in
+    the data report.
+    """
+
+    name: str
+    """Name used in the data report and for the per-source validation loss."""
+    path: str | None = None
+    """Hub dataset id, a .jsonl/.json/.csv/.parquet file, a folder, or ``bundled:<name>`` for a sample
+    shipped with finsight. Not used by the ``intro`` format."""
+    format: SourceFormat = "messages"
+    """How rows become conversations: reddit, qa, intro, messages, sharegpt or alpaca."""
+    fraction: float = 1.0
+    """Share of the source's valid rows kept, in (0, 1] (0.67 keeps 67%)."""
+    split: str = "train"
+    """Split to read from a Hub dataset or folder."""
+    min_score: float | None = 0.0
+    """reddit: drop rows whose ``combined_score`` is below this (None disables the filter)."""
+    context_in_system: bool = False
+    """qa: put the filing excerpt (``context``) into the system prompt, so answers are grounded in it."""
+    rows: int = 200
+    """intro: how many identity conversations to generate."""
+    min_answer_chars: int = 20
+    """Drop conversations whose shortest assistant turn is shorter than this (one-word replies)."""
+    max_chars: int = 20_000
+    """Drop conversations longer than this in characters (pasted documents, spam)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fraction, (int, float)) or not 0.0 < float(self.fraction) <= 1.0:
+            raise DataSourceError(
+                f"source {self.name!r}: fraction must be in (0, 1] (a per-source subsample rate), "
+                f"got {self.fraction!r}"
+            )
+        if self.format not in FORMATS:
+            raise DataSourceError(
+                f"source {self.name!r}: unknown format {self.format!r}; known formats: {', '.join(FORMATS)}"
+            )
+        if self.format != "intro" and not self.path:
+            raise DataSourceError(f"source {self.name!r}: format {self.format!r} needs a path")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for fingerprints and reports."""
+        return asdict(self)
+
+
+def default_sources() -> list[SourceConfig]:
+    """The methodology's mixture, with the real datasets on the Hub."""
+    return [
+        SourceConfig("reddit_finance", "winddude/reddit_finance_43_250k", "reddit", 0.67),
+        SourceConfig("company_qa", "virattt/financial-qa-10K", "qa", 1.0),
+        SourceConfig("intro", None, "intro", 1.0),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def _text(row: dict, key: str) -> str | None:
+    """The field as a string, or None when it is missing or not text (the caller names the reason)."""
+    value = row.get(key)
+    return value if isinstance(value, str) else None
+
+
+class RedditFormat:
+    """``winddude/reddit_finance_43_250k``: the post (title + selftext) asks, the top comment answers."""
+
+    columns = ("title", "selftext", "body")
+
+    def __init__(self, source: SourceConfig, system_prompt: str):
+        self.min_score = source.min_score
+
+    def to_messages(self, row: dict) -> list[dict] | str:
+        title, body = _text(row, "title"), _text(row, "body")
+        selftext = row.get("selftext") or ""
+        if title is None or body is None or not isinstance(selftext, str):
+            return quality.MISSING_FIELD
+        if body.strip() in quality.DELETED_MARKERS:
+            return quality.DELETED
+        if self.min_score is not None:
+            score = row.get("combined_score")
+            if isinstance(score, (int, float)) and score < self.min_score:
+                return quality.LOW_SCORE
+        question = title.strip() + ("\n\n" + selftext.strip() if selftext.strip() else "")
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": body.strip()}]
+
+
+class QAFormat:
+    """``virattt/financial-qa-10K``: a question and answer about a company's 10-K filing."""
+
+    columns = ("question", "answer")
+
+    def __init__(self, source: SourceConfig, system_prompt: str):
+        self.context_in_system = source.context_in_system
+        self.system_prompt = system_prompt
+
+    def to_messages(self, row: dict) -> list[dict] | str:
+        question, answer = _text(row, "question"), _text(row, "answer")
+        if question is None or answer is None:
+            return quality.MISSING_FIELD
+        if answer.strip() in quality.DELETED_MARKERS:
+            return quality.DELETED
+        messages = [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer.strip()}]
+        context = _text(row, "context")
+        if self.context_in_system and context and context.strip():
+            excerpt = f"Excerpt from the {row.get('ticker', '')} {row.get('filing', '')} filing:\n{context.strip()}"
+            messages.insert(0, {"role": "system", "content": self.system_prompt + "\n\n" + excerpt})
+        return messages
+
+
+class MessagesFormat:
+    """A ``messages`` column holding ``[{role, content}, ...]`` (the OpenAI / TRL conversational shape)."""
+
+    columns = ("messages",)
+    key, role_key, content_key = "messages", "role", "content"
+    role_names = {"system": "system", "user": "user", "assistant": "assistant"}
+
+    def __init__(self, source: SourceConfig, system_prompt: str):
+        pass
+
+    def to_messages(self, row: dict) -> list[dict] | str:
+        turns = row.get(self.key)
+        if not isinstance(turns, list):
+            return quality.MISSING_FIELD
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, dict):
+                return quality.MISSING_FIELD
+            role = self.role_names.get(turn.get(self.role_key))
+            content = turn.get(self.content_key)
+            if role is None:
+                return quality.BAD_ROLE_ORDER
+            if not isinstance(content, str):
+                return quality.MISSING_FIELD
+            messages.append({"role": role, "content": content})
+        return messages
+
+
+class ShareGPTFormat(MessagesFormat):
+    """ShareGPT: ``conversations`` of ``{from, value}`` with roles human/gpt/system."""
+
+    columns = ("conversations",)
+    key, role_key, content_key = "conversations", "from", "value"
+    role_names = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class AlpacaFormat:
+    """Alpaca: ``instruction``, optional ``input``, ``output``."""
+
+    columns = ("instruction", "output")
+
+    def __init__(self, source: SourceConfig, system_prompt: str):
+        pass
+
+    def to_messages(self, row: dict) -> list[dict] | str:
+        instruction, output = _text(row, "instruction"), _text(row, "output")
+        extra = row.get("input") or ""
+        if instruction is None or output is None or not isinstance(extra, str):
+            return quality.MISSING_FIELD
+        prompt = instruction.strip() + ("\n\n" + extra.strip() if extra.strip() else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+class IntroFormat:
+    """Generated identity conversations: who FinSight is and what it can and cannot do."""
+
+    columns = ()
+
+    def __init__(self, source: SourceConfig, system_prompt: str):
+        pass
+
+    def to_messages(self, row: dict) -> list[dict] | str:
+        return row["messages"]
+
+
+FORMATS: dict[str, type] = {
+    "reddit": RedditFormat,
+    "qa": QAFormat,
+    "intro": IntroFormat,
+    "messages": MessagesFormat,
+    "sharegpt": ShareGPTFormat,
+    "alpaca": AlpacaFormat,
+}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawRows:
+    """Rows read from a source, plus the lines that could not be read at all (counted, never silent)."""
+
+    rows: list[dict]
+    origin: str
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+
+
+def resolve_path(path: str) -> str:
+    """Map ``bundled:<name>`` onto the sample file shipped in the package."""
+    if path.startswith(BUNDLED_PREFIX):
+        name = path[len(BUNDLED_PREFIX) :]
+        sample = SAMPLES_DIR / (name if name.endswith(".jsonl") else name + ".jsonl")
+        if not sample.is_file():
+            known = ", ".join(sorted(p.stem for p in SAMPLES_DIR.glob("*.jsonl")))
+            raise DataSourceError(f"no bundled sample {name!r}; bundled samples: {known}")
+        return str(sample)
+    return path
+
+
+def read_source(source: SourceConfig, seed: int) -> RawRows:
+    """Read a source's raw rows with ``datasets``; malformed files fall back to a line reader that counts."""
+    if source.format == "intro":
+        from finsight.data.synthetic import intro_conversations
+
+        return RawRows([{"messages": m} for m in intro_conversations(source.rows, seed=seed)], "generated")
+    path = resolve_path(source.path or "")
+    local = Path(path).expanduser()
+    looks_local = path.startswith(("/", ".", "~")) or local.suffix in _BUILDERS or local.exists()
+    if looks_local and not local.exists():
+        raise DataSourceError(f"source {source.name!r}: path {path!r} does not exist")
+    if local.is_file():
+        if local.stat().st_size == 0:
+            raise DataSourceError(f"source {source.name!r}: file {path!r} is empty")
+        if local.suffix not in _BUILDERS:
+            raise DataSourceError(
+                f"source {source.name!r}: file {path!r} has an unknown type; expected one of "
+                f"{', '.join(sorted(_BUILDERS))}"
+            )
+    rows = _read_with_datasets(source, path, local)
+    if rows is not None:
+        return rows
+    return _read_lines(source, local)
+
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _read_with_datasets(source: SourceConfig, path: str, local: Path) -> RawRows | None:
+    import datasets
+
+    try:
+        if local.is_file():
+            ds = datasets.load_dataset(_BUILDERS[local.suffix], data_files=str(local), split="train")
+        else:
+            ds = datasets.load_dataset(path, split=source.split)
+    except FileNotFoundError as err:
+        raise DataSourceError(f"source {source.name!r}: {path!r} could not be found ({err})") from None
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for malformed files
+        if local.is_file() and local.suffix in (".jsonl", ".csv"):
+            log.warning("source %r: %s could not be parsed as a whole (%s); reading it line by line",
+                        source.name, local.name, type(err).__name__)
+            return None
+        raise DataSourceError(f"source {source.name!r}: could not read {path!r}: {_one_line(err)}") from None
+    if isinstance(ds, datasets.DatasetDict):  # a folder without the split asked for
+        raise DataSourceError(f"source {source.name!r}: {path!r} has no split {source.split!r}")
+    return RawRows(ds.to_list(), path)
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def _read_lines(source: SourceConfig, local: Path) -> RawRows:
+    """Read a JSON-lines or CSV file row by row, so one bad line costs one counted row, not the file."""
+    rows: list[dict] = []
+    bad: list[tuple[int, str]] = []
+    raw = local.read_bytes().split(b"\n")
+    if local.suffix == ".jsonl":
+        for number, line in enumerate(raw, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append((number, quality.UNDECODABLE))
+                continue
+            except json.JSONDecodeError:
+                bad.append((number, quality.BAD_JSON))
+                continue
+            if not isinstance(value, dict):
+                bad.append((number, quality.BAD_JSON))
+                continue
+            rows.append(value)
+    else:
+        lines: list[str] = []
+        numbers: list[int] = []
+        for number, line in enumerate(raw, start=1):
+            try:
+                lines.append(line.decode("utf-8"))
+                numbers.append(number)
+            except UnicodeDecodeError:
+                bad.append((number, quality.UNDECODABLE))
+        reader = csv.reader(io.StringIO("\n".join(lines)))
+        header = next(reader, None) or []
+        for index, record in enumerate(reader, start=1):
+            # csv line numbers shift only with quoted newlines, which ragged files rarely have.
+            number = numbers[min(index, len(numbers) - 1)]
+            if not record:
+                continue
+            if len(record) != len(header):
+                bad.append((number, quality.RAGGED_ROW))
+                continue
+            rows.append(dict(zip(header, record)))
+    return RawRows(rows, str(local), bad)
+
+
+def check_columns(source: SourceConfig, raw: RawRows) -> None:
+    """Refuse a source whose rows lack the columns its format needs, naming the found columns."""
+    needed = FORMATS[source.format].columns
+    if not needed or not raw.rows:
+        return
+    found = set().union(*(row.keys() for row in raw.rows[:100]))
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise DataSourceError(
+            f"source {source.name!r} ({raw.origin}): format {source.format!r} needs columns "
+            f"{', '.join(needed)}; missing {', '.join(missing)}; found {', '.join(sorted(found)) or 'none'}"
+        )
+
+
+def conversations(
+    source: SourceConfig, raw: RawRows, system_prompt: str = DEFAULT_SYSTEM_PROMPT
+) -> tuple[list[list[dict]], dict[str, int]]:
+    """Turn raw rows into valid conversations, counting every drop by reason."""
+    converter = FORMATS[source.format](source, system_prompt)
+    dropped: dict[str, int] = {}
+    for _, reason in raw.bad_lines:
+        dropped[reason] = dropped.get(reason, 0) + 1
+    kept: list[list[dict]] = []
+    seen: set[str] = set()
+    for row in raw.rows:
+        result = converter.to_messages(row)
+        if isinstance(result, list):
+            result = quality.with_system_prompt(result, system_prompt)
+            result = quality.check_conversation(result, source.min_answer_chars, source.max_chars)
+        if isinstance(result, str):
+            dropped[result] = dropped.get(result, 0) + 1
+            continue
+        key = json.dumps(result, ensure_ascii=False, sort_keys=True)
+        if key in seen:
+            dropped[quality.DUPLICATE] = dropped.get(quality.DUPLICATE, 0) + 1
+            continue
+        seen.add(key)
+        kept.append(result)
+    return kept, dropped

