@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -47,6 +49,10 @@ class FinSightCLI(LightningCLI):
         if every:
             accumulation = config.trainer.accumulate_grad_batches or 1
             config.trainer.val_check_interval = int(every) * int(accumulation)
+        from finsight.strategies import exit_if_strategy_unavailable
+
+        # A strategy this machine cannot run (DeepSpeed without CUDA or the package) stops here, in one line.
+        exit_if_strategy_unavailable(config.trainer)
 
     def after_fit(self) -> None:
         """Tell the user where the run's outputs are."""
@@ -66,21 +72,55 @@ class FinSightCLI(LightningCLI):
             console.print(f"[bold green]Best checkpoint:[/] {trainer.checkpoint_callback.best_model_path}")
 
 
-def main(args: list[str] | None = None) -> FinSightCLI:
-    """Entry point of ``finsight`` and ``python -m finsight``."""
+def _export(args: list[str]):
+    from finsight.export import export_main
+
+    return export_main(args)
+
+
+# Subcommands that are not Trainer methods get their own parsers.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export}
+
+
+def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
+    """Entry point of ``finsight`` and ``python -m finsight``; ``run=False`` only builds the objects."""
     setup_logging()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    from finsight.callbacks import NonFiniteGuard, StepSeededRNG
+
     return FinSightCLI(
         FinSightModule,
         FinSightDataModule,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
+        # Reliability defaults: atomic, verified checkpoints (a configurable default: --trainer.plugins
+        # replaces it, --trainer.plugins+= adds to it), a stop at the first NaN/inf, and dropout masks that
+        # do not change when a run is resumed (always on).
+        trainer_defaults={
+            "plugins": [{"class_path": "finsight.checkpoint.AtomicCheckpointIO"}],
+            "callbacks": [NonFiniteGuard(), StepSeededRNG()],
+        },
     )
 
 
 def entry() -> int:
-    """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests)."""
-    main(sys.argv[1:])
+    """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests).
+
+    A damaged checkpoint or a NaN/inf in training ends the command with its one-line message and exit
+    status 1 instead of a traceback.
+    """
+    from finsight.callbacks import NonFiniteError
+    from finsight.checkpoint import CheckpointError
+
+    try:
+        main(sys.argv[1:])
+    except (CheckpointError, NonFiniteError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
