@@ -121,8 +121,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table.add_row("validation", f"every {interval} of an epoch")
     for callback in trainer.checkpoint_callbacks:
         every = callback._every_n_train_steps
-        table.add_row("checkpoints", f"every {every} optimizer steps" if every else "after each validation"
-                      + (f", best by {callback.monitor}" if callback.monitor else "")
+        cadence = f"every {every} optimizer steps" if every else "after each validation"
+        table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))
     table.add_row("strategy", type(trainer.strategy).__name__)
     table.add_row("logs", str(trainer.log_dir))

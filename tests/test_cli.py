@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def tiny_fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_fit_writes_a_loadable_adapter_and_tensorboard_events(tiny_model_dir, tmp_path):
-    cli = main(tiny_fit_args(tiny_model_dir, tmp_path))
+    cli = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.limit_val_batches=1.0"))
     assert cli.trainer.global_step == 2
     assert cli.datamodule.tokenizer_ref == str(tiny_model_dir)  # the link from model.model_name
     adapter = Path(cli.model.exported_adapter)
@@ -48,7 +49,13 @@ def test_fit_writes_a_loadable_adapter_and_tensorboard_events(tiny_model_dir, tm
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    assert "train/loss" in tags and "val/loss" in tags
+    for tag in ("train/loss", "val/loss", "val/ppl", "val/loss/reddit_finance", "val/loss/company_qa",
+                "train/grad_norm", "perf/tokens_per_s", "perf/trained_tokens_per_s", "perf/samples_per_s",
+                "perf/rss_gb", "lr-AdamW"):
+        assert tag in tags, tag
+    last = {tag: accumulator.Scalars(tag)[-1].value for tag in tags}
+    assert 0 < last["perf/trained_tokens_per_s"] < last["perf/tokens_per_s"]
+    assert last["val/ppl"] == pytest.approx(math.exp(last["val/loss"]), rel=1e-4)  # token-weighted, same tokens
     assert (Path(cli.trainer.log_dir) / "data_report.json").is_file()
 
 
