@@ -96,3 +96,23 @@ def test_checkpoint_holds_only_the_adapter(tiny_model_dir, tmp_path):
     keys = list(checkpoint["state_dict"])
     assert keys and all("lora_" in k for k in keys)
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+
+
+def test_ckpt_path_last_resumes_the_latest_run_in_its_own_folder(tiny_model_dir, tmp_path):
+    first = main(tiny_fit_args(tiny_model_dir, tmp_path))
+    resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
+    assert resumed.trainer.log_dir == first.trainer.log_dir  # no new version_N folder
+    assert resumed.trainer.global_step == 3  # continued from step 2, did not start over
+
+
+def test_console_command_turns_a_bad_source_into_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    sources = '[{"name":"mine","path":"/nonexistent/chats.jsonl","format":"messages"}]'
+    proc = subprocess.run([sys.executable, "-m", "finsight", "fit", "--config", str(CONFIGS[0].parent / "quickstart.yaml"),
+                           f"--data.sources={sources}", "--trainer.logger=false"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "error: source 'mine': file '/nonexistent/chats.jsonl' does not exist" in proc.stderr

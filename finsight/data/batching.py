@@ -1,4 +1,10 @@
-"""Length-grouped sampling and padding: each batch is padded only to its own longest sample."""
+"""Length-grouped sampling and padding: each batch is padded only to its own longest sample.
+
+Both training samplers draw an order that is a pure function of ``(seed, epoch)`` and are resumable:
+``StatefulDataLoader`` saves their ``state_dict`` (the epoch and how many indices were drawn) in its own
+state, which Lightning puts in checkpoints, and a fresh sampler that loads it continues the same epoch's
+order exactly where it stopped, whatever epoch the fresh sampler was at.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,84 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finsight.data.chat import IGNORE_INDEX
 
 
-class EpochLengthGroupedSampler(LengthGroupedSampler):
-    """``transformers``' length-grouped sampler (shuffled mega-batches sorted by length), seeded per epoch.
+class _ResumableEpochOrder:
+    """``set_epoch`` plus a ``state_dict`` that lets a fresh sampler continue a half-consumed epoch.
 
-    The order is a pure function of ``(seed, epoch)``, so a resumed run can replay it and skip what was
-    already consumed: ``StatefulDataLoader`` fast-forwards it by the number of batches it had yielded.
-    Lightning calls ``set_epoch`` before every epoch (also through its distributed wrapper).
+    The count is kept by the sampler's own iterator, in the process that draws the indices (the main
+    process, also with DataLoader workers), so it matches the batches the loader's state says were drawn.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        super().__init__(batch_size=batch_size, lengths=lengths)
-        self.seed = seed
-        self.epoch = 0
+    seed: int
+    epoch: int = 0
+    _drawn: int = 0
+    _resume_at: int = 0
+
+    def _order(self, generator: torch.Generator) -> list[int]:
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration draw the order of ``epoch``."""
+        """Make the next iteration draw the order of ``epoch`` (Lightning calls this before every epoch)."""
+        if epoch != self.epoch:
+            self._resume_at = 0  # a saved position belongs to the epoch it was saved in
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+        order = self._order(torch.Generator().manual_seed(self.seed + self.epoch))
+        start, self._resume_at = self._resume_at, 0
+        self._drawn = start
+        for index in order[start:]:
+            self._drawn += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many indices of its order were drawn."""
+        return {"epoch": self.epoch, "drawn": self._drawn, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved epoch's order after the indices already drawn."""
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the saved data order used seed {state['seed']}, this run uses {self.seed}")
+        self.epoch = int(state["epoch"])
+        self._resume_at = int(state["drawn"])
+
+
+class EpochLengthGroupedSampler(_ResumableEpochOrder, LengthGroupedSampler):
+    """``transformers``' length-grouped sampler (shuffled mega-batches sorted by length), seeded per epoch.
+
+    The longest sample is moved into the first batch, so a run that would run out of memory does so at
+    its first step.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size=batch_size, lengths=list(lengths))
+        self.seed = seed
+        self.epoch = 0
+
+    def _order(self, generator: torch.Generator) -> list[int]:
+        self.generator = generator
+        return list(LengthGroupedSampler.__iter__(self))
+
+
+class EpochRandomSampler(_ResumableEpochOrder, Sampler[int]):
+    """Plain random order (``group_by_length=False``), seeded per epoch and resumable like the grouped one."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _order(self, generator: torch.Generator) -> list[int]:
+        return torch.randperm(self.size, generator=generator).tolist()
 
 
 def order_of(sampler: Any) -> list[int]:
@@ -53,6 +111,7 @@ class FinSightCollator(DataCollatorForSeq2Seq):
                          label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
     def __call__(self, features: list[dict[str, Any]], return_tensors: str | None = None) -> dict:
+        features = [dict(f) for f in features]  # the dataset's rows are not ours to change
         extra = {key: torch.tensor([f.pop(key) for f in features]) for key in self.passthrough
                  if key in features[0]}
         for f in features:

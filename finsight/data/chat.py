@@ -3,17 +3,20 @@
 The mask does not rely on ``{% generation %}`` markers (SmolLM2's and Llama-2's templates have none).
 For assistant turn ``i`` the template is rendered twice: the conversation up to the turn with the
 generation prompt (``prefix``), and up to and including the turn (``full``). The characters between the
-two are what the model must produce: the answer and the template's end-of-turn token, which is trained so
-the model learns to stop. The whole conversation is tokenized once with offsets, and a token is trained
-when it starts inside one of those character spans. Everything else (system, user, template tokens) gets
-label ``-100``.
+two, less trailing whitespace, are what the model must produce: the answer and the template's end-of-turn
+token (``<|im_end|>``, ``</s>``), which is trained so the model learns to stop. The newline a template
+writes after that token is template layout and is not trained. The whole conversation is tokenized once
+with offsets, and a token is trained when it starts inside one of those character spans. Everything else
+(system, user, template tokens) gets label ``-100``.
+
+The render of the last assistant turn is the whole conversation, so a single-turn conversation costs two
+renders, and every conversation of a batch is rendered in one ``apply_chat_template`` call per kind.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
-
-import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -37,6 +40,8 @@ def fold_system(messages: list[dict]) -> list[dict]:
     """Merge a system message into the first user turn, for templates without a system role."""
     if not messages or messages[0]["role"] != "system":
         return messages
+    if len(messages) == 1:
+        return [{"role": "user", "content": messages[0]["content"]}]
     first_user = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
     return [first_user, *messages[2:]]
 
@@ -48,61 +53,162 @@ class ChatEncoder:
     """
 
     def __init__(self, tokenizer: Any, max_length: int):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template"
+                f"tokenizer {name!r} has no chat template; finsight renders every conversation with the "
+                "tokenizer's own template (use an instruction-tuned model or set tokenizer.chat_template)"
             )
         if not getattr(tokenizer, "is_fast", False):
-            raise ChatTemplateError("the assistant mask needs a fast tokenizer (offset mapping)")
+            raise ChatTemplateError(f"tokenizer {name!r} is not a fast tokenizer; the assistant mask needs "
+                                    "its offset mapping")
+        if max_length < 1:
+            raise ChatTemplateError(f"max_length must be a positive number of tokens, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.accepts_system = template_accepts_system(tokenizer)
+        self._direct = _direct_renderer(tokenizer, self.accepts_system)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_direct"] = None  # a compiled jinja template does not pickle; workers compile their own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._direct = _direct_renderer(self.tokenizer, self.accepts_system)
+
+    def _render_many(self, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+        if not conversations:
+            return []
+        try:
+            if self._direct is not None:
+                return [self._direct(messages, add_generation_prompt) for messages in conversations]
+            return self.tokenizer.apply_chat_template(
+                conversations, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as err:  # noqa: BLE001 - jinja's TemplateError and whatever the template raises
+            raise ChatTemplateError(f"the chat template failed to render a conversation: {err}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly as training and generation see it."""
         if not self.accepts_system:
             messages = fold_system(messages)
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self._render_many([messages], add_generation_prompt)[0]
 
-    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of every assistant turn."""
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:index], add_generation_prompt=True)
-            full = self.render(messages[: index + 1])
+    def assistant_spans_batch(self, batch: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
+        """The rendered conversations and the character spans of every assistant turn of each."""
+        if not self.accepts_system:
+            batch = [fold_system(messages) for messages in batch]
+        prefixes, fulls, owners = [], [], []
+        for number, messages in enumerate(batch):
+            for index, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    prefixes.append(messages[:index])
+                    fulls.append(messages[: index + 1])
+                    owners.append(number)
+        # Conversations that do not end with the assistant (not produced by the checks) are rendered whole.
+        unfinished = [n for n, messages in enumerate(batch) if not messages or messages[-1]["role"] != "assistant"]
+        prefix_texts = self._render_many(prefixes, add_generation_prompt=True)
+        full_texts = self._render_many(fulls, add_generation_prompt=False)
+        texts: list[str | None] = [None] * len(batch)
+        for number, text in zip(unfinished, self._render_many([batch[n] for n in unfinished], False)):
+            texts[number] = text
+        spans: list[list[tuple[int, int]]] = [[] for _ in batch]
+        turns: list[list[str]] = [[] for _ in batch]
+        for number, prefix, full in zip(owners, prefix_texts, full_texts):
             if not full.startswith(prefix):
                 raise ChatTemplateError(
                     "the chat template renders a conversation differently from its own prefix, so the "
                     "assistant turns cannot be located"
                 )
-            spans.append((len(prefix), len(full)))
-        # The last render covers the whole conversation when it ends with the assistant (checked upstream).
-        text = self.render(messages)
-        return text, spans
+            spans[number].append((len(prefix), len(full.rstrip())))
+            turns[number].append(full)
+        for number, text in enumerate(texts):
+            if text is None:
+                texts[number] = text = turns[number][-1]  # the last turn's render is the whole conversation
+            # Spans of earlier turns are positions in their own render; they hold only if that render is
+            # how the whole conversation begins.
+            if not all(text.startswith(full) for full in turns[number]):
+                raise ChatTemplateError(
+                    "the chat template renders earlier turns differently once later turns follow, so the "
+                    "assistant turns cannot be located"
+                )
+        return texts, spans  # type: ignore[return-value]
+
+    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant turns (trained characters)."""
+        texts, spans = self.assistant_spans_batch([messages])
+        return texts[0], spans[0]
 
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """``datasets.map(batched=True)`` function: messages → input_ids, labels, length, trained count."""
-        texts, all_spans = [], []
-        for messages in batch["messages"]:
-            text, spans = self.assistant_spans(messages)
-            texts.append(text)
-            all_spans.append(spans)
-        encoded = self.tokenizer(
-            texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-            max_length=self.max_length,
-        )
+        texts, all_spans = self.assistant_spans_batch(batch["messages"])
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
         labels, lengths, trained = [], [], []
-        for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans):
-            starts = np.asarray([start for start, _ in offsets])
-            inside = np.zeros(len(ids), dtype=bool)
+        for ids, encoding, text, spans in zip(encoded["input_ids"], encoded.encodings, texts, all_spans):
+            row = [IGNORE_INDEX] * len(ids)
+            count = 0
             for begin, end in spans:
-                inside |= (starts >= begin) & (starts < end)
-            row = np.where(inside, np.asarray(ids), IGNORE_INDEX)
-            labels.append(row.tolist())
+                first, last = _token_range(encoding, len(ids), len(text), begin, end)
+                row[first:last] = ids[first:last]
+                count += last - first
+            labels.append(row)
             lengths.append(len(ids))
-            trained.append(int(inside.sum()))
+            trained.append(count)
         return {"input_ids": encoded["input_ids"], "labels": labels, "length": lengths, "trained": trained}
+
+
+
+def _token_range(encoding: Any, n_tokens: int, n_chars: int, begin: int, end: int) -> tuple[int, int]:
+    """Tokens that start inside the characters ``[begin, end)``: a contiguous range, since the start offsets
+    of one sequence never go back. Found with two ``char_to_token`` look-ups; the full offset list is used
+    only where a boundary character belongs to no token (trimmed whitespace, or cut off by truncation)."""
+    bounds = []
+    for position in (begin, end):
+        if position >= n_chars:
+            bounds.append(n_tokens)
+            continue
+        token = encoding.char_to_token(position)
+        if token is None:
+            starts = [start for start, _ in encoding.offsets]
+            return bisect_left(starts, begin), bisect_left(starts, end)
+        start, _ = encoding.token_to_chars(token)
+        bounds.append(token if start >= position else token + 1)
+    return bounds[0], bounds[1]
+
+
+def _direct_renderer(tokenizer: Any, accepts_system: bool):
+    """The compiled template as a plain function, when it renders exactly like ``apply_chat_template``.
+
+    ``apply_chat_template`` copies and normalizes every conversation before rendering it, which costs as
+    much as the rendering itself; on a large dataset that is seconds. The compiled template (transformers'
+    own, cached per template) is used only if it gives the very same text on probe conversations, so a
+    template or a transformers version where they differ keeps the public path.
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+        special = dict(tokenizer.special_tokens_map)
+    except Exception:  # noqa: BLE001 - any change in those internals means: use the public path
+        return None
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **special)
+
+    probe = [{"role": "user", "content": "What is a bond?"}, {"role": "assistant", "content": "A loan."},
+             {"role": "user", "content": "And a stock?"}, {"role": "assistant", "content": "A share."}]
+    if accepts_system:
+        probe = [{"role": "system", "content": "Be brief."}, *probe]
+    try:
+        for cut in range(1, len(probe) + 1):
+            for generation in (False, True):
+                expected = tokenizer.apply_chat_template(probe[:cut], tokenize=False,
+                                                         add_generation_prompt=generation)
+                if render(probe[:cut], generation) != expected:
+                    return None
+    except Exception:  # noqa: BLE001 - a template that rejects a probe prefix keeps the public path
+        return None
+    return render

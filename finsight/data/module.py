@@ -4,8 +4,11 @@ chat template with assistant-only labels → cached ``datasets`` → length-grou
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -14,10 +17,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from finsight.data import quality
-from finsight.data.batching import EpochLengthGroupedSampler, FinSightCollator
+from finsight.data.batching import EpochLengthGroupedSampler, EpochRandomSampler, FinSightCollator
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import (
     DEFAULT_SYSTEM_PROMPT,
@@ -27,11 +30,13 @@ from finsight.data.sources import (
     conversations,
     default_sources,
     read_source,
+    resolve_path,
 )
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the processing changes, so old caches are not reused
+PIPELINE_VERSION = 2  # bump when the processing changes, so old caches are not reused
+MAP_BATCH_SIZE = 256  # conversations per tokenizer call: large enough for the tokenizer's own threads
 
 
 class FinSightDataModule(L.LightningDataModule):
@@ -71,7 +76,9 @@ class FinSightDataModule(L.LightningDataModule):
             val_fraction: Share of each source held out for validation.
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.
             seed: Seed of fraction sampling, validation split, merge order and batch order.
-            num_proc: Processes for tokenization (``datasets.map``); None picks by data size and CPUs.
+            num_proc: Processes for tokenization (``datasets.map``); 1 tokenizes in this process (the
+                tokenizer still uses every core), None picks one per CPU (up to 8) for 2,000+ rows on
+                machines with 4+ CPUs, else 1.
             num_workers: DataLoader worker processes.
             pad_to_multiple_of: Pad each batch's length up to a multiple of this (8 suits tensor cores);
                 None pads to the longest sample exactly.
@@ -101,9 +108,13 @@ class FinSightDataModule(L.LightningDataModule):
         self.system_prompt = system_prompt
         self.cache_dir = cache_dir
         self._tokenizer: Any = None
+        self._fingerprint: str | None = None
         self.train_dataset = None
+        self._train_lengths: list[int] = []
         self.val_dataset = None
         self.report: quality.DataReport | None = None
+        self.from_cache: bool | None = None
+        """After ``prepare_data``: True when the prepared data came from the cache, False when it was built."""
         self._report_logged = False
 
     # ------------------------------------------------------------------------------------- identity
@@ -126,35 +137,40 @@ class FinSightDataModule(L.LightningDataModule):
             else:
                 self._tokenizer = self.tokenizer_ref
                 if self._tokenizer.pad_token is None:
+                    # Labels come from the assistant mask and padding is labelled -100, so reusing UNK or
+                    # EOS as the pad token never trains (or untrains) a real token.
                     self._tokenizer.pad_token = self._tokenizer.unk_token or self._tokenizer.eos_token
+            if self._tokenizer.pad_token is None:
+                raise DataSourceError("the tokenizer has no pad, unk or eos token to pad batches with; "
+                                      "set tokenizer.pad_token")
         return self._tokenizer
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the prepared data: sources and their files, tokenizer,
-        template, length and split settings."""
+        template, length and split settings (computed once per data module)."""
         from datasets.fingerprint import Hasher
+
+        if self._fingerprint is not None:
+            return self._fingerprint
 
         files = []
         for s in self.sources:
-            from finsight.data.sources import resolve_path
-
-            path = Path(resolve_path(s.path)).expanduser() if s.path else None
+            path = Path(resolve_path(s.path, s.name)).expanduser() if s.path else None
             if path is not None and path.exists():
                 stat = path.stat()
                 files.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
             else:
                 files.append(s.path)
-        tok = self.tokenizer
         identity = {
             "version": PIPELINE_VERSION,
             "sources": [s.to_dict() for s in self.sources],
             "files": files,
-            "tokenizer": (getattr(tok, "name_or_path", ""), tok.chat_template, len(tok),
-                          Hasher.hash(tok.get_vocab()) if hasattr(tok, "get_vocab") else ""),
+            "tokenizer": _tokenizer_identity(self.tokenizer),
             "settings": (self.max_length, self.val_fraction, self.val_max_rows, self.seed, self.system_prompt,
                          self.batch_size, self.pad_to_multiple_of),
         }
-        return Hasher.hash(identity)
+        self._fingerprint = Hasher.hash(identity)
+        return self._fingerprint
 
     def _cache_path(self) -> Path:
         from finsight.model import cache_root
@@ -168,78 +184,123 @@ class FinSightDataModule(L.LightningDataModule):
         """Read, check, sample, split and tokenize every source once; later runs reuse the cache."""
         target = self._cache_path()
         if (target / "report.json").is_file():
+            self.from_cache = True
             log.info("Prepared data found in cache: %s", target)
             return
         started = time.perf_counter()
         self._build(target)
+        self.from_cache = False
         log.info("Prepared data in %.1fs: %s", time.perf_counter() - started, target)
 
-    def _build(self, target: Path) -> None:
-        import datasets
+    def _num_proc(self, rows: int) -> int | None:
+        """Tokenization processes: as asked, else one per CPU (up to 8) for data worth the start-up.
 
+        With fewer than 4 CPUs one process is faster: the tokenizer already spreads each batch over the
+        cores, and worker processes add about a quarter more CPU time (start-up, copies, Arrow shards).
+        """
+        if self.num_proc is not None:
+            return self.num_proc if self.num_proc > 1 else None
+        cpus = os.cpu_count() or 1
+        return min(cpus, 8) if rows >= 2000 and cpus >= 4 else None
+
+    def _read(self) -> tuple[list[quality.SourceReport], dict[str, dict[str, list]]]:
+        """Every source read, checked, subsampled by its fraction and split into train and validation."""
         reports: list[quality.SourceReport] = []
-        train_rows: dict[str, list] = {"messages": [], "source_index": []}
-        val_rows: dict[str, list] = {"messages": [], "source_index": []}
+        rows = {split: {"messages": [], "source_index": []} for split in ("train", "val")}
         for index, source in enumerate(self.sources):
-            report = quality.SourceReport(source.name)
             raw = read_source(source, self.seed)
             check_columns(source, raw)
             kept, dropped = conversations(source, raw, self.system_prompt)
-            report.origin = raw.origin
-            report.rows_read = len(raw.rows) + len(raw.bad_lines)
-            report.dropped = dropped
-            report.bad_lines = [number for number, _ in raw.bad_lines][:100]
-            report.valid = len(kept)
+            report = quality.SourceReport(
+                source.name, origin=raw.origin, rows_read=len(raw.rows) + len(raw.bad_lines), dropped=dropped,
+                bad_lines=[number for number, _ in raw.bad_lines][:100], valid=len(kept),
+            )
+            reports.append(report)
+            if not kept:
+                raise DataSourceError(
+                    f"source {source.name!r} ({raw.origin}) has no rows left after its checks: read "
+                    f"{report.rows_read}, dropped {_counts(dropped)}"
+                )
             # Each source draws with its own stream, so adding a source leaves the others' samples unchanged.
             rng = np.random.default_rng([self.seed, zlib.crc32(source.name.encode())])
             count = round(source.fraction * len(kept))
+            if count == 0:
+                raise DataSourceError(
+                    f"source {source.name!r} ({raw.origin}): fraction {source.fraction} of its {len(kept)} "
+                    "valid rows keeps none; raise the fraction"
+                )
             chosen = rng.permutation(len(kept))[:count]
             report.kept_after_fraction = int(count)
             n_val = min(self.val_max_rows, round(self.val_fraction * count)) if count > 1 else 0
             for position, row in enumerate(chosen):
-                bucket = val_rows if position < n_val else train_rows
+                bucket = rows["val" if position < n_val else "train"]
                 bucket["messages"].append(kept[row])
                 bucket["source_index"].append(index)
-            reports.append(report)
-            if count == 0:
-                raise DataSourceError(
-                    f"source {source.name!r} ({raw.origin}) has no rows left after its checks: "
-                    f"read {report.rows_read}, dropped {dropped or 'none'}"
-                )
+        return reports, rows
 
+    def _tokenize(self, encoder: ChatEncoder, rows: dict[str, list], split: str, fingerprint: str):
+        """The split merged in seeded order and tokenized with ``datasets.map``."""
+        import datasets
+
+        order = np.random.default_rng(self.seed).permutation(len(rows["messages"]))
+        ds = datasets.Dataset.from_dict({key: [values[i] for i in order] for key, values in rows.items()})
+        features = datasets.Features({
+            "source_index": datasets.Value("int32"),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"),
+            "trained": datasets.Value("int32"),
+        })
+        # new_fingerprint: the cache fingerprint already names this work, and hashing the encoder (with its
+        # tokenizer) for datasets' own fingerprint costs seconds.
+        return ds.map(encoder.encode_batch, batched=True, batch_size=MAP_BATCH_SIZE,
+                      num_proc=self._num_proc(len(ds)), remove_columns=["messages"], features=features,
+                      new_fingerprint=f"{fingerprint}-{split}", desc=f"Tokenizing {split}")
+
+    def _build(self, target: Path) -> None:
+        # A tokenizer that cannot build the mask fails here, before any source is read.
         encoder = ChatEncoder(self.tokenizer, self.max_length)
-        splits = {}
-        for split, rows in (("train", train_rows), ("val", val_rows)):
-            order = np.random.default_rng(self.seed).permutation(len(rows["messages"]))
-            ds = datasets.Dataset.from_dict({k: [v[i] for i in order] for k, v in rows.items()})
-            num_proc = self.num_proc if self.num_proc is not None else (
-                min(os.cpu_count() or 1, 8) if len(ds) >= 2000 else None)
-            ds = ds.map(encoder.encode_batch, batched=True, batch_size=256, num_proc=num_proc,
-                        remove_columns=["messages"], desc=f"Tokenizing {split}")
-            for index, count in zip(*np.unique(np.asarray(ds["source_index"])[np.asarray(ds["trained"]) == 0],
-                                               return_counts=True)):
+        reports, rows = self._read()
+        splits: dict = {}
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for split in ("train", "val"):
+            if not rows[split]["messages"]:
+                continue
+            ds = self._tokenize(encoder, rows[split], split, target.name)
+            columns = ds.with_format("numpy", columns=["source_index", "length", "trained"])[:]
+            empty = columns["trained"] == 0
+            for index, count in zip(*np.unique(columns["source_index"][empty], return_counts=True)):
                 dropped = reports[index].dropped
                 dropped[quality.NO_TRAINED_TOKENS] = dropped.get(quality.NO_TRAINED_TOKENS, 0) + int(count)
-            ds = ds.filter(lambda trained: [t > 0 for t in trained], input_columns="trained", batched=True)
+            keep = np.flatnonzero(~empty)
             if split == "val":
                 # Sorted by length, validation batches need almost no padding.
-                ds = ds.sort("length", reverse=True)
-            ds = ds.add_column("sample_id", list(range(len(ds))))
-            splits[split] = ds
+                keep = keep[np.argsort(-columns["length"][keep], kind="stable")]
+            if len(keep) < len(ds) or split == "val":
+                ds = ds.select(keep)
+            splits[split] = ds.add_column("sample_id", list(range(len(ds))))
+            stats[split] = {key: values[keep] for key, values in columns.items()}
 
         for index, report in enumerate(reports):
+            chosen = {split: stats[split]["source_index"] == index for split in stats}
             for split in ("train", "val"):
-                sel = np.asarray(splits[split]["source_index"]) == index
-                setattr(report, split, int(sel.sum()))
-            lengths = np.concatenate([np.asarray(splits[s]["length"])[np.asarray(splits[s]["source_index"]) == index]
-                                      for s in splits])
-            trained = np.concatenate([np.asarray(splits[s]["trained"])[np.asarray(splits[s]["source_index"]) == index]
-                                      for s in splits])
-            report.add_lengths(lengths.tolist(), trained.tolist())
-
-        lengths = splits["train"]["length"]
-        if not lengths:
+                setattr(report, split, int(chosen[split].sum()) if split in chosen else 0)
+            report.add_lengths(
+                np.concatenate([stats[split]["length"][chosen[split]] for split in stats]).tolist(),
+                np.concatenate([stats[split]["trained"][chosen[split]] for split in stats]).tolist(),
+            )
+        emptied = [r for r in reports if r.train + r.val == 0]
+        if emptied:
+            raise DataSourceError(
+                "no sample of source " + "; ".join(f"{r.name!r} ({r.origin}: dropped {_counts(r.dropped)})"
+                                                   for r in emptied)
+                + f" keeps a trained token at max_length={self.max_length}: the prompts fill the whole "
+                "length; raise max_length"
+            )
+        if "train" not in stats:
             raise DataSourceError("no training samples are left after the checks; see the data report")
+
+        lengths = stats["train"]["length"].tolist()
         grouped = list(EpochLengthGroupedSampler(lengths, self.batch_size, self.seed))
         shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).tolist()
         report = quality.DataReport(
@@ -252,11 +313,16 @@ class FinSightDataModule(L.LightningDataModule):
             fingerprint=target.name,
         )
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         for split, ds in splits.items():
-            if len(ds):  # datasets cannot load an empty saved dataset back; no folder means no rows
-                ds.save_to_disk(str(tmp / split))
+            ds.save_to_disk(str(tmp / split))  # no folder for a split without rows (datasets cannot load one)
         report.save(tmp / "report.json")  # written last: its presence marks a complete cache
-        tmp.replace(target)
+        try:
+            tmp.replace(target)
+        except OSError:
+            if not (target / "report.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process prepared the same data meanwhile
 
     def setup(self, stage: str | None = None) -> None:
         """Load the prepared data from the cache (preparing it first when used outside a Trainer)."""
@@ -269,6 +335,7 @@ class FinSightDataModule(L.LightningDataModule):
             self.prepare_data()
         self.train_dataset = datasets.load_from_disk(str(target / "train"))
         self.val_dataset = datasets.load_from_disk(str(target / "val")) if (target / "val").is_dir() else None
+        self._train_lengths = self.train_dataset.with_format("numpy", columns=["length"])[:]["length"].tolist()
         self.report = quality.DataReport.load(target / "report.json")
         self._publish_report()
 
@@ -293,15 +360,34 @@ class FinSightDataModule(L.LightningDataModule):
         """The padding collator used by every loader."""
         return FinSightCollator(self.tokenizer, self.pad_to_multiple_of)
 
-    def train_sampler(self):
-        """The training order: length-grouped and seeded per epoch, or plain seeded random."""
+    def train_sampler(self) -> torch.utils.data.Sampler[int]:
+        """The training order: length-grouped and seeded per epoch, or plain seeded random; resumable.
+
+        Under a distributed strategy every rank draws the same order and keeps every world_size-th sample of it.
+        """
         if self.group_by_length:
-            return EpochLengthGroupedSampler(self.train_dataset["length"], self.batch_size, self.seed)
-        return RandomSampler(self.train_dataset, generator=torch.Generator().manual_seed(self.seed))
+            sampler = EpochLengthGroupedSampler(self._train_lengths, self.batch_size, self.seed)
+        else:
+            sampler = EpochRandomSampler(len(self._train_lengths), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+            # Lightning would wrap the sampler itself, but with shuffle=True, which reshuffles single samples and
+            # undoes the length grouping; sharding the order in place keeps neighbours (similar lengths) together.
+            return DistributedSamplerWrapper(sampler, shuffle=False, **trainer.distributed_sampler_kwargs)
+        return sampler
 
     def train_dataloader(self):
-        """A stateful loader: Lightning saves its position in checkpoints, so a resume continues mid-epoch."""
+        """A stateful loader: Lightning saves its position in checkpoints, so a resume continues mid-epoch.
+
+        Its ``state_dict`` holds the sampler's epoch and position, so ``load_state_dict`` on a fresh loader
+        continues the same epoch's order without repeating or skipping a sample.
+        """
         from torchdata.stateful_dataloader import StatefulDataLoader
+
+        if self.train_dataset is None:
+            self.setup("fit")
 
         return StatefulDataLoader(
             self.train_dataset.with_format(columns=["input_ids", "labels", "source_index", "sample_id"]),
@@ -315,6 +401,8 @@ class FinSightDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation in length order (little padding), with the source of every sample."""
+        if self.train_dataset is None:
+            self.setup("validate")
         if self.val_dataset is None:
             return []  # Lightning skips validation without batches
         return DataLoader(
@@ -329,3 +417,25 @@ class FinSightDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The held-out rows (the validation split) for ``finsight test``."""
         return self.val_dataloader()
+
+
+def _counts(dropped: dict[str, int]) -> str:
+    """Drop counts as ``reason=count, ...`` for one-line messages."""
+    return ", ".join(f"{reason}={count}" for reason, count in sorted(dropped.items())) or "none"
+
+
+def _tokenizer_identity(tokenizer: Any) -> tuple:
+    """What about the tokenizer changes the prepared data, hashed cheaply (its JSON, not its vocab dict)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are call settings that every tokenizer call rewrites, not the tokenizer.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    else:
+        from datasets.fingerprint import Hasher
+
+        digest = Hasher.hash(tokenizer.get_vocab())
+    special = {key: str(value) for key, value in getattr(tokenizer, "special_tokens_map", {}).items()}
+    return getattr(tokenizer, "name_or_path", ""), tokenizer.chat_template, len(tokenizer), digest, special

@@ -110,6 +110,7 @@ class SourceReport:
 
     @property
     def dropped_total(self) -> int:
+        """Rows dropped for any reason."""
         return sum(self.dropped.values())
 
 
@@ -128,12 +129,14 @@ class DataReport:
         return next(s for s in self.sources if s.name == name)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict (what the JSON file holds)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
-        sources = [SourceReport(**s) for s in data.pop("sources")]
-        return cls(sources=sources, **data)
+        """The report back from ``to_dict`` (or its JSON), leaving ``data`` unchanged."""
+        rest = {key: value for key, value in data.items() if key != "sources"}
+        return cls(sources=[SourceReport(**s) for s in data["sources"]], **rest)
 
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON (creating the folder)."""
@@ -144,6 +147,7 @@ class DataReport:
 
     @classmethod
     def load(cls, path: str | Path) -> DataReport:
+        """Read a report written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self):
@@ -156,6 +160,9 @@ class DataReport:
             table.add_column(column, justify="left" if column in ("source", "dropped (by reason)") else "right")
         for s in self.sources:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())) or "-"
+            if s.bad_lines:  # lines that could not be read at all, so the user can open the file there
+                shown = ", ".join(map(str, s.bad_lines[:10])) + (", ..." if len(s.bad_lines) > 10 else "")
+                reasons += f" (unreadable lines {shown})"
             table.add_row(s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}" if s.dropped else "0",
                           str(s.valid), str(s.kept_after_fraction), str(s.train), str(s.val), str(s.tokens),
                           str(s.trained_tokens), f"{s.length_mean}/{s.length_median:g}/{s.length_max}")

@@ -9,18 +9,25 @@ counts.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from jsonargparse.typing import restricted_number_type
 
 from finsight.data import quality
 
 log = logging.getLogger(__name__)
 
 SourceFormat = Literal["reddit", "qa", "intro", "messages", "sharegpt", "alpaca"]
+# A float in (0, 1]: the command line refuses 0, negative and > 1 while parsing the config, naming the key.
+Fraction = restricted_number_type(
+    "Fraction", float, [(">", 0.0), ("<=", 1.0)], join="and",
+    docstring="a per-source subsample rate in (0, 1]",
+)
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUNDLED_PREFIX = "bundled:"
 
@@ -52,7 +59,7 @@ class SourceConfig:
     shipped with finsight. Not used by the ``intro`` format."""
     format: SourceFormat = "messages"
     """How rows become conversations: reddit, qa, intro, messages, sharegpt or alpaca."""
-    fraction: float = 1.0
+    fraction: Fraction = 1.0
     """Share of the source's valid rows kept, in (0, 1] (0.67 keeps 67%)."""
     split: str = "train"
     """Split to read from a Hub dataset or folder."""
@@ -107,6 +114,7 @@ class RedditFormat:
     """``winddude/reddit_finance_43_250k``: the post (title + selftext) asks, the top comment answers."""
 
     columns = ("title", "selftext", "body")
+    identity_columns: tuple[str, ...] = ()
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         self.min_score = source.min_score
@@ -116,6 +124,8 @@ class RedditFormat:
         selftext = row.get("selftext") or ""
         if title is None or body is None or not isinstance(selftext, str):
             return quality.MISSING_FIELD
+        if not title.strip():
+            return quality.EMPTY_TURN  # a Reddit post always has a title; an empty one is a broken row
         if body.strip() in quality.DELETED_MARKERS:
             return quality.DELETED
         if self.min_score is not None:
@@ -130,6 +140,9 @@ class QAFormat:
     """``virattt/financial-qa-10K``: a question and answer about a company's 10-K filing."""
 
     columns = ("question", "answer")
+    # The same question and answer quoted from two filings (two years) are two rows of the source, not a
+    # duplicate: with ``context_in_system`` they even train differently.
+    identity_columns = ("context",)
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         self.context_in_system = source.context_in_system
@@ -153,6 +166,7 @@ class MessagesFormat:
     """A ``messages`` column holding ``[{role, content}, ...]`` (the OpenAI / TRL conversational shape)."""
 
     columns = ("messages",)
+    identity_columns: tuple[str, ...] = ()
     key, role_key, content_key = "messages", "role", "content"
     role_names = {"system": "system", "user": "user", "assistant": "assistant"}
 
@@ -189,6 +203,7 @@ class AlpacaFormat:
     """Alpaca: ``instruction``, optional ``input``, ``output``."""
 
     columns = ("instruction", "output")
+    identity_columns: tuple[str, ...] = ()
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         pass
@@ -206,6 +221,7 @@ class IntroFormat:
     """Generated identity conversations: who FinSight is and what it can and cannot do."""
 
     columns = ()
+    identity_columns: tuple[str, ...] = ()
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         pass
@@ -236,16 +252,20 @@ class RawRows:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, source_name: str | None = None) -> str:
     """Map ``bundled:<name>`` onto the sample file shipped in the package."""
     if path.startswith(BUNDLED_PREFIX):
         name = path[len(BUNDLED_PREFIX) :]
         sample = SAMPLES_DIR / (name if name.endswith(".jsonl") else name + ".jsonl")
         if not sample.is_file():
             known = ", ".join(sorted(p.stem for p in SAMPLES_DIR.glob("*.jsonl")))
-            raise DataSourceError(f"no bundled sample {name!r}; bundled samples: {known}")
+            where = f"source {source_name!r}: " if source_name else ""
+            raise DataSourceError(f"{where}no bundled sample {name!r}; bundled samples: {known}")
         return str(sample)
     return path
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def read_source(source: SourceConfig, seed: int) -> RawRows:
@@ -254,61 +274,107 @@ def read_source(source: SourceConfig, seed: int) -> RawRows:
         from finsight.data.synthetic import intro_conversations
 
         return RawRows([{"messages": m} for m in intro_conversations(source.rows, seed=seed)], "generated")
-    path = resolve_path(source.path or "")
+    path = resolve_path(source.path or "", source.name)
     local = Path(path).expanduser()
-    looks_local = path.startswith(("/", ".", "~")) or local.suffix in _BUILDERS or local.exists()
+    # A Hub id is ``owner/name`` (or a bare name); anything else that is not on disk is a missing local path.
+    looks_local = local.exists() or local.suffix in _BUILDERS or not _HUB_ID.fullmatch(path)
     if looks_local and not local.exists():
-        raise DataSourceError(f"source {source.name!r}: path {path!r} does not exist")
+        kind = "file" if local.suffix else "path"
+        raise DataSourceError(f"source {source.name!r}: {kind} {path!r} does not exist")
     if local.is_file():
-        if local.stat().st_size == 0:
-            raise DataSourceError(f"source {source.name!r}: file {path!r} is empty")
         if local.suffix not in _BUILDERS:
             raise DataSourceError(
                 f"source {source.name!r}: file {path!r} has an unknown type; expected one of "
                 f"{', '.join(sorted(_BUILDERS))}"
             )
-    rows = _read_with_datasets(source, path, local)
-    if rows is not None:
-        return rows
-    return _read_lines(source, local)
+        if local.stat().st_size == 0:
+            raise DataSourceError(f"source {source.name!r}: file {path!r} is empty")
+    # pandas (under datasets' CSV reader) pads short rows with nulls without a word, so a CSV file is
+    # checked for ragged or undecodable records first and read record by record when it has any.
+    rows = None if local.suffix == ".csv" and not _csv_is_clean(local) else _read_with_datasets(source, path, local)
+    if rows is None:
+        rows = _read_lines(source, local)
+    if not rows.rows and not rows.bad_lines:
+        raise DataSourceError(f"source {source.name!r}: {path!r} has no rows")
+    return rows
 
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_EXPECTED = {".json": "a JSON list of row objects (or use .jsonl: one object per line)",
+             ".parquet": "a Parquet table with one row per example",
+             ".jsonl": "one JSON object per line", ".csv": "a CSV file with a header row"}
 
 
 def _read_with_datasets(source: SourceConfig, path: str, local: Path) -> RawRows | None:
+    """The rows as ``datasets`` reads them, or None for a JSON-lines/CSV file it cannot read as a whole."""
     import datasets
 
+    verbosity = datasets.logging.get_verbosity()
+    # datasets logs its own error before raising; the fallback below says what happens instead.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if local.is_file():
             ds = datasets.load_dataset(_BUILDERS[local.suffix], data_files=str(local), split="train")
         else:
             ds = datasets.load_dataset(path, split=source.split)
-    except FileNotFoundError as err:
-        raise DataSourceError(f"source {source.name!r}: {path!r} could not be found ({err})") from None
+        if isinstance(ds, datasets.DatasetDict):  # a folder without the split asked for
+            raise DataSourceError(f"source {source.name!r}: {path!r} has no split {source.split!r}")
+        # Arrow accepts invalid UTF-8 in JSON strings and fails only here, so this belongs inside the try.
+        return RawRows(ds.to_list(), path)
+    except DataSourceError:
+        raise
     except Exception as err:  # noqa: BLE001 - datasets raises many types for malformed files
         if local.is_file() and local.suffix in (".jsonl", ".csv"):
-            log.warning("source %r: %s could not be parsed as a whole (%s); reading it line by line",
+            log.warning("source %r: %s could not be read as a whole (%s); reading it line by line",
                         source.name, local.name, type(err).__name__)
             return None
-        raise DataSourceError(f"source {source.name!r}: could not read {path!r}: {_one_line(err)}") from None
-    if isinstance(ds, datasets.DatasetDict):  # a folder without the split asked for
-        raise DataSourceError(f"source {source.name!r}: {path!r} has no split {source.split!r}")
-    return RawRows(ds.to_list(), path)
+        if local.is_file():
+            where, expected = "file", _EXPECTED.get(local.suffix, "")
+        elif local.is_dir():
+            where, expected = "folder", f"data files ({', '.join(sorted(_BUILDERS))}) for split {source.split!r}"
+        else:
+            where, expected = "Hub dataset", ("an existing local path, or a Hub dataset id (owner/name) in the "
+                                              "local cache or reachable online")
+        raise DataSourceError(
+            f"source {source.name!r}: could not read {where} {path!r} ({_one_line(err)}); expected {expected}"
+        ) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+def _one_line(err: BaseException) -> str:
+    """The most specific message of an error chain, on one line (datasets wraps the parser's error)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {text[-1]}" if text else type(err).__name__
+
+
+def _csv_is_clean(local: Path) -> bool:
+    """True when every record of the CSV file decodes as UTF-8 and has as many fields as the header."""
+    try:
+        text = local.read_bytes().decode("utf-8")
+        reader = csv.reader(text.splitlines(keepends=True))
+        width = len(next(reader, []))
+        return all(len(record) == width for record in reader if record)
+    except (UnicodeDecodeError, csv.Error):
+        return False
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def _read_lines(source: SourceConfig, local: Path) -> RawRows:
-    """Read a JSON-lines or CSV file row by row, so one bad line costs one counted row, not the file."""
+    """Read a JSON-lines or CSV file row by row, so one bad line costs one counted row, not the file.
+
+    Line numbers are those of the file (1-based; for CSV, the line where the record starts), so a user can
+    open the file at the reported line.
+    """
     rows: list[dict] = []
     bad: list[tuple[int, str]] = []
-    raw = local.read_bytes().split(b"\n")
+    data = local.read_bytes()
     if local.suffix == ".jsonl":
-        for number, line in enumerate(raw, start=1):
+        for number, line in enumerate(data.split(b"\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -323,25 +389,26 @@ def _read_lines(source: SourceConfig, local: Path) -> RawRows:
                 bad.append((number, quality.BAD_JSON))
                 continue
             rows.append(value)
-    else:
-        lines: list[str] = []
-        numbers: list[int] = []
-        for number, line in enumerate(raw, start=1):
-            try:
-                lines.append(line.decode("utf-8"))
-                numbers.append(number)
-            except UnicodeDecodeError:
-                bad.append((number, quality.UNDECODABLE))
-        reader = csv.reader(io.StringIO("\n".join(lines)))
-        header = next(reader, None) or []
-        for index, record in enumerate(reader, start=1):
-            # csv line numbers shift only with quoted newlines, which ragged files rarely have.
-            number = numbers[min(index, len(numbers) - 1)]
-            if not record:
-                continue
-            if len(record) != len(header):
-                bad.append((number, quality.RAGGED_ROW))
-                continue
+        return RawRows(rows, str(local), bad)
+    # Undecodable bytes survive decoding as lone surrogates, so the record holding them can be named.
+    reader = csv.reader(line.decode("utf-8", "surrogateescape") for line in data.splitlines(keepends=True))
+    header = next(reader, None) or []
+    while True:
+        number = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # e.g. a NUL byte or an unterminated quote
+            bad.append((number, quality.RAGGED_ROW))
+            continue
+        if not record or record == [""]:
+            continue
+        if any(_SURROGATE.search(value) for value in record):
+            bad.append((number, quality.UNDECODABLE))
+        elif len(record) != len(header):
+            bad.append((number, quality.RAGGED_ROW))
+        else:
             rows.append(dict(zip(header, record)))
     return RawRows(rows, str(local), bad)
 
@@ -369,7 +436,7 @@ def conversations(
     for _, reason in raw.bad_lines:
         dropped[reason] = dropped.get(reason, 0) + 1
     kept: list[list[dict]] = []
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     for row in raw.rows:
         result = converter.to_messages(row)
         if isinstance(result, list):
@@ -378,7 +445,9 @@ def conversations(
         if isinstance(result, str):
             dropped[result] = dropped.get(result, 0) + 1
             continue
-        key = json.dumps(result, ensure_ascii=False, sort_keys=True)
+        # Exact duplicates: the same turns (and identity columns); tuples of strings hash fast.
+        key = (tuple((m["role"], m["content"]) for m in result),
+               tuple(repr(row.get(column)) for column in converter.identity_columns))
         if key in seen:
             dropped[quality.DUPLICATE] = dropped.get(quality.DUPLICATE, 0) + 1
             continue

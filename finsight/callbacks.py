@@ -1,0 +1,228 @@
+"""Trainer callbacks.
+
+Reliability (on by default in the ``finsight`` command):
+
+- ``NonFiniteGuard`` stops a run at the first NaN/inf loss or gradient, before the optimizer step, so no
+  checkpoint with broken weights is ever written.
+- ``StepSeededRNG`` makes dropout reproducible across a kill and resume.
+- ``ExactResume`` makes a resumed run continue mid-epoch with the next unseen batch, and with the metrics
+  checkpointing and early stopping compare against.
+
+Diagnostics: ``SampleLog`` records which samples every training batch consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+
+class NonFiniteGuard(Callback):
+    """Stop training at the first non-finite loss or gradient, naming the step.
+
+    The loss is checked before ``backward`` and the gradients before the optimizer step, and the run ends
+    with ``NonFiniteError``: the weights are never updated with NaN, so neither ``last.ckpt`` nor a best
+    checkpoint can be overwritten by a broken one, and the last good checkpoint can be resumed (with a
+    lower learning rate, say). Under a ``GradScaler`` (``16-mixed``) infinite gradients are part of
+    normal loss scaling (the scaler skips that step), so only the loss is checked there. With several
+    processes the loss verdict is shared, so every rank stops at the same step instead of some waiting for
+    the others in ``backward``.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        """
+        Args:
+            check_gradients: Also check the trainable parameters' gradients before the optimizer step.
+        """
+        super().__init__()
+        self.check_gradients = check_gradients
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        bad = local_bad
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if bad:
+            value = loss.detach().float().item()
+            self._fail(trainer, f"the training loss is {value}" if local_bad else
+                       "the training loss is not finite on another process")
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        # One device sync for all gradients; names are looked up only once something is wrong.
+        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+            return
+        name, grad = next((n, g) for n, g in named if not bool(torch.isfinite(g).all()))
+        kind = "NaN" if bool(torch.isnan(grad).any()) else "infinite"
+        self._fail(trainer, f"the gradient of {name} has {kind} values")
+
+    @staticmethod
+    def _fail(trainer: L.Trainer, what: str) -> None:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
+        where = f"; the last good checkpoint is {last}" if last else ""
+        # global_step counts the optimizer steps done, so this is the step that was about to be taken.
+        raise NonFiniteError(
+            f"non-finite value at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+            f"batch {trainer.fit_loop.epoch_loop.batch_idx}): {what}; stopped before the optimizer step, "
+            f"so no weights were changed{where}"
+        )
+
+
+class StepSeededRNG(Callback):
+    """Reseed torch, numpy and ``random`` at every training batch from (seed, epoch, batch, step, rank).
+
+    Dropout draws from the global generators. Saving their state in a checkpoint is not enough for an
+    exact resume: between a checkpoint and the next batch the uninterrupted run and the resumed one draw
+    different amounts (starting a DataLoader iterator draws a seed, a resumed run starts its loaders
+    again). Deriving every batch's generator state from its position in the run instead makes the masks
+    of a batch the same whether or not the run was interrupted before it.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        """
+        Args:
+            seed: Base seed; defaults to the one ``seed_everything`` set (``PL_GLOBAL_SEED``), else 0.
+        """
+        super().__init__()
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        position = [base, trainer.current_epoch, batch_idx, trainer.global_step, trainer.global_rank]
+        torch_seed, numpy_seed, python_seed = np.random.SeedSequence(position).generate_state(3, np.uint64)
+        torch.manual_seed(int(torch_seed))  # also seeds every CUDA device
+        np.random.seed(int(numpy_seed) % 2**32)
+        random.seed(int(python_seed))
+
+
+class ExactResume(Callback):
+    """Restore what Lightning's resume leaves out, so a resumed run continues exactly.
+
+    - The training loader's position. Lightning saves a ``StatefulDataLoader``'s state in checkpoints but
+      drops it on resume when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
+      ``FinSightModule`` does for its schedule): that builds the loader before the checkpoint is restored,
+      and the saved state is never applied (Lightning issue #20550), so the resumed run would start the
+      epoch over and train on samples twice. The pending state is applied at ``on_train_start`` and the
+      loader's iterator restarted, with the sampler's epoch set first since the order depends on it.
+    - The last logged metrics (``trainer.callback_metrics``). ``ModelCheckpoint(every_n_train_steps=…)``
+      and ``EarlyStopping`` compare against the latest ``val/loss``; a resumed run starts without one, so
+      its first step checkpoint would be postponed to the next validation and a different file would
+      become the best.
+    - A validation due right after the checkpointed batch. ``every_n_train_steps`` checkpoints are written
+      in ``on_train_batch_end``, before that step's validation; Lightning resumes from them by skipping
+      the validation, so early stopping would miss one count and the best-checkpoint record one score.
+      The resumed run runs it first, as the uninterrupted run did.
+
+    Each part does nothing when there is nothing to restore (or Lightning already restored it). They use
+    Lightning's loop internals (checked with lightning 2.6); ``tests/test_reliability.py`` compares a
+    killed-and-resumed run with an uninterrupted one and fails if any part stops working.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: L.Trainer | None = None
+        self._metrics: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        return {"callback_metrics": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                     for k, v in metrics.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._metrics = dict(state_dict.get("callback_metrics", {}))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._metrics:
+            device = pl_module.device
+            for name, value in self._metrics.items():
+                trainer.callback_metrics.setdefault(
+                    name, value.to(device) if isinstance(value, torch.Tensor) else value)
+            self._metrics = {}
+        self._restore_loader_position(trainer)
+        self._run_pending_validation(trainer)
+
+    @staticmethod
+    def _restore_loader_position(trainer: L.Trainer) -> None:
+        from lightning.fabric.utilities.data import _set_sampler_epoch
+
+        fit_loop = trainer.fit_loop
+        states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
+        if not states or loader is None or fetcher is None:
+            return
+        for dataloader in loader.flattened:
+            _set_sampler_epoch(dataloader, fit_loop.epoch_progress.current.processed)
+        loader._load_state_dicts(states)
+        fit_loop._combined_loader_states_to_load = []
+        iter(fetcher)  # a new iterator starts from the loaded state; the old one was made before it
+
+    @staticmethod
+    def _run_pending_validation(trainer: L.Trainer) -> None:
+        from lightning.pytorch.loops.evaluation_loop import RestartStage
+
+        epoch_loop = trainer.fit_loop.epoch_loop
+        val_loop = epoch_loop.val_loop
+        if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end
+                and not val_loop.restarted_mid_evaluation
+                and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
+            return
+        # Resume as from a validation that had not started: Lightning then validates before the next batch
+        # (instead of fast-forwarding past it) with the same progress counters as the uninterrupted run.
+        val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
+        val_loop.batch_progress.current.reset()
+        if not epoch_loop._should_accumulate():
+            # Both the restart and the validation's step end count this batch as stepped; count it once.
+            epoch_loop._batches_that_stepped -= 1
+
+
+def reliability_callbacks() -> list[Callback]:
+    """The callbacks the ``finsight`` command always adds; add them to a ``Trainer`` built in Python too."""
+    return [NonFiniteGuard(), StepSeededRNG(), ExactResume()]
+
+
+class SampleLog(Callback):
+    """Append ``{"step", "epoch", "batch", "ids"}`` for every training batch to a JSONL file.
+
+    Shows exactly which samples a run trained on, in which order: a resumed run's lines continue the
+    interrupted run's (with several processes, rank 0's batches). Enable with ``--trainer.callbacks+=finsight.callbacks.SampleLog
+    --trainer.callbacks.path=samples.jsonl``.
+    """
+
+    def __init__(self, path: str, key: str = "sample_id") -> None:
+        """
+        Args:
+            path: JSONL file to append to (created with its folder).
+            key: Batch entry holding the sample ids.
+        """
+        super().__init__()
+        self.path = Path(path)
+        self.key = key
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not trainer.is_global_zero or self.key not in batch:
+            return
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx,
+                  "ids": batch[self.key].tolist()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as file:  # flushed on close: a killed run keeps every line written
+            file.write(json.dumps(record) + "\n")

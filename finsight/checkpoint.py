@@ -1,0 +1,192 @@
+"""Crash-safe checkpoint files: written atomically, and refused with a clear message when damaged.
+
+A run killed while it writes a checkpoint (out of memory, pre-empted machine, Ctrl-C twice) must never
+leave a truncated ``last.ckpt`` or best checkpoint behind: resuming would fail, or worse, the only good
+checkpoint would be gone. ``AtomicCheckpointIO`` writes every checkpoint to a temporary file in the same
+folder, flushes and fsyncs it, and renames it over the target with ``os.replace`` (atomic on POSIX and
+Windows), so a reader sees either the previous complete file or the new complete file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+# Test hook, read at every save: "<file name>@<global step>" (e.g. "last.ckpt@4") makes the save of that file
+# at that step stop for PAUSE_SECONDS after part of the file is on disk, so a test can kill the process in
+# the middle of a checkpoint write deterministically. Unset in normal use.
+PAUSE_ENV = "FINSIGHT_TEST_PAUSE_CHECKPOINT_WRITE"
+PAUSE_SECONDS = 120.0
+
+TEMP_MARKER = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
+
+
+def temporary_path(path: Path) -> Path:
+    """The hidden temporary a checkpoint is written to; its name never matches ``last*.ckpt`` or ``*.ckpt``,
+    so Lightning's ``ckpt_path="last"`` lookup and top-k bookkeeping never pick up a partial file."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporaries of ``path`` left behind by a process killed while it was writing."""
+    return sorted(path.parent.glob(f".{path.name}{TEMP_MARKER}*"))
+
+
+def verify_checkpoint_file(path: _PATH) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is a complete, intact ``torch.save`` archive.
+
+    Every member's CRC is checked (``torch.load`` checks none), so a truncated file and a file with
+    damaged bytes are both caught before any weight is loaded; this reads the file once more, which the
+    page cache makes cheap next to the load itself.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use an earlier checkpoint")
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since torch 1.6; a file that is not one was cut before its
+        # central directory (at the end) was written, or is something else entirely.
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a complete torch.save "
+                              f"archive, {size} bytes); use an earlier checkpoint")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
+                              "use an earlier checkpoint") from error
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch in {bad!r}); "
+                              "use an earlier checkpoint")
+
+
+def verify_ckpt_path_argument(args: list[str]) -> None:
+    """Check the file given as ``--ckpt_path`` on a command line before anything else reads it.
+
+    LightningCLI reads a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and its
+    checkpoint IO exist, so a damaged file would otherwise end in a zip-reader traceback. ``last`` and
+    ``best`` are resolved by the Trainer and checked by ``AtomicCheckpointIO.load_checkpoint``.
+    """
+    path = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--ckpt_path="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--ckpt_path" and i + 1 < len(args):
+            path = args[i + 1]
+    if path and _is_local_file_protocol(path) and Path(path).is_file():
+        verify_checkpoint_file(path)
+
+
+class _PausingWriter:
+    """File wrapper for the test hook: stops once, after the first chunk reached the disk."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.paused = False
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        if not self.paused:
+            self.paused = True
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            print(f"{PAUSE_ENV}: pausing for {PAUSE_SECONDS:.0f}s while writing {self.file.name}",
+                  file=sys.stderr, flush=True)
+            time.sleep(PAUSE_SECONDS)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _pause_requested(checkpoint: dict[str, Any], path: Path) -> bool:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return False
+    name, _, step = spec.rpartition("@")
+    return name == path.name and str(checkpoint.get("global_step")) == step
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable (a power cut could otherwise undo it); not possible on Windows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic and durable, and whose loads reject damaged files.
+
+    Every file Lightning's ``ModelCheckpoint`` writes goes through ``save_checkpoint``: top-k files and
+    ``last.ckpt`` alike with ``save_last: true``. (With ``save_last: link`` Lightning deletes ``last.ckpt``
+    and then creates a symlink, outside this class: a kill in between leaves no ``last.ckpt``, so prefer
+    ``true``.) Remote paths (``s3://`` …) fall back to Lightning's own transactional upload. Strategies
+    that write checkpoint folders themselves (DeepSpeed, sharded FSDP) do not use a ``CheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+                        storage_options: Any | None = None) -> None:
+        """Write to a temporary beside ``path``, fsync it, then ``os.replace`` it onto ``path``."""
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temporaries(path):
+            stale.unlink(missing_ok=True)
+        temporary = temporary_path(path)
+        try:
+            with open(temporary, "wb") as file:
+                target = _PausingWriter(file) if _pause_requested(checkpoint, path) else file
+                torch.save(checkpoint, target)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Load ``path``; a truncated or corrupt file raises ``CheckpointError`` naming it, not a pickle or
+        zip traceback."""
+        if _is_local_file_protocol(path):
+            if not Path(path).is_file():
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            verify_checkpoint_file(path)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (EOFError, zipfile.BadZipFile) as error:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
+                                  "use an earlier checkpoint") from error
+        except pickle.UnpicklingError as error:
+            if "Weights only load failed" in str(error):
+                raise  # an intact file holding objects torch refuses to unpickle: not damage
+            raise CheckpointError(f"checkpoint {path} is corrupt ({error}); use an earlier checkpoint") from error
+        except RuntimeError as error:
+            if "PytorchStreamReader" not in str(error):
+                raise
+            first_line = str(error).split(". ")[0]
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line}); "
+                                  "use an earlier checkpoint") from error
