@@ -42,6 +42,11 @@ class FinSightCLI(LightningCLI):
             help="Validate every N optimizer steps. Lightning's val_check_interval counts batches; this "
                  "sets it to N × accumulate_grad_batches so changing the accumulation keeps the cadence.",
         )
+        parser.add_argument(
+            "--compare_base", type=bool, default=False,
+            help="test only: also evaluate the base model with the adapter disabled on the same questions, "
+                 "and report both rows and their difference.",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -49,14 +54,22 @@ class FinSightCLI(LightningCLI):
         if every:
             accumulation = config.trainer.accumulate_grad_batches or 1
             config.trainer.val_check_interval = int(every) * int(accumulation)
+        if config.get("ckpt_path") == "last":
+            _resume_into_latest_version(config.trainer)
         from finsight.strategies import exit_if_strategy_unavailable
 
         # A strategy this machine cannot run (DeepSpeed without CUDA or the package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
 
+    def before_test(self) -> None:
+        """Hand ``--compare_base`` to the model (it is not a constructor argument: it only concerns test)."""
+        self.model.compare_base = bool(self.config[self.subcommand].get("compare_base"))
+
     def after_fit(self) -> None:
         """Tell the user where the run's outputs are."""
         from rich.console import Console
+
+        from finsight.strategies import rank_zero_log_dir
 
         trainer, model = self.trainer, self.model
         if not trainer.is_global_zero:
@@ -65,11 +78,31 @@ class FinSightCLI(LightningCLI):
         adapter = getattr(model, "exported_adapter", None)
         if adapter is not None:
             console.print(f"[bold green]Adapter:[/] {Path(adapter).resolve()}")
-        if trainer.log_dir:
-            console.print(f"[bold green]Logs:[/] {Path(trainer.log_dir).resolve()}  "
-                          f"(tensorboard --logdir {Path(trainer.log_dir).parent})")
+        log_dir = rank_zero_log_dir(trainer)
+        if log_dir:
+            console.print(f"[bold green]Logs:[/] {Path(log_dir).resolve()}  "
+                          f"(tensorboard --logdir {Path(log_dir).parent})")
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
             console.print(f"[bold green]Best checkpoint:[/] {trainer.checkpoint_callback.best_model_path}")
+
+
+def _resume_into_latest_version(trainer_config: Any) -> None:
+    """``--ckpt_path last`` must look in the run it resumes: pin the TensorBoard logger to the newest version.
+
+    Without this the logger would open a new ``version_N`` folder, Lightning would find no checkpoint in it
+    and silently start from scratch.
+    """
+    logger = trainer_config.get("logger")
+    if not logger or isinstance(logger, bool) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        return
+    args = logger.get("init_args") or {}
+    if args.get("version") is not None:
+        return
+    root = Path(args.get("save_dir") or "lightning_logs") / (args.get("name") or "lightning_logs")
+    versions = [p for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    if versions:
+        latest = max(versions, key=lambda p: int(p.name.split("_", 1)[1]))
+        args["version"] = int(latest.name.split("_", 1)[1])
 
 
 def _export(args: list[str]):
@@ -78,8 +111,14 @@ def _export(args: list[str]):
     return export_main(args)
 
 
+def _chat(args: list[str]):
+    from finsight.interactive import chat_main
+
+    return chat_main(args)
+
+
 # Subcommands that are not Trainer methods get their own parsers.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export}
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export, "chat": _chat}
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
@@ -88,8 +127,10 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
-    from finsight.callbacks import NonFiniteGuard, StepSeededRNG
+    from finsight.callbacks import reliability_callbacks
+    from finsight.checkpoint import verify_ckpt_path_argument
 
+    verify_ckpt_path_argument(argv)  # a damaged --ckpt_path file: one clear error, before LightningCLI reads it
     return FinSightCLI(
         FinSightModule,
         FinSightDataModule,
@@ -98,11 +139,11 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
         # Reliability defaults: atomic, verified checkpoints (a configurable default: --trainer.plugins
-        # replaces it, --trainer.plugins+= adds to it), a stop at the first NaN/inf, and dropout masks that
-        # do not change when a run is resumed (always on).
+        # replaces it, --trainer.plugins+= adds to it); always on: a stop at the first NaN/inf, and resumes
+        # that continue exactly (loader position, dropout masks).
         trainer_defaults={
             "plugins": [{"class_path": "finsight.checkpoint.AtomicCheckpointIO"}],
-            "callbacks": [NonFiniteGuard(), StepSeededRNG()],
+            "callbacks": reliability_callbacks(),
         },
     )
 
@@ -110,15 +151,23 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
 def entry() -> int:
     """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests).
 
-    A damaged checkpoint or a NaN/inf in training ends the command with its one-line message and exit
+    Errors a user can fix (a damaged checkpoint, a NaN/inf in training, a bad source or model reference, a
+    precision or strategy this setup cannot run) end the command with their one-line message and exit
     status 1 instead of a traceback.
     """
     from finsight.callbacks import NonFiniteError
     from finsight.checkpoint import CheckpointError
+    from finsight.data.chat import ChatTemplateError
+    from finsight.data.sources import DataSourceError
+    from finsight.model import ModelReferenceError
+    from finsight.module import PrecisionError
+    from finsight.strategies import StrategyUnavailableError
 
+    expected = (CheckpointError, NonFiniteError, DataSourceError, ChatTemplateError, ModelReferenceError,
+                PrecisionError, StrategyUnavailableError)
     try:
-        main(sys.argv[1:])
-    except (CheckpointError, NonFiniteError) as error:
+        main()  # LightningCLI reads sys.argv itself
+    except expected as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # Precisions that cast the whole module (``.to(dtype)``) would try to cast 4-bit weights.
 SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+
+
+# Constructor arguments that only concern `finsight test` (see FinSightModule.__init__).
+EVAL_OPTIONS = ("eval_file", "eval_source", "eval_max_samples", "eval_max_new_tokens")
 
 
 class PrecisionError(ValueError):
@@ -70,6 +75,10 @@ class FinSightModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         adapter_path: str | None = None,
         export_dir: str | None = None,
+        eval_file: str | None = None,
+        eval_source: str = "company_qa",
+        eval_max_samples: int | None = 100,
+        eval_max_new_tokens: int = 128,
     ) -> None:
         """
         Args:
@@ -90,9 +99,20 @@ class FinSightModule(L.LightningModule):
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
             adapter_path: Start from an existing PEFT adapter folder instead of fresh LoRA weights.
             export_dir: Where ``fit`` writes the best adapter; defaults to ``<log_dir>/adapter``.
+            eval_file: ``test``: answer the questions of this ``qa``-format file (``question``, ``answer``
+                columns) instead of the held-out rows of ``eval_source``.
+            eval_source: ``test``: the source whose validation rows are the held-out questions whose
+                generated answers are scored against their references (ROUGE-L, token F1, numbers).
+            eval_max_samples: ``test``: at most this many held-out questions are answered (generation is
+                the slow part of ``test``); None answers all.
+            eval_max_new_tokens: ``test``: longest generated answer in tokens.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # Test-time options stay out of the hyper-parameters: Lightning's CLI overrides the model's
+        # arguments with a checkpoint's hyper-parameters, which would silently undo `test --model.eval_*`.
+        self.save_hyperparameters(ignore=list(EVAL_OPTIONS))
+        self.eval_options = {"eval_file": eval_file, "eval_source": eval_source,
+                             "eval_max_samples": eval_max_samples, "eval_max_new_tokens": eval_max_new_tokens}
         self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
         self.model: torch.nn.Module | None = None
         self.model_info = None
@@ -185,17 +205,58 @@ class FinSightModule(L.LightningModule):
                 self.log(f"val/loss/{name}", metric.compute())
             metric.reset()
 
+    # ------------------------------------------------------------------------------------- test
+
+    compare_base: bool = False
+    """``test`` also evaluates the base model, adapter disabled, on the same set (``--compare_base true``)."""
+
+    def on_test_epoch_start(self) -> None:
+        """Fresh base-model metrics for ``compare_base``, and a warning when there is nothing fine-tuned."""
+        self._base_loss = MeanMetric().to(self.device)
+        self._base_ppl = Perplexity(ignore_index=IGNORE_INDEX).to(self.device)
+        if self.trainer.ckpt_path is None and self.hparams.adapter_path is None and self.trainer.global_step == 0:
+            log.warning("Testing fresh LoRA weights, which leave the base model unchanged: give --ckpt_path "
+                        "or --model.adapter_path to test a fine-tuned adapter")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-conversation loss on the assistant tokens: which samples the model finds hard."""
+        loss_sum, n_tokens = token_losses(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        return {"sample_id": batch["sample_id"], "source_index": batch["source_index"],
+                "loss": loss_sum / n_tokens.clamp(min=1), "trained_tokens": n_tokens}
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Held-out loss and perplexity (the same accounting as validation)."""
+        """Held-out loss and perplexity (the same accounting as validation), also for the base model when
+        ``compare_base`` is set."""
         self.validation_step(batch, batch_idx)
+        if self.compare_base:
+            with self.model.disable_adapter():
+                logits = self(batch["input_ids"], batch["attention_mask"])
+            loss_sum, n_tokens = token_losses(logits, batch["labels"])
+            keep = n_tokens > 0
+            self._base_loss.update(loss_sum[keep] / n_tokens[keep], n_tokens[keep])
+            self._base_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/loss", self.val_loss.compute())
-        self.log("test/ppl", self.val_ppl.compute())
+        """Log loss and perplexity, then generate answers to the held-out questions and score them
+        (``finsight.evaluation.run_test_evaluation``): logged metrics, ``eval_results.json`` and ``.md``."""
+        from finsight.evaluation import BASE, FINE_TUNED, run_test_evaluation
+
+        loss, ppl = self.val_loss.compute(), self.val_ppl.compute()
+        self.log("test/loss", loss)
+        self.log("test/ppl", ppl)
+        rows = {FINE_TUNED: {"loss": float(loss), "ppl": float(ppl)}}
+        if self.compare_base:
+            base_loss, base_ppl = self._base_loss.compute(), self._base_ppl.compute()
+            self.log("test_base/loss", base_loss)
+            self.log("test_base/ppl", base_ppl)
+            rows[BASE] = {"loss": float(base_loss), "ppl": float(base_ppl)}
         self.val_loss.reset()
         self.val_ppl.reset()
+        self._base_loss.reset()
+        self._base_ppl.reset()
         for metric in self.val_source_loss.values():
             metric.reset()
+        self.test_results = run_test_evaluation(self, rows)
 
     # ------------------------------------------------------------------------------------- optimizer
 
@@ -208,8 +269,7 @@ class FinSightModule(L.LightningModule):
         from transformers import get_linear_schedule_with_warmup
 
         params = self.trainable_parameters()
-        strategy = type(self.trainer.strategy).__name__
-        if strategy == "DeepSpeedStrategy" and _deepspeed_offloads_optimizer(self.trainer.strategy):
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and _deepspeed_offloads_optimizer(self.trainer.strategy):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(params, lr=self.hparams.learning_rate,
@@ -260,7 +320,9 @@ class FinSightModule(L.LightningModule):
             log.info("Exporting the best adapter (%s)", Path(best).name)
         if not trainer.is_global_zero:
             return
-        target = Path(self.hparams.export_dir or Path(trainer.log_dir or "lightning_logs") / "adapter")
+        from finsight.strategies import rank_zero_log_dir
+
+        target = Path(self.hparams.export_dir or Path(rank_zero_log_dir(trainer) or "lightning_logs") / "adapter")
         datamodule = getattr(trainer, "datamodule", None)
         self.export_adapter(target, getattr(datamodule, "tokenizer", None))
         log.info("Adapter written to %s", target)

@@ -90,6 +90,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from finsight.strategies import rank_zero_log_dir
+
     hp = getattr(pl_module, "hparams", {})
     info = getattr(pl_module, "model_info", None)
     datamodule = getattr(trainer, "datamodule", None)
@@ -125,5 +127,5 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))
     table.add_row("strategy", type(trainer.strategy).__name__)
-    table.add_row("logs", str(trainer.log_dir))
+    table.add_row("logs", str(rank_zero_log_dir(trainer)))
     Console(stderr=True).print(table)

@@ -116,3 +116,15 @@ def test_console_command_turns_a_bad_source_into_one_line(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "error: source 'mine': file '/nonexistent/chats.jsonl' does not exist" in proc.stderr
+
+
+def test_validate_and_predict_subcommands_run_on_a_checkpoint(tiny_model_dir, tmp_path):
+    fit = main(tiny_fit_args(tiny_model_dir, tmp_path))
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    common = [a for a in tiny_fit_args(tiny_model_dir, tmp_path)[1:] if not a.startswith("--trainer.max_steps")
+              and not a.startswith("--trainer.val_check_interval")]
+    validate = main(["validate", *common, f"--ckpt_path={ckpt}"])
+    assert "val/loss" in validate.trainer.callback_metrics
+    predict = main(["predict", *common, f"--ckpt_path={ckpt}", "--trainer.limit_predict_batches=2"])
+    rows = predict.trainer.predict_loop.predictions
+    assert len(rows) == 2 and torch.all(rows[0]["loss"] > 0)

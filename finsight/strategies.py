@@ -1,0 +1,227 @@
+"""Scale-out runtime: DeepSpeed ZeRO with CPU offload, checked before anything heavy is loaded, and a batch
+size finder whose learning-rate schedule follows the batch size it finds.
+
+DDP needs no strategy code: ``--trainer.strategy ddp --trainer.devices N`` (``--trainer.num_nodes`` for
+several machines) runs the same config, and the data module shards its length-grouped order per rank. Code
+that runs on rank 0 only gets the run's folder from :func:`rank_zero_log_dir` (``trainer.log_dir`` is a
+collective call and would hang there).
+
+DeepSpeed: ``finsight fit --config configs/finsight.yaml --config configs/deepspeed_zero2_offload.yaml``
+selects :class:`FinSightDeepSpeedStrategy`. Its DeepSpeed config is built by :func:`deepspeed_config`, a
+pure function, so what a run will get can be inspected (and tested) without DeepSpeed or a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_INSTALL = "pip install 'finsight[deepspeed]'"
+NO_CUDA = "DeepSpeed needs CUDA; this machine has none: use strategy auto/ddp"
+ZeroStage = Literal[1, 2, 3]
+
+
+class StrategyUnavailableError(RuntimeError):
+    """A requested strategy cannot run here; the one-line message names what is missing and how to get it."""
+
+
+@functools.cache
+@rank_zero_only
+def _log_once(message: str) -> None:
+    """Log a warning once per process, on global rank 0 only."""
+    log.warning(message)
+
+
+def deepspeed_unavailable_reason() -> str | None:
+    """Why DeepSpeed cannot run on this machine (every missing piece, on one line), or None when it can."""
+    missing = []
+    if importlib.util.find_spec("deepspeed") is None:
+        missing.append(f"the deepspeed package is not installed ({DEEPSPEED_INSTALL})")
+    if not torch.cuda.is_available():
+        missing.append(NO_CUDA)
+    return "; ".join(missing) or None
+
+
+def deepspeed_config(
+    stage: ZeroStage = 2,
+    offload_optimizer: bool = True,
+    offload_optimizer_device: Literal["cpu"] = "cpu",
+    offload_param: bool = False,
+    offload_param_device: Literal["cpu"] = "cpu",
+    pin_memory: bool = True,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for a ZeRO stage and its CPU offloads (pure: needs neither DeepSpeed nor CUDA).
+
+    The ZeRO bucket settings are Lightning's ``DeepSpeedStrategy`` defaults. Micro-batch size, gradient
+    accumulation and clipping are deliberately absent: Lightning writes ``train_micro_batch_size_per_gpu``
+    (from the train loader's batch sampler, i.e. ``data.batch_size``), ``gradient_accumulation_steps``
+    (``trainer.accumulate_grad_batches``) and ``gradient_clipping`` (``trainer.gradient_clip_val``) at setup,
+    and refuses a config that already holds the accumulation. Precision (``bf16``/``fp16``) is likewise
+    added by Lightning from ``trainer.precision``.
+
+    Parameter offload exists only in ZeRO stage 3 (stages 1 and 2 keep a full copy of the parameters on
+    every GPU), so ``offload_param`` is applied for stage 3 and, for stages 1-2, left out with a warning
+    logged once rather than handed to DeepSpeed as a setting it would not honour.
+    """
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage!r}")
+    for key, device in (("offload_optimizer_device", offload_optimizer_device),
+                        ("offload_param_device", offload_param_device)):
+        if device != "cpu":
+            raise ValueError(f"{key} must be 'cpu' (NVMe offload needs Lightning's DeepSpeedStrategy and its "
+                             f"nvme_path/aio settings), got {device!r}")
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "overlap_comm": True,
+        "allgather_partitions": True,
+        "reduce_scatter": True,
+        "allgather_bucket_size": 200_000_000,
+        "reduce_bucket_size": 200_000_000,
+        "sub_group_size": 1_000_000_000_000,
+    }
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": offload_optimizer_device, "pin_memory": pin_memory}
+    if offload_param:
+        if stage == 3:
+            zero["offload_param"] = {"device": offload_param_device, "pin_memory": pin_memory}
+        else:
+            _log_once(f"offload_param is ignored with ZeRO stage {stage}: DeepSpeed offloads parameters only in "
+                      "stage 3 (stages 1-2 keep the full parameters on every GPU); the optimizer offload still "
+                      "applies. Set stage: 3 to offload parameters too.")
+    # Lightning's default too: ZeRO checks the optimizer class against a short list; AdamW is fine.
+    return {"zero_allow_untested_optimizer": True, "zero_optimization": zero}
+
+
+class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with the methodology's ZeRO offload settings, explicit handling of
+    parameter offload (stage 3 only), adapter-only checkpoints, and a one-line error instead of a traceback
+    when DeepSpeed or CUDA is missing.
+
+    Only the settings that shape the DeepSpeed config are arguments; Lightning's own config-building
+    arguments (buckets, NVMe, activation partitioning) are not accepted here, because with an explicit
+    config Lightning would silently ignore them.
+    """
+
+    def __init__(
+        self,
+        stage: ZeroStage = 2,
+        offload_optimizer: bool = True,
+        offload_optimizer_device: Literal["cpu"] = "cpu",
+        offload_param: bool = False,
+        offload_param_device: Literal["cpu"] = "cpu",
+        pin_memory: bool = True,
+        exclude_frozen_parameters: bool = True,
+        load_full_weights: bool = False,
+        logging_level: int = logging.WARN,
+    ) -> None:
+        """
+        Args:
+            stage: ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
+            offload_optimizer: Keep optimizer state (and the update step, via DeepSpeedCPUAdam) in CPU memory.
+            offload_optimizer_device: Where the optimizer state goes; only ``cpu``.
+            offload_param: Offload parameters to CPU too. DeepSpeed honours this only in stage 3; with
+                stages 1-2 it is left out of the config and a warning says so.
+            offload_param_device: Where parameters go; only ``cpu``.
+            pin_memory: Page-locked CPU buffers for the offloaded state: faster GPU transfers, more host RAM.
+            exclude_frozen_parameters: Leave frozen weights (the 4-bit base) out of DeepSpeed checkpoints,
+                so they hold the adapter and its optimizer state only.
+            load_full_weights: Stage 3: load a single-file checkpoint instead of a sharded checkpoint folder.
+            logging_level: DeepSpeed's own log level.
+        """
+        reason = deepspeed_unavailable_reason()
+        if reason:
+            raise StrategyUnavailableError(f"DeepSpeed strategy requested, but {reason}")
+        self.zero_settings = {
+            "stage": stage, "offload_optimizer": offload_optimizer,
+            "offload_optimizer_device": offload_optimizer_device, "offload_param": offload_param,
+            "offload_param_device": offload_param_device, "pin_memory": pin_memory,
+        }
+        super().__init__(
+            config=deepspeed_config(**self.zero_settings),
+            exclude_frozen_parameters=exclude_frozen_parameters,
+            load_full_weights=load_full_weights,
+            logging_level=logging_level,
+        )
+
+
+def _strategy_class(strategy: Any) -> type | None:
+    """The class a parsed ``trainer.strategy`` value names (a class_path namespace or an instance)."""
+    class_path = getattr(strategy, "class_path", None)
+    if isinstance(class_path, str):
+        module, _, name = class_path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None  # jsonargparse has already rejected unknown classes; nothing to check here
+    return type(strategy) if not isinstance(strategy, str | type(None)) else None
+
+
+def uses_deepspeed(strategy: Any) -> bool:
+    """Whether a ``trainer.strategy`` value (name, class_path namespace or instance) selects DeepSpeed."""
+    if isinstance(strategy, str):
+        return strategy.lower().startswith("deepspeed")
+    cls = _strategy_class(strategy)
+    return cls is not None and issubclass(cls, DeepSpeedStrategy)
+
+
+def strategy_problem(strategy: Any, accelerator: Any = "auto") -> str | None:
+    """What stops the requested strategy from running here (one line), or None."""
+    if not uses_deepspeed(strategy):
+        return None
+    reason = deepspeed_unavailable_reason()
+    if reason is None and str(accelerator).lower() == "cpu":
+        reason = "DeepSpeed runs on CUDA GPUs only and trainer.accelerator is 'cpu': set --trainer.accelerator gpu"
+    return f"DeepSpeed strategy requested, but {reason}" if reason else None
+
+
+def exit_if_strategy_unavailable(trainer_config: Any) -> None:
+    """Stop the command with a one-line error (no traceback) before any model or data is loaded when the
+    configured strategy cannot run on this machine. Called by the CLI on the parsed ``trainer`` config."""
+    problem = strategy_problem(trainer_config.get("strategy"), trainer_config.get("accelerator", "auto"))
+    if problem:
+        raise SystemExit(f"finsight: error: {problem}")
+
+
+def rank_zero_log_dir(trainer: Any) -> str | None:
+    """``trainer.log_dir`` for code that runs on global rank 0 only (inside ``if trainer.is_global_zero``).
+
+    ``Trainer.log_dir`` broadcasts rank 0's value, a collective call: made on rank 0 alone it waits forever
+    for the other ranks (Lightning's docstring says so), and a DDP run hangs. On rank 0 the value is the
+    same without the broadcast: the first logger's folder, or ``default_root_dir`` without a logger.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir
+    return trainer.default_root_dir
+
+
+class FinSightBatchSizeFinder(BatchSizeFinder):
+    """Lightning's ``BatchSizeFinder`` that also rebuilds the optimizer and learning-rate schedule afterwards.
+
+    The search runs at the start of ``fit``, after ``configure_optimizers`` sized the warmup/decay schedule
+    for the batch size in the config. When the run's length is given in epochs, a different batch size
+    changes the number of optimizer steps, so the schedule would end too early or too late; rebuilding it
+    (the search restores the initial weights, so nothing is lost) makes it match the batch size found.
+    The search itself changes ``data.batch_size`` and re-creates the loaders, so batches, the length-grouped
+    order and Lightning's step count all follow the new size. Not supported with distributed strategies
+    (Lightning's restriction): find the size on one device, then set ``--data.batch_size``.
+    """
+
+    def scale_batch_size(self, trainer: Any, pl_module: Any) -> None:
+        """Search, then rebuild the optimizer and schedule for the batch size found."""
+        super().scale_batch_size(trainer, pl_module)
+        if trainer.state.fn == "fit":
+            trainer.strategy.setup_optimizers(trainer)

@@ -1,0 +1,85 @@
+"""`finsight chat`: one-shot answers from an adapter folder or a checkpoint, the interactive loop, errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_generation import sampled_fit
+
+from finsight.cli import main
+
+QUESTION = "What is an expense ratio?"
+
+
+def _expected_answer(model_dir: Path, adapter: Path, max_new_tokens: int) -> str:
+    """The fine-tuned model's greedy answer, loaded and prompted without finsight's chat code."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                         {"role": "user", "content": QUESTION}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_one_shot_answer_from_adapter_and_from_checkpoint(tiny_model_dir, tmp_path_factory, capsys):
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    capsys.readouterr()
+    assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "6"]) == 0
+    from_adapter = capsys.readouterr().out.strip()
+    # The best checkpoint is what fit exported as the adapter: the same weights, so the same greedy answer.
+    assert main(["chat", "--ckpt_path", str(run["best"]), "--prompt", QUESTION, "--max_new_tokens", "6"]) == 0
+    from_checkpoint = capsys.readouterr().out.strip()
+    assert from_adapter and from_adapter == from_checkpoint
+    assert from_adapter == _expected_answer(tiny_model_dir, run["adapter"], 6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--adapter", str(run["adapter"]), "--prompt", "word " * 100, "--max_length", "64",
+              "--max_new_tokens", "8"])
+    assert exit_info.value.code == 1
+    assert "at most 56 fit (max_length 64 - max_new_tokens 8)" in capsys.readouterr().err
+
+
+def test_interactive_chat_reads_until_exit(tiny_model_dir, tmp_path_factory, capsys, monkeypatch):
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\n/reset\nWhat is a bond?\n/exit\nnever read\n"))
+    assert main(["chat", "--adapter", str(run["adapter"]), "--max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"FinSight chat with {tiny_model_dir} + adapter" in out
+    assert out.count("FinSight: ") == 2 and "(conversation cleared)" in out
+
+
+def test_chat_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--adapter", str(tmp_path), "--prompt", "hi"])
+    assert exit_info.value.code == 1
+    assert "has no adapter_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["chat", "--prompt", "hi"])
+    assert "needs --adapter, --ckpt_path or --model_name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_chat_command_in_a_subprocess_exits_0(tiny_model_dir, tmp_path_factory):
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finsight", "chat", "--adapter", str(run["adapter"]),
+                             "--prompt", QUESTION, "--max_new_tokens", "6"],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == _expected_answer(tiny_model_dir, run["adapter"], 6)

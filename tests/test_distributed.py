@@ -1,0 +1,232 @@
+"""DDP on CPU: two real processes (gloo) run the quickstart config on the tiny model with no code change.
+
+The ranks must split the epoch (disjoint, together complete, each in the length-grouped order), prepare the
+data once, log and checkpoint on rank 0 only, report validation metrics reduced over both ranks, and resume
+mid-epoch from ``--ckpt_path last``. Lightning's ddp strategy re-runs the command for rank 1, so the runs are
+real ``python -m finsight fit`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from test_cli import tiny_fit_args
+
+from finsight.data.batching import EpochLengthGroupedSampler
+
+TESTS = Path(__file__).resolve().parent
+BATCH = 4
+SEED = 42
+# One generated source keeps the run short: 44 rows, 4 duplicates dropped, 36 train / 4 validation.
+SOURCES = '[{"name": "intro", "format": "intro", "rows": 44}]'
+DDP_TIMEOUT_S = 480
+
+
+class SampleRecorder(L.Callback):
+    """Writes, per rank, which samples each training batch held, how the train loader was built, and the
+    validation loss the rank saw, to ``<out_dir>/<tag>-rank<N>.json`` at the end of fit."""
+
+    def __init__(self, out_dir: str, tag: str = "run") -> None:
+        self.out_dir, self.tag = Path(out_dir), tag
+        self.batches: list[list[int]] = []
+        self.val_loss: list[float] = []
+        self.info: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        sampler = loader.sampler
+        self.info = {
+            "rank": trainer.global_rank, "world_size": trainer.world_size, "pid": os.getpid(),
+            "loader": type(loader).__name__, "sampler": type(sampler).__name__,
+            "shuffle": getattr(sampler, "shuffle", None),
+            "inner_sampler": type(getattr(getattr(sampler, "dataset", None), "_sampler", None)).__name__,
+            "batch_size": loader.batch_sampler.batch_size,
+            "lengths": list(trainer.datamodule.train_dataset["length"]),
+        }
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.batches.append(batch["sample_id"].tolist())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.val_loss.append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {**self.info, "batches": self.batches, "val_loss": self.val_loss,
+                  "global_step": trainer.global_step}
+        (self.out_dir / f"{self.tag}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def recorder_arg(out_dir: Path, tag: str) -> str:
+    """``--trainer.callbacks+=`` adding a SampleRecorder (importable in the subprocess through PYTHONPATH)."""
+    spec = {"class_path": "test_distributed.SampleRecorder", "init_args": {"out_dir": str(out_dir), "tag": tag}}
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+def run_finsight(args: list[str], cache: Path) -> str:
+    """Run ``python -m finsight`` in its own process group; fail (and kill every rank) on error or hang."""
+    env = dict(os.environ, FINSIGHT_CACHE=str(cache), COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.Popen([sys.executable, "-m", "finsight", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a child of rank 0, in the same process group
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP run did not finish in {DDP_TIMEOUT_S}s; a collective call made on one rank only "
+                    f"(e.g. trainer.log_dir inside `if trainer.is_global_zero`) hangs the others:\n{output[-4000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"finsight fit exited with {proc.returncode}:\n{output[-6000:]}")
+    return output
+
+
+def expected_rank_orders(lengths: list[int], world_size: int = 2) -> list[list[int]]:
+    """Each rank's share of epoch 0: the length-grouped order, padded to a multiple of the world size with its
+    first samples (DistributedSampler's rule), every world_size-th sample from the rank's offset."""
+    order = list(EpochLengthGroupedSampler(lengths, BATCH, SEED))
+    total = math.ceil(len(order) / world_size) * world_size
+    padded = order + order[: total - len(order)]
+    return [padded[rank::world_size] for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
+    """A 2-process DDP run stopped after 2 optimizer steps, then resumed with ``--ckpt_path last``."""
+    root = tmp_path_factory.mktemp("ddp")
+    cache = tmp_path_factory.getbasetemp() / "finsight-cache"
+    common = [
+        "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=null",
+        "--trainer.logger.init_args.version=ddp",  # the resumed run must find last.ckpt in the same folder
+        f"--data.batch_size={BATCH}", "--data.val_fraction=0.1", f"--data.seed={SEED}", f"--data.sources={SOURCES}",
+    ]
+    first = run_finsight(tiny_fit_args(tiny_model_dir, root, *common, "--trainer.max_steps=2",
+                                       recorder_arg(root / "out", "first")), cache)
+    log_dir = root / "lightning_logs" / "quickstart" / "ddp"
+    files_after_first = sorted(str(p.relative_to(log_dir)) for p in log_dir.rglob("*") if p.is_file())
+    resumed = run_finsight(tiny_fit_args(tiny_model_dir, root, *common, "--trainer.max_steps=-1",
+                                         "--ckpt_path=last", recorder_arg(root / "out", "resumed")), cache)
+    records = {tag: [json.loads((root / "out" / f"{tag}-rank{rank}.json").read_text()) for rank in (0, 1)]
+               for tag in ("first", "resumed")}
+    return {"first": first, "resumed": resumed, "records": records, "log_dir": log_dir,
+            "files_after_first": files_after_first}
+
+
+@pytest.mark.slow
+def test_ranks_split_the_epoch_in_length_grouped_order(ddp_runs):
+    first, resumed = ddp_runs["records"]["first"], ddp_runs["records"]["resumed"]
+    lengths = first[0]["lengths"]
+    assert len(lengths) == 36 and first[1]["lengths"] == lengths
+    expected = expected_rank_orders(lengths)
+    for rank in (0, 1):
+        info = first[rank]
+        assert (info["rank"], info["world_size"]) == (rank, 2)
+        # The data module's loader class survives, sharded by the data module itself (no reshuffling).
+        assert info["loader"] == "StatefulDataLoader"
+        assert info["sampler"] == "DistributedSamplerWrapper" and info["shuffle"] is False
+        assert info["inner_sampler"] == "EpochLengthGroupedSampler" and info["batch_size"] == BATCH
+        assert info["global_step"] == 2 and [len(b) for b in info["batches"]] == [BATCH, BATCH]
+        consumed = [i for b in info["batches"] + resumed[rank]["batches"] for i in b]
+        assert consumed == expected[rank]  # the first run, then the resumed one, in this rank's order
+        assert resumed[rank]["global_step"] == math.ceil(len(expected[rank]) / BATCH)
+    seen = [{i for b in first[r]["batches"] + resumed[r]["batches"] for i in b} for r in (0, 1)]
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(range(36))
+    assert [len(s) for s in seen] == [18, 18]
+
+
+@pytest.mark.slow
+def test_data_is_prepared_once_and_outputs_are_written_by_rank_zero(ddp_runs):
+    first_output, resumed_output = ddp_runs["first"], ddp_runs["resumed"]
+    # Rank 0 builds the cache; rank 1 waits at Lightning's setup barrier and only loads it.
+    assert first_output.count("Prepared data in") == 1
+    assert resumed_output.count("Prepared data in") == 0 and resumed_output.count("Prepared data found") == 1
+    files = ddp_runs["files_after_first"]
+    events = [f for f in files if f.startswith("events.out.tfevents")]
+    assert len(events) == 1
+    rank0_pid = ddp_runs["records"]["first"][0]["pid"]
+    assert events[0].split(".")[-2] == str(rank0_pid)  # TensorBoard names its file after the writing process
+    assert "checkpoints/last.ckpt" in files and len([f for f in files if f.startswith("checkpoints/")]) == 2
+    assert "adapter/adapter_model.safetensors" in files and "config.yaml" in files
+    assert first_output.count("Adapter written to") == 1
+
+
+@pytest.mark.slow
+def test_validation_metrics_are_reduced_over_both_ranks(ddp_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = ddp_runs["records"]["first"]
+    # Each rank validates a different half of the split; torchmetrics' compute() syncs the token-weighted
+    # sums, so both ranks log the same global value (sync_dist=False in the module is right).
+    assert len(first[0]["val_loss"]) == 1
+    assert first[0]["val_loss"] == first[1]["val_loss"]
+    event_file = next(ddp_runs["log_dir"].glob(f"events.out.tfevents.*.{first[0]['pid']}.*"))
+    accumulator = EventAccumulator(str(event_file))
+    accumulator.Reload()
+    logged = [event.value for event in accumulator.Scalars("val/loss")]
+    assert logged == pytest.approx(first[0]["val_loss"])
+
+
+def test_data_module_shards_the_grouped_order_per_rank(tiny_tokenizer, tmp_path):
+    """In-process, with a real DDP Trainer's rank settings: rank r's loader yields every 2nd sample of the
+    length-grouped order, so batches stay length-grouped (Lightning's own wrapper would reshuffle them)."""
+    from conftest import sample_sources
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from finsight.data.module import FinSightDataModule
+    from finsight.data.quality import padding_efficiency
+
+    dm = FinSightDataModule(sources=sample_sources(), tokenizer=tiny_tokenizer, max_length=256,
+                            batch_size=BATCH, seed=SEED, num_proc=1)
+    dm.setup("fit")
+    lengths = dm._train_lengths
+    expected = expected_rank_orders(lengths)
+    for rank in (0, 1):
+        trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False)
+        # What the DDP launch sets in each process (without starting processes).
+        environment = trainer.strategy.cluster_environment
+        environment.set_world_size(2)
+        environment.set_global_rank(rank)
+        rank_zero_only.rank = 0  # set_global_rank also silences rank-zero logging for the rest of the session
+        assert (trainer.global_rank, trainer.world_size) == (rank, 2)
+        dm.trainer = trainer
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSamplerWrapper) and loader.sampler.shuffle is False
+        consumed = [i for batch in loader for i in batch["sample_id"].tolist()]
+        assert consumed == expected[rank]
+        # What Lightning would have done: the same order, reshuffled sample by sample.
+        lightning_default = list(DistributedSamplerWrapper(dm.train_sampler().dataset._sampler, num_replicas=2,
+                                                           rank=rank, shuffle=True, seed=SEED))
+        ours = padding_efficiency(lengths, consumed, BATCH, dm.pad_to_multiple_of)
+        theirs = padding_efficiency(lengths, lightning_default, BATCH, dm.pad_to_multiple_of)
+        assert ours > theirs + 0.05, (ours, theirs)
+    dm.trainer = None
+    assert type(dm.train_sampler()) is EpochLengthGroupedSampler  # one process: unchanged
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "csv", "none"])
+def test_rank_zero_log_dir_matches_the_trainers_without_a_collective(logger, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from finsight.strategies import rank_zero_log_dir
+
+    loggers = {"tensorboard": TensorBoardLogger(tmp_path, name="tb"), "csv": CSVLogger(tmp_path, name="csv"),
+               "none": False}
+    trainer = L.Trainer(accelerator="cpu", logger=loggers[logger], default_root_dir=tmp_path / "root")
+    assert rank_zero_log_dir(trainer) == trainer.log_dir
+    assert rank_zero_log_dir(trainer) == {"tensorboard": str(tmp_path / "tb" / "version_0"),
+                                          "csv": str(tmp_path / "csv" / "version_0"),
+                                          "none": str(tmp_path / "root")}[logger]
