@@ -1,7 +1,7 @@
 """finsight side by side with TRL's ``SFTTrainer``: same model, data, LoRA, optimizer, schedule and batches.
 
     python benchmarks/compare.py --model tiny                    # random 2-layer Llama, SmolLM2 tokenizer
-    python benchmarks/compare.py --model smollm2-135m --steps 8  # the real SmolLM2-135M-Instruct, 4-bit
+    python benchmarks/compare.py --model smollm2-135m            # the real SmolLM2-135M-Instruct, 4-bit
     python benchmarks/compare.py --model llama-1b                # GPU: Llama-3.2-1B-shaped random model
     python benchmarks/compare.py --model tiny --gpu-bookkeeping  # the llama-1b recipe and MFU rows, tiny, CPU
 
@@ -39,7 +39,10 @@ How TRL is set up, and why (its defaults differ from finsight's):
   ``train_sampling_strategy="random"`` (TRL's default; finsight groups by length), gradient checkpointing
   (non-reentrant) as finsight, ``optim="adamw_torch"``, linear schedule with the same warmup steps,
   ``max_grad_norm=1.0`` (finsight: ``gradient_clip_val=1.0``), ``bf16`` only on CUDA (TRL turns it on by
-  default), ``dataset_num_proc`` equal to the processes finsight uses, the same seed.
+  default), ``dataset_num_proc`` equal to the processes finsight uses (``--trl-num-proc default``: TRL's
+  single process), the same seed.
+* finsight's Trainer gets what the ``finsight`` command always adds (``AtomicCheckpointIO``,
+  ``reliability_callbacks()``), so its checkpoint and step times are those of a real run.
 * TRL casts QLoRA adapter weights to bf16; they are cast back to float32 so both stacks train float32
   adapters (finsight's choice; bf16 is also very slow on CPU).
 """
@@ -69,9 +72,13 @@ IGNORE_INDEX = -100
 
 # Per model: what differs between a CPU smoke run and the GPU recipe. Everything else is shared.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"steps": 12, "warmup_steps": 2, "batch_size": 4, "max_length": 512, "gpu_mode": False},
-    "smollm2-135m": {"steps": 6, "warmup_steps": 2, "batch_size": 4, "max_length": 512, "gpu_mode": False},
-    "llama-1b": {"steps": 60, "warmup_steps": 10, "batch_size": 16, "max_length": 1024, "gpu_mode": True},
+    "tiny": {"steps": 12, "warmup_steps": 2, "parity_steps": 4, "batch_size": 4, "max_length": 512,
+             "gpu_mode": False},
+    # ~50 CPU-seconds per optimizer step on 2 cores: 5 steps and 3 parity steps keep the run near 9 minutes.
+    "smollm2-135m": {"steps": 5, "warmup_steps": 1, "parity_steps": 3, "batch_size": 4, "max_length": 512,
+                     "gpu_mode": False},
+    "llama-1b": {"steps": 60, "warmup_steps": 10, "parity_steps": 5, "batch_size": 16, "max_length": 1024,
+                 "gpu_mode": True},
 }
 # Llama-3.2-1B's shape (the weights are random: only the shape matters for speed and memory).
 LLAMA_1B_SHAPE = {
@@ -112,6 +119,7 @@ class Settings:
     trl_masking: str = "assistant"
     trl_chat_template: str = ""
     num_proc: int | None = None
+    trl_num_proc: int | None = None
     gpu_mode: bool = False
     cuda: bool = False
     peak_tflops: float = 989.0
@@ -147,7 +155,7 @@ def folder_size(path: Path) -> tuple[int, dict[str, int]]:
     return sum(files.values()), files
 
 
-def sequences_digest(input_ids, attention_mask, labels) -> str:
+def sequences_digest(input_ids: Any, attention_mask: Any, labels: Any) -> str:
     """Hash of a batch's samples without their padding, so batches padded differently still compare."""
     digest = hashlib.sha256()
     for ids, mask, lab in zip(input_ids.tolist(), attention_mask.tolist(), labels.tolist()):
@@ -156,7 +164,7 @@ def sequences_digest(input_ids, attention_mask, labels) -> str:
     return digest.hexdigest()[:16]
 
 
-def reset_lora(peft_model, seed: int) -> int:
+def reset_lora(peft_model: Any, seed: int) -> int:
     """Give every LoRA weight the same seeded values in both stacks (parity runs), by parameter name.
 
     Returns how many tensors were set, so the two stacks can be checked to have the same adapters.
@@ -176,7 +184,7 @@ def reset_lora(peft_model, seed: int) -> int:
     return count
 
 
-def model_flops(config, lora_r: int, target_modules: tuple[str, ...]) -> dict[str, float]:
+def model_flops(config: Any, lora_r: int, target_modules: tuple[str, ...]) -> dict[str, float]:
     """Matmul parameters of the frozen base (N), of the LoRA adapters, and the attention coefficient.
 
     Training FLOPs per token with a frozen base: forward 2N + backward through activations 2N = 4N (no
@@ -219,10 +227,11 @@ class StepProbe:
         self.step_cpu: list[float] = []
         self.losses: list[float] = []
         self.train_start = 0.0
+        self.train_start_cpu = 0.0
         self.lora_tensors_reset = 0
         self.cuda_peaks: dict[str, float] | None = None
 
-    def start(self, peft_model) -> None:
+    def start(self, peft_model: Any) -> None:
         """Training begins: reset CUDA peaks, start the clock, give LoRA its parity values if asked."""
         import torch
 
@@ -241,7 +250,8 @@ class StepProbe:
         self.micro.append({
             "real": int(lengths.sum()), "all": int(mask.numel()), "trained": int((labels != IGNORE_INDEX).sum()),
             "squared_lengths": float((lengths.double() ** 2).sum()), "shape": list(mask.shape),
-            "digest": sequences_digest(batch["input_ids"], mask, labels),
+            # Only parity runs compare batches; elsewhere the digest's device-to-host copy is not worth it.
+            "digest": sequences_digest(batch["input_ids"], mask, labels) if self.parity_seed is not None else None,
         })
 
     def step_end(self, loss: float | None) -> None:
@@ -419,7 +429,8 @@ def build_model_dir(model: str, out: Path, tokenizer_ref: str | None) -> Path:
 # ----------------------------------------------------------------------------------------------- finsight
 
 
-def finsight_datamodule(settings: Settings, tokenizer, sources: list[dict], cache_dir: str, fixed_order: bool):
+def finsight_datamodule(settings: Settings, tokenizer: Any, sources: list[dict], cache_dir: str,
+                        fixed_order: bool) -> Any:
     """finsight's data module with the benchmark's settings; ``fixed_order`` feeds samples in dataset order."""
     from finsight.data.module import FinSightDataModule
 
@@ -462,6 +473,8 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
     import lightning as L
     import torch
 
+    from finsight.callbacks import reliability_callbacks
+    from finsight.checkpoint import AtomicCheckpointIO
     from finsight.model import load_tokenizer
     from finsight.module import FinSightModule
 
@@ -500,7 +513,9 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
         max_steps=steps, max_epochs=-1, accumulate_grad_batches=settings.accumulate,
         gradient_clip_val=1.0, gradient_clip_algorithm="norm",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Probe()], default_root_dir=str(run_dir),
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(run_dir),
+        # What the finsight command always adds: atomic, fsynced checkpoints and its reliability callbacks.
+        plugins=[AtomicCheckpointIO()], callbacks=[*reliability_callbacks(), Probe()],
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -527,7 +542,7 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- TRL
 
 
-def trl_config(settings: Settings, output_dir: Path, *, steps: int, parity: bool, save: bool):
+def trl_config(settings: Settings, output_dir: Path, *, steps: int, parity: bool, save: bool) -> Any:
     """``SFTConfig`` with every option that matters set explicitly (TRL's defaults differ from finsight's)."""
     from trl import SFTConfig
 
@@ -546,14 +561,14 @@ def trl_config(settings: Settings, output_dir: Path, *, steps: int, parity: bool
         assistant_only_loss=settings.trl_masking == "assistant",
         chat_template_path=settings.trl_chat_template or None,
         shuffle_dataset=False, train_sampling_strategy="sequential" if parity else settings.trl_sampling,
-        dataset_num_proc=settings.num_proc, dataloader_num_workers=0, dataloader_pin_memory=settings.cuda,
+        dataset_num_proc=settings.trl_num_proc, dataloader_num_workers=0, dataloader_pin_memory=settings.cuda,
         logging_strategy="steps", logging_steps=1, report_to="none", disable_tqdm=True,
         save_strategy="steps" if save else "no", save_steps=steps, eval_strategy="no",
         seed=settings.seed, data_seed=settings.seed, activation_offloading=False,
     )
 
 
-def trl_trainer_class():
+def trl_trainer_class() -> type:
     """``SFTTrainer`` that times its dataset preparation and counts the tokens of each training step."""
     from trl import SFTTrainer
 
@@ -992,7 +1007,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=20000, help="synthetic conversations (write_synthetic)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run")
     parser.add_argument("--warmup-steps", type=int, default=None, help="first steps left out of the medians")
-    parser.add_argument("--parity-steps", type=int, default=4, help="steps of the loss parity runs (0: none)")
+    parser.add_argument("--parity-steps", type=int, default=None, help="steps of the loss parity runs (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per stack (median reported)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--accumulate", type=int, default=1, help="gradient accumulation (effective batch)")
@@ -1010,6 +1025,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how TRL gets finsight's assistant-only loss (see the module docstring)")
     parser.add_argument("--num-proc", type=int, default=None,
                         help="tokenization processes for both stacks (default: finsight's choice, min(cores, 8))")
+    parser.add_argument("--trl-num-proc", default="same",
+                        help="TRL's dataset_num_proc: 'same' as finsight (default), 'default' (TRL's None: one "
+                             "process) or a number")
+    parser.add_argument("--parts", default="prep,train,parity",
+                        help="what to measure, comma-separated: prep, train, parity (train and parity need prep)")
     parser.add_argument("--gpu-bookkeeping", action="store_true",
                         help="use the GPU recipe and report MFU even without CUDA (tests the GPU path at tiny size)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
@@ -1035,16 +1055,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.model == "llama-1b" and not cuda and not args.gpu_bookkeeping:
         raise SystemExit("--model llama-1b needs CUDA; use --model tiny --gpu-bookkeeping to exercise it on a CPU")
     num_proc = args.num_proc if args.num_proc is not None else (min(os.cpu_count() or 1, 8) if args.rows >= 2000 else None)
+    if args.trl_num_proc == "same":
+        trl_num_proc = num_proc
+    elif args.trl_num_proc == "default":
+        trl_num_proc = None
+    elif args.trl_num_proc.isdigit():
+        trl_num_proc = int(args.trl_num_proc)
+    else:
+        raise SystemExit(f"--trl-num-proc must be 'same', 'default' or a number, got {args.trl_num_proc!r}")
     return Settings(
         model=args.model, rows=args.rows, steps=args.steps or preset["steps"],
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else preset["warmup_steps"],
-        parity_steps=args.parity_steps, repeats=args.repeats, batch_size=args.batch_size or preset["batch_size"],
+        parity_steps=args.parity_steps if args.parity_steps is not None else preset["parity_steps"],
+        repeats=args.repeats, batch_size=args.batch_size or preset["batch_size"],
         accumulate=args.accumulate,
         max_length=args.max_length or (1024 if gpu_mode else preset["max_length"]),
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         gradient_checkpointing=args.gradient_checkpointing, trl_sampling=args.trl_sampling,
-        trl_masking=args.trl_masking, num_proc=num_proc,
+        trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda, peak_tflops=args.peak_tflops,
     )
 
@@ -1059,6 +1088,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     settings = settings_from(args)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if not parts <= {"prep", "train", "parity"} or "prep" not in parts:
+        raise SystemExit(f"--parts takes prep, train and parity, always with prep; got {args.parts!r}")
     if settings.warmup_steps >= settings.steps:
         raise SystemExit(f"--warmup-steps ({settings.warmup_steps}) must be below --steps ({settings.steps})")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="finsight-compare-"))
@@ -1091,13 +1123,13 @@ def main(argv: list[str] | None = None) -> dict:
             prep[stack].append(runner("prep", stack, env={"HF_DATASETS_CACHE": str(cache / "hf")},
                                       sources=sources, cache_dir=str(cache / "finsight"), trl_data=str(trl_data)))
     train: dict[str, list] = {stack: [] for stack in STACKS}
-    for _ in range(settings.repeats):
+    for _ in range(settings.repeats if "train" in parts else 0):
         for stack in STACKS:
             train[stack].append(runner("train", stack, env={"HF_DATASETS_CACHE": str(warm[stack] / "hf")},
                                        sources=sources, cache_dir=str(warm[stack] / "finsight"),
                                        trl_data=str(trl_data)))
     parity = None
-    if settings.parity_steps > 0:
+    if settings.parity_steps > 0 and "parity" in parts:
         results: dict[str, dict] = {}
         for stack in STACKS:
             results[stack] = runner("parity", stack, env={"HF_DATASETS_CACHE": str(warm[stack] / "hf")},

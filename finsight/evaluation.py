@@ -10,7 +10,8 @@ Accuracy (needs a reference answer):
 * ``numeric_agreement``: share of the reference's numbers that the answer states, after normalising
   amounts (``$1.2 billion`` = ``1,200 million`` = 1.2e9), percentages (``14%`` = ``14 percent``) and
   plain numbers and years, with 0.5% relative tolerance (whole numbers below 10,000, such as years, must
-  be equal). Undefined for references without numbers.
+  be equal). Numbers the question already states are not counted; undefined for references with no
+  other number.
 
 Coherence (no reference):
 
@@ -142,9 +143,16 @@ def same_quantity(a: Quantity, b: Quantity, tolerance: float = NUMERIC_TOLERANCE
     return abs(a.value - b.value) <= tolerance * max(abs(a.value), abs(b.value))
 
 
-def numeric_agreement(prediction: str, reference: str, tolerance: float = NUMERIC_TOLERANCE) -> float | None:
-    """Share of the reference's distinct numbers that the prediction states; None when it has none."""
-    expected = list(dict.fromkeys(extract_numbers(reference)))
+def numeric_agreement(prediction: str, reference: str, tolerance: float = NUMERIC_TOLERANCE,
+                      question: str | None = None) -> float | None:
+    """Share of the reference's distinct numbers that the prediction states; None when it has none.
+
+    Numbers that the ``question`` already states (``fiscal 2021`` in "What was the debt at the end of
+    fiscal 2021?") are left out: echoing them shows nothing about what the model knows.
+    """
+    given = extract_numbers(question) if question else []
+    expected = [number for number in dict.fromkeys(extract_numbers(reference))
+                if not any(same_quantity(number, known, tolerance) for known in given)]
     if not expected:
         return None
     stated = extract_numbers(prediction)
@@ -210,7 +218,7 @@ class AnswerEvaluator:
         record = AnswerRecord(question, answer, stopped, kind, reference)
         if reference is not None:
             record.scores = {"rouge_l": rouge_l(answer, reference), "token_f1": token_f1(answer, reference),
-                             "numeric_agreement": numeric_agreement(answer, reference)}
+                             "numeric_agreement": numeric_agreement(answer, reference, question=question)}
         if kind == "identity":
             record.scores["identity"] = float(stays_finsight(answer))
         record.scores["repetition_3"] = repetition_rate(answer, 3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -91,60 +90,6 @@ def generation_mode(model: torch.nn.Module) -> Iterator[None]:
             config.use_cache = use_cache
 
 
-def _dense_forward(module: torch.nn.Module, weight: torch.Tensor):
-    """A 4-bit layer's forward computed with its weight already dequantized (bias and dtypes as bitsandbytes)."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = module.bias.to(weight.dtype) if module.bias is not None else None
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-
-    return forward
-
-
-@contextlib.contextmanager
-def dequantized_cpu_weights(model: torch.nn.Module, max_bytes: int | None = None) -> Iterator[int]:
-    """For the duration, CPU 4-bit layers use their weight dequantized once instead of at every call.
-
-    Without a fused CPU kernel, bitsandbytes dequantizes every 4-bit weight at every forward: decoding one
-    token at a time then costs a full dequantization per token. The weights are dequantized here exactly
-    as bitsandbytes does for each call (same operators, same dtype), so the answers are the same, several
-    times faster. Costs ``4 × parameters`` bytes of memory while active (skipped beyond ``max_bytes``,
-    default a quarter of the available memory). GPU layers are left alone. Yields the layers converted.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        yield 0
-        return
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"
-              and getattr(m.weight, "quant_state", None) is not None
-              and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
-    size = sum(4 * math.prod(m.weight.quant_state.shape) for m in layers)
-    if max_bytes is None:
-        import psutil
-
-        max_bytes = psutil.virtual_memory().available // 4
-    if not layers or size > max_bytes:
-        yield 0
-        return
-    try:
-        for module in layers:
-            state = module.weight.quant_state
-            dtype = module.compute_dtype or state.dtype
-            absmax = state.absmax
-            if state.nested:  # the per-block scales are themselves 8-bit quantized (double quantization)
-                absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                    state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32
-                ) + state.offset
-            weight = torch.ops.bitsandbytes.dequantize_4bit.default(
-                module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
-            module.forward = _dense_forward(module, weight)  # an instance attribute shadows the class method
-        yield len(layers)
-    finally:
-        for module in layers:
-            module.__dict__.pop("forward", None)
-
-
 class StreamWriter(TextStreamer):
     """transformers' ``TextStreamer`` writing the answer (no prompt, no special tokens) to any text stream."""
 
@@ -185,7 +130,7 @@ def generate(
     device = _device_of(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    with generation_mode(model), dequantized_cpu_weights(model):
+    with generation_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in chunk)

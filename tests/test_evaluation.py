@@ -75,6 +75,11 @@ def test_numeric_agreement_counts_the_reference_numbers_the_answer_states():
     assert numeric_agreement("26196 staff", "26,196 employees") == 1.0
     assert numeric_agreement("in fiscal 2018", "in fiscal 2019") == 0.0  # whole numbers below 10,000: exact
     assert numeric_agreement("anything", "No dividends were paid.") is None
+    # A year copied from the question is not knowledge: only the amount counts.
+    question = "What was the long-term debt at the end of fiscal 2021?"
+    assert numeric_agreement("In fiscal 2021 it was $1.1 trillion.", "$2.3 billion as of December 31, 2021.",
+                             question=question) == 0.0
+    assert numeric_agreement("x", "It was 2021.", question=question) is None
 
 
 # ------------------------------------------------------------------------------------------ coherence
