@@ -292,14 +292,17 @@ class FinSightModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- checkpoints
 
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights under the module's own key names."""
-        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter in checkpoints: a 7B base would make every checkpoint gigabytes."""
-        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        names = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
 
     def export_adapter(self, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
