@@ -784,8 +784,10 @@ class Runner:
         spec.update(kind=kind, stack=stack, settings=dataclasses.asdict(self.settings), run_dir=str(run_dir),
                     out=str(run_dir / "result.json"), threads=self.threads, load_average=list(os.getloadavg()))
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+        # TOKENIZERS_PARALLELISM is left as the user has it (unset: the Rust tokenizer uses its threads),
+        # for both stacks.
         child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                     "TRANSFORMERS_VERBOSITY": "error",
                      "WANDB_DISABLED": "true", **(env or {})}
         log_path = run_dir / "log.txt"
         print(f"  [{name}] running ...", file=sys.stderr, flush=True)

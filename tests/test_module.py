@@ -45,6 +45,66 @@ def test_loss_equals_the_hugging_face_loss(tiny_model_dir, datamodule):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def _full_logit_loss(module, batch):
+    loss_sum, n_tokens = token_losses(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    return loss_sum.sum() / n_tokens.sum()
+
+
+def _lora_grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_training_step_runs_the_head_on_trained_positions_with_the_same_loss_and_gradients(
+        tiny_model_dir, datamodule, monkeypatch):
+    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", lora_dropout=0.0)
+    module.configure_model()
+    # Non-zero LoRA B so the gradients reach every LoRA tensor.
+    torch.manual_seed(0)
+    for name, param in module.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    batch = next(iter(datamodule.train_dataloader()))
+    head_rows = []
+    head = module.model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    ours = module.training_step(batch, 0)
+    handle.remove()
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert module._head_on_hidden is True
+    # The probe runs the head on 2 x 16 positions, the training step on the trained ones only.
+    assert head_rows[-1] == trained < batch["input_ids"].numel()
+    ours_grads = _lora_grads(module, ours)
+    theirs = _full_logit_loss(module, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    theirs_grads = _lora_grads(module, theirs)
+    assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) > 0
+    for name in ours_grads:
+        torch.testing.assert_close(ours_grads[name], theirs_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_models_whose_logits_are_not_the_plain_head_keep_the_full_forward(tmp_path, tiny_tokenizer, datamodule,
+                                                                         monkeypatch):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          final_logit_softcapping=1.0, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tiny_tokenizer.save_pretrained(tmp_path / "gemma")
+    module = FinSightModule(model_name=str(tmp_path / "gemma"), compute_dtype="float32", lora_dropout=0.0,
+                            attn_implementation="eager")
+    module.configure_model()
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    batch = next(iter(datamodule.train_dataloader()))
+    ours = module.training_step(batch, 0)
+    assert module._head_on_hidden is False  # soft-capped logits are not lm_head(hidden)
+    torch.testing.assert_close(ours, _full_logit_loss(module, batch), rtol=1e-5, atol=1e-6)
+
+
 def test_only_lora_parameters_train_and_the_optimizer_holds_only_them(tiny_model_dir, datamodule, tmp_path):
     module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32")
     trainer = make_trainer(tmp_path, max_steps=1)

@@ -15,6 +15,7 @@ renders, and every conversation of a batch is rendered in one ``apply_chat_templ
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from typing import Any
 
@@ -68,6 +69,11 @@ class ChatEncoder:
         self.max_length = max_length
         self.accepts_system = template_accepts_system(tokenizer)
         self._direct = _direct_renderer(tokenizer, self.accepts_system)
+        # Special tokens a conversation may be cut after (see _shared_head): ones that do not swallow the
+        # whitespace after them.
+        self._cut_tokens = sorted({token.content for token in tokenizer.added_tokens_decoder.values()
+                                   if token.special and not token.rstrip and not token.single_word})
+        self._head_cache: dict[str, list[int] | None] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -144,20 +150,55 @@ class ChatEncoder:
     def encode_batch(self, batch: dict[str, list]) -> dict[str, list]:
         """``datasets.map(batched=True)`` function: messages → input_ids, labels, length, trained count."""
         texts, all_spans = self.assistant_spans_batch(batch["messages"])
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        labels, lengths, trained = [], [], []
-        for ids, encoding, text, spans in zip(encoded["input_ids"], encoded.encodings, texts, all_spans):
+        head, head_ids = self._shared_head(texts, all_spans)
+        cut = len(head)
+        rests = [text[cut:] for text in texts]
+        encoded = self.tokenizer(rests, add_special_tokens=False, truncation=True,
+                                 max_length=self.max_length - len(head_ids))
+        input_ids, labels, lengths, trained = [], [], [], []
+        for rest_ids, encoding, rest, spans in zip(encoded["input_ids"], encoded.encodings, rests, all_spans):
+            ids = head_ids + rest_ids
             row = [IGNORE_INDEX] * len(ids)
             count = 0
             for begin, end in spans:
-                first, last = _token_range(encoding, len(ids), len(text), begin, end)
+                first, last = _token_range(encoding, len(rest_ids), len(rest), begin - cut, end - cut)
+                first, last = first + len(head_ids), last + len(head_ids)
                 row[first:last] = ids[first:last]
                 count += last - first
+            input_ids.append(ids)
             labels.append(row)
             lengths.append(len(ids))
             trained.append(count)
-        return {"input_ids": encoded["input_ids"], "labels": labels, "length": lengths, "trained": trained}
+        return {"input_ids": input_ids, "labels": labels, "length": lengths, "trained": trained}
 
+    def _shared_head(self, texts: list[str], all_spans: list[list[tuple[int, int]]]) -> tuple[str, list[int]]:
+        """The start every conversation of the batch shares (the system block), and its tokens.
+
+        Most conversations begin with the same system prompt, a quarter of an average sample's tokens.
+        Cut right after a special token, the rest of a conversation tokenizes independently of it, so the
+        head is tokenized once per batch. The cut holds no trained character, and it is used only once a
+        conversation has tokenized identically both ways (a tokenizer that prefixes every sequence, such
+        as SentencePiece's ``▁``, fails that check and keeps whole-text tokenization).
+        """
+        if len(texts) < 2 or not self._cut_tokens:
+            return "", []
+        limit = min([len(os.path.commonprefix(texts))] + [begin for spans in all_spans for begin, _ in spans])
+        first = texts[0]
+        cut = max((first.rfind(token, 0, limit) + len(token) for token in self._cut_tokens
+                   if first.rfind(token, 0, limit) >= 0), default=0)
+        head = first[:cut]
+        if not head:
+            return "", []
+        if head not in self._head_cache:
+            if len(self._head_cache) >= 64:  # many distinct system prompts: keep the memory bounded
+                self._head_cache.clear()
+            head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+            rest_ids = self.tokenizer(first[cut:], add_special_tokens=False)["input_ids"]
+            whole = self.tokenizer(first, add_special_tokens=False)["input_ids"]
+            usable = head_ids + rest_ids == whole and len(head_ids) < self.max_length
+            self._head_cache[head] = head_ids if usable else None
+        head_ids = self._head_cache[head]
+        return (head, head_ids) if head_ids is not None else ("", [])
 
 
 def _token_range(encoding: Any, n_tokens: int, n_chars: int, begin: int, end: int) -> tuple[int, int]:

@@ -176,3 +176,46 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizer):
     encoder = ChatEncoder(tokenizer, max_length=64)
     with pytest.raises(ChatTemplateError, match="differently"):
         encoder.assistant_spans(with_default_system(conversations()[0]))
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (``▁`` prefixed to the first piece of a sequence), ChatML template."""
+    from conftest import CHATML_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False)
+    backend.train_from_iterator(QUESTIONS + ANSWERS + [DEFAULT_SYSTEM_PROMPT, "system user assistant"],
+                                trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", unk_token="<unk>",
+                                        pad_token="<unk>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("max_length", [512, 100, 30])
+def test_shared_system_block_is_tokenized_once_with_the_same_result(tiny_tokenizer, kind, max_length):
+    tokenizer = tiny_tokenizer if kind == "byte_level" else metaspace_tokenizer()
+    chats = [with_default_system([m for m in chat if m["role"] != "system"]) for chat in conversations()]
+    shared = ChatEncoder(tokenizer, max_length)
+    whole = ChatEncoder(tokenizer, max_length)
+    whole._cut_tokens = []  # whole-text tokenization, the reference
+    ours, reference = shared.encode_batch({"messages": chats}), whole.encode_batch({"messages": chats})
+    assert ours == reference
+    assert max(reference["length"]) <= max_length
+    assert (max(reference["length"]) == max_length) == (max_length < 512)  # truncation happened, or not
+    (head, head_ids), = shared._head_cache.items()
+    if max_length == 30:
+        assert head_ids is None  # the system block alone is longer than max_length: nothing to reuse
+    elif kind == "byte_level":
+        # The cut is after the system block and the first user turn's start token.
+        assert head == f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>"
+        assert len(head_ids) > 10
+    else:
+        # The rest of a conversation would start with a "▁" of its own: the check turns the cut off.
+        assert head_ids is None

@@ -105,6 +105,21 @@ def test_second_datamodule_reuses_the_cache(bundled, tiny_tokenizer, cache):
     assert make(tiny_tokenizer, cache, max_length=256).fingerprint() != bundled.fingerprint()
 
 
+def test_fingerprint_ignores_tokenizer_call_settings_but_not_the_vocabulary(tiny_tokenizer, cache):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    before = make(tokenizer, cache).fingerprint()
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=7)
+    backend.enable_padding(length=9, pad_id=0)
+    assert make(tokenizer, cache).fingerprint() == before
+    # The call settings are put back as they were.
+    assert backend.truncation["max_length"] == 7 and backend.padding["length"] == 9
+    tokenizer.add_tokens(["<|ticker|>"])
+    assert make(tokenizer, cache).fingerprint() != before
+
+
 def test_merging_is_deterministic_for_a_seed(bundled, tiny_tokenizer, tmp_path):
     other = make(tiny_tokenizer, tmp_path / "elsewhere")
     other.setup("fit")
