@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 2  # bump when the processing changes, so old caches are not reused
 MAP_BATCH_SIZE = 256  # conversations per tokenizer call: large enough for the tokenizer's own threads
+MIN_ROWS_PER_PROCESS = 1000  # below this a tokenization worker costs more to start than it saves
 
 
 class FinSightDataModule(L.LightningDataModule):
@@ -76,8 +77,8 @@ class FinSightDataModule(L.LightningDataModule):
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.
             seed: Seed of fraction sampling, validation split, merge order and batch order.
             num_proc: Processes for tokenization (``datasets.map``); 1 tokenizes in this process (the
-                tokenizer still uses every core), None picks one per CPU (up to 8) for 2,000+ rows on
-                machines with 4+ CPUs, else 1.
+                tokenizer still uses every core), None picks one per CPU (up to 8) on machines with 4+
+                CPUs, else 1. Either way a split gets at most one process per 1,000 rows.
             num_workers: DataLoader worker processes.
             pad_to_multiple_of: Pad each batch's length up to a multiple of this (8 suits tensor cores);
                 None pads to the longest sample exactly.
@@ -197,10 +198,12 @@ class FinSightDataModule(L.LightningDataModule):
         With fewer than 4 CPUs one process is faster: the tokenizer already spreads each batch over the
         cores, and worker processes add about a quarter more CPU time (start-up, copies, Arrow shards).
         """
+        if rows < MIN_ROWS_PER_PROCESS * 2:
+            return None  # a small split (validation) is done before a pool of workers would start
         if self.num_proc is not None:
-            return self.num_proc if self.num_proc > 1 else None
+            return min(self.num_proc, rows // MIN_ROWS_PER_PROCESS) if self.num_proc > 1 else None
         cpus = os.cpu_count() or 1
-        return min(cpus, 8) if rows >= 2000 and cpus >= 4 else None
+        return min(cpus, 8, rows // MIN_ROWS_PER_PROCESS) if cpus >= 4 else None
 
     def _read(self) -> tuple[list[quality.SourceReport], dict[str, dict[str, list]]]:
         """Every source read, checked, subsampled by its fraction and split into train and validation."""

@@ -237,3 +237,21 @@ def test_trainer_resumes_mid_epoch_with_the_same_batches(tiny_tokenizer, cache, 
     assert resumed.seen == unbroken.seen[27:]
     first, second = unbroken.seen[:per_epoch], unbroken.seen[per_epoch:]
     assert sorted(sum(first, [])) == sorted(sum(second, [])) and first != second
+
+
+def test_worker_processes_tokenize_exactly_like_one_process(tiny_tokenizer, tmp_path):
+    from finsight.data.synthetic import write_synthetic
+
+    files = write_synthetic(tmp_path / "raw", 3000, seed=1)
+    sources = [{"name": "reddit_finance", "path": str(files["reddit_finance"]), "format": "reddit"},
+               {"name": "company_qa", "path": str(files["company_qa"]), "format": "qa"}]
+    prepared = {}
+    for num_proc in (1, 2):
+        dm = FinSightDataModule(sources=sources, tokenizer=tiny_tokenizer, num_proc=num_proc, max_length=256,
+                                cache_dir=str(tmp_path / f"cache-{num_proc}"))
+        assert dm._num_proc(2400) == (2 if num_proc == 2 else None)
+        assert dm._num_proc(400) is None  # the validation split is too small for a pool of workers
+        dm.setup("fit")
+        prepared[num_proc] = (rows_of(dm.train_dataset), rows_of(dm.val_dataset), dm.report)
+    assert len(prepared[1][0]) > 2000
+    assert prepared[1] == prepared[2]
