@@ -201,28 +201,31 @@ class FinSightModule(L.LightningModule):
             self._head_on_hidden = self._head_matches_full_forward(input_ids[:1, :16], attention_mask[:1, :16])
         if not self._head_on_hidden:
             return self(input_ids, attention_mask)[:, :-1][trained]
+        decoder, head = self._decoder_and_head()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return head(hidden[:, :-1][trained])
+
+    def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         causal_lm = self.model.get_base_model()
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return causal_lm.get_output_embeddings()(hidden[:, :-1][trained])
+        return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
 
     def _head_matches_full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-        causal_lm = self.model.get_base_model()
         was_training = self.model.training
         self.model.eval()  # no dropout: both routes must see the same weights
         try:
+            decoder, head = self._decoder_and_head()
             with torch.no_grad():
                 full = self(input_ids, attention_mask)
-                hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-                split = causal_lm.get_output_embeddings()(hidden.last_hidden_state)
-            matches = full.shape == split.shape and torch.allclose(full.float(), split.float(), rtol=1e-3, atol=1e-3)
+                split = head(decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+            reason = None if full.shape == split.shape and torch.allclose(
+                full.float(), split.float(), rtol=1e-3, atol=1e-3) else "the model's logits are not lm_head(hidden)"
         except Exception as err:  # noqa: BLE001 - any model without that decoder/head split keeps the full forward
-            log.info("LM head on trained positions only is off: %s", err)
-            matches = False
+            reason = str(err)
         finally:
             self.model.train(was_training)
-        if not matches:
-            log.info("LM head on trained positions only is off: the model's logits are not lm_head(hidden)")
-        return matches
+        if reason:
+            log.info("LM head on trained positions only is off: %s", reason)
+        return reason is None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token-weighted loss and perplexity, overall and per source."""

@@ -184,8 +184,8 @@ class ChatEncoder:
             return "", []
         limit = min([len(os.path.commonprefix(texts))] + [begin for spans in all_spans for begin, _ in spans])
         first = texts[0]
-        cut = max((first.rfind(token, 0, limit) + len(token) for token in self._cut_tokens
-                   if first.rfind(token, 0, limit) >= 0), default=0)
+        starts = {token: first.rfind(token, 0, limit) for token in self._cut_tokens}
+        cut = max((start + len(token) for token, start in starts.items() if start >= 0), default=0)
         head = first[:cut]
         if not head:
             return "", []
