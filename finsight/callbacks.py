@@ -61,9 +61,13 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if not self.check_gradients or _loss_scaling(trainer):
             return
-        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        from finsight.strategies import at_optimizer_step, trainable_gradients
+
+        if not at_optimizer_step(trainer):
+            return
+        named = trainable_gradients(trainer, pl_module)
         # One device sync for all gradients; names are looked up only once something is wrong.
         if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
             return
@@ -81,6 +85,14 @@ class NonFiniteGuard(Callback):
             f"batch {trainer.fit_loop.epoch_loop.batch_idx}): {what}; stopped before the optimizer step, "
             f"so no weights were changed{where}"
         )
+
+
+def _loss_scaling(trainer: L.Trainer) -> bool:
+    """Whether fp16 loss scaling is on (a ``GradScaler``, or DeepSpeed's own), which skips overflowing steps."""
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        return True
+    config = getattr(trainer.strategy, "config", None)
+    return isinstance(config, dict) and bool(config.get("fp16", {}).get("enabled"))
 
 
 class StepSeededRNG(Callback):

@@ -5,13 +5,19 @@ leave a truncated ``last.ckpt`` or best checkpoint behind: resuming would fail, 
 checkpoint would be gone. ``AtomicCheckpointIO`` writes every checkpoint to a temporary file in the same
 folder, flushes and fsyncs it, and renames it over the target with ``os.replace`` (atomic on POSIX and
 Windows), so a reader sees either the previous complete file or the new complete file.
+
+Under DeepSpeed a checkpoint is a folder that DeepSpeed writes itself; :func:`read_checkpoint` reads either
+kind into the same dictionary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -71,6 +77,42 @@ def verify_checkpoint_file(path: _PATH) -> None:
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch in {bad!r}); "
                               "use an earlier checkpoint")
+
+
+def is_deepspeed_checkpoint(path: _PATH) -> bool:
+    """Whether ``path`` is a checkpoint folder written by DeepSpeed (Lightning names it like a file: ``last.ckpt``)."""
+    return Path(path).is_dir() and (Path(path) / "latest").is_file()
+
+
+def read_checkpoint(path: _PATH) -> dict[str, Any]:
+    """A training checkpoint as one dictionary, from a ``torch.save`` file or a DeepSpeed ZeRO folder.
+
+    Files are verified first (``CheckpointError`` when damaged). A DeepSpeed folder goes through Lightning's
+    ``convert_zero_checkpoint_to_fp32_state_dict``: ``state_dict`` then holds the fp32 master weights of the
+    trained parameters (those the optimizer updates, not a half-precision copy), beside Lightning's own keys
+    (``hyper_parameters``, ``global_step``, ...).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        verify_checkpoint_file(path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
+                                  "use an earlier checkpoint") from error
+    if not is_deepspeed_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} is a folder without DeepSpeed's 'latest' file: not a checkpoint")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(scratch) / "checkpoint.pt")
+        except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile,
+                pickle.UnpicklingError) as error:
+            raise CheckpointError(f"DeepSpeed checkpoint {path} is incomplete or corrupt ({error}); "
+                                  "use an earlier checkpoint") from error
 
 
 def verify_ckpt_path_argument(args: list[str]) -> None:

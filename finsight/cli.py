@@ -58,7 +58,7 @@ class FinSightCLI(LightningCLI):
             _resume_into_latest_version(config.trainer)
         from finsight.strategies import exit_if_strategy_unavailable
 
-        # A strategy this machine cannot run (DeepSpeed without CUDA or the package) stops here, in one line.
+        # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
 
     def before_test(self) -> None:

@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -16,7 +14,9 @@ class CheckpointContentError(ValueError):
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from finsight.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointContentError(f"{path} is not a finsight training checkpoint (no state_dict/hyper_parameters)")
     return checkpoint
@@ -43,7 +43,7 @@ def export(checkpoint: str, output: str, merged: bool = False, model_name: str |
     """Write the adapter of a training checkpoint as a PEFT folder, or merge it into the base model.
 
     Args:
-        checkpoint: A ``.ckpt`` written by ``finsight fit``.
+        checkpoint: A ``.ckpt`` written by ``finsight fit``: a file, or a folder under DeepSpeed.
         output: Folder to write.
         merged: Write an ordinary Hugging Face model (base in bf16 with the LoRA update merged in) that
             ``AutoModelForCausalLM.from_pretrained`` loads with no PEFT. The base is loaded unquantized,

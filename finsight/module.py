@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.model import (
     DEFAULT_TARGET_MODULES,
@@ -125,6 +126,9 @@ class FinSightModule(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_source_loss = torch.nn.ModuleDict()
         self._head_on_hidden: bool | None = None  # see trained_logits
+        # The optimizer step's loss, summed over its micro-batches until it is logged (training_step).
+        self._step_loss_sum = torch.zeros(())
+        self._step_token_count = torch.ones(())
 
     # ------------------------------------------------------------------------------------- model
 
@@ -174,18 +178,30 @@ class FinSightModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean next-token loss over the batch's trained (assistant) tokens."""
+        """Next-token loss over the trained (assistant) tokens, weighted for the whole optimizer step."""
         # Shift: position t predicts token t+1. Mask: only positions whose next token is trained
         # (assistant answer and its end-of-turn) reach the LM head; prompt and padding never do.
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE_INDEX
         logits = self.trained_logits(batch["input_ids"], batch["attention_mask"], trained)
-        # Normalisation: mean over this micro-batch's trained tokens, as Hugging Face computes it. Under
-        # gradient accumulation Lightning divides each micro-batch loss by the number of micro-batches,
-        # so the optimizer step sees the average of the micro-batch means.
-        loss = F.cross_entropy(logits.float(), targets[trained], reduction="sum") / trained.sum().clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+        # Normalisation: an optimizer step's gradient is the mean over every trained token of its accumulation
+        # window on every rank, as one big batch would give (a mean of micro-batch means would overweight the
+        # tokens of short micro-batches). The batch carries that token total. Lightning divides the returned
+        # loss by the accumulation, and DDP and ZeRO average gradients over ranks: both are multiplied back.
+        step_tokens = self._step_tokens(batch, trained)
+        self._step_loss_sum = self._step_loss_sum + loss_sum.detach()
+        self._step_token_count = step_tokens
+        return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / step_tokens
+
+    def _step_tokens(self, batch: dict[str, torch.Tensor], trained: torch.Tensor) -> torch.Tensor:
+        """The trained-token total of this batch's optimizer step (from the sampler, see ``StepTokens``).
+
+        Batches from another data module lack it: each micro-batch is then its own token mean.
+        """
+        if STEP_TOKENS in batch:
+            return batch[STEP_TOKENS][0].to(torch.float32).clamp(min=1)
+        return (trained.sum() * self.trainer.accumulate_grad_batches * self.trainer.world_size).float().clamp(min=1)
 
     def trained_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        trained: torch.Tensor) -> torch.Tensor:
@@ -330,12 +346,19 @@ class FinSightModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm before the Trainer clips it."""
-        from lightning.pytorch.utilities import grad_norm
+        """Log the step's loss (the mean over all its trained tokens) and its gradient norm before clipping."""
+        from finsight.strategies import at_optimizer_step, trainable_gradients
 
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if not at_optimizer_step(self.trainer):
+            return
+        # Every rank holds its own part of the step's token sum; the total is their sum over the step's tokens.
+        self.log("train/loss", self._step_loss_sum / self._step_token_count, prog_bar=True, sync_dist=True,
+                 reduce_fx="sum")
+        self._step_loss_sum = torch.zeros((), device=self.device)
+        gradients = [grad for _, grad in trainable_gradients(self.trainer, self)]
+        if gradients:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gradients]))
+            self.log("train/grad_norm", norm)
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -364,9 +387,10 @@ class FinSightModule(L.LightningModule):
         """Export the best adapter (by ``val/loss``) — or the last one when nothing was validated."""
         trainer = self.trainer
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        if best and Path(best).is_file():
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            self.load_state_dict(state, strict=False)
+        if best and Path(best).exists():  # a file, or a folder under DeepSpeed
+            from finsight.checkpoint import read_checkpoint
+
+            self.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)
             log.info("Exporting the best adapter (%s)", Path(best).name)
         if not trainer.is_global_zero:
             return

@@ -8,26 +8,31 @@ collective call and would hang there).
 
 DeepSpeed: ``finsight fit --config configs/finsight.yaml --config configs/deepspeed_zero2_offload.yaml``
 selects :class:`FinSightDeepSpeedStrategy`. Its DeepSpeed config is built by :func:`deepspeed_config`, a
-pure function, so what a run will get can be inspected (and tested) without DeepSpeed or a GPU.
+pure function, so what a run will get can be inspected (and tested) without DeepSpeed or a GPU. It runs on
+CUDA GPUs and, through DeepSpeed's CPU accelerator (gloo between processes), on the CPU: the same ZeRO code
+path, small enough to test for real on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BatchSizeFinder
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_INSTALL = "pip install 'finsight[deepspeed]'"
-NO_CUDA = "DeepSpeed needs CUDA; this machine has none: use strategy auto/ddp"
 ZeroStage = Literal[1, 2, 3]
 
 
@@ -43,13 +48,13 @@ def _log_once(message: str) -> None:
 
 
 def deepspeed_unavailable_reason() -> str | None:
-    """Why DeepSpeed cannot run on this machine (every missing piece, on one line), or None when it can."""
-    missing = []
+    """Why DeepSpeed cannot run on this machine (one line), or None when it can.
+
+    CUDA is not needed: without a GPU the strategy runs on DeepSpeed's CPU accelerator.
+    """
     if importlib.util.find_spec("deepspeed") is None:
-        missing.append(f"the deepspeed package is not installed ({DEEPSPEED_INSTALL})")
-    if not torch.cuda.is_available():
-        missing.append(NO_CUDA)
-    return "; ".join(missing) or None
+        return f"the deepspeed package is not installed ({DEEPSPEED_INSTALL})"
+    return None
 
 
 def deepspeed_config(
@@ -106,7 +111,7 @@ def deepspeed_config(
 class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with the methodology's ZeRO offload settings, explicit handling of
     parameter offload (stage 3 only), adapter-only checkpoints, and a one-line error instead of a traceback
-    when DeepSpeed or CUDA is missing.
+    when DeepSpeed is not installed. Runs on CUDA GPUs, and on the CPU through DeepSpeed's CPU accelerator.
 
     Only the settings that shape the DeepSpeed config are arguments; Lightning's own config-building
     arguments (buckets, NVMe, activation partitioning) are not accepted here, because with an explicit
@@ -154,6 +159,93 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
             logging_level=logging_level,
         )
 
+    # Lightning's DeepSpeedStrategy refuses anything but CUDA in three places; DeepSpeed itself runs on the CPU
+    # (its CPU accelerator, gloo between processes). The three overrides below lift exactly those refusals.
+
+    def setup_environment(self) -> None:
+        """On a CPU accelerator: skip Lightning's CUDA-only check and make DeepSpeed use its CPU accelerator."""
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_environment()
+            return
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        if get_accelerator().device_name() != "cpu":  # a CUDA machine asked to train on its CPU
+            set_accelerator(CPU_Accelerator())
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        """Lightning's, minus the device-index validation that a CPU device (index None) cannot pass."""
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_distributed()
+            return
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        with self._device_rank_for_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        with self._device_rank_for_cpu():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextlib.contextmanager
+    def _device_rank_for_cpu(self) -> Iterator[None]:
+        """Lightning passes ``device_rank=root_device.index`` to ``deepspeed.initialize``; a CPU device has no
+        index (None), which DeepSpeed cannot compare with 0. On the CPU the process's local rank is meant."""
+        import deepspeed
+
+        if not isinstance(self.accelerator, CPUAccelerator):
+            yield
+            return
+        initialize = deepspeed.initialize
+
+        def initialize_with_rank(*args: Any, **kwargs: Any) -> Any:
+            if getattr(kwargs.get("args"), "device_rank", 0) is None:
+                kwargs["args"].device_rank = self.local_rank
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = initialize_with_rank
+        try:
+            yield
+        finally:
+            deepspeed.initialize = initialize
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.
+
+        ``exclude_frozen_parameters`` leaves out frozen *parameters*, but a 4-bit layer's state dict also
+        holds its quantization constants (``absmax``, ``quant_map``, ...), which are not parameters: several
+        percent of the base model's size in every checkpoint. They are dropped here too.
+        """
+        if not self.exclude_frozen_parameters:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        module = self.lightning_module
+        trained = {name for name, p in module.named_parameters() if p.requires_grad}
+
+        def keep_trained(_module: Any, state_dict: dict, prefix: str, _metadata: Any) -> None:
+            for key in [key for key in state_dict if key[len(prefix):] not in trained]:
+                del state_dict[key]
+
+        handle = module.register_state_dict_post_hook(keep_trained)
+        try:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            handle.remove()
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Backward through the DeepSpeed engine with the loss scaled once.
+
+        Lightning has already divided the loss by ``accumulate_grad_batches``; ``DeepSpeedEngine.backward``
+        divides it by the same number again unless told not to (``scale_wrt_gas``), which would make every
+        gradient, and the clipping threshold it is compared with, 1/accumulation of what it should be.
+        """
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
 
 def _strategy_class(strategy: Any) -> type | None:
     """The class a parsed ``trainer.strategy`` value names (a class_path namespace or an instance)."""
@@ -175,22 +267,48 @@ def uses_deepspeed(strategy: Any) -> bool:
     return cls is not None and issubclass(cls, DeepSpeedStrategy)
 
 
-def strategy_problem(strategy: Any, accelerator: Any = "auto") -> str | None:
+def strategy_problem(strategy: Any) -> str | None:
     """What stops the requested strategy from running here (one line), or None."""
     if not uses_deepspeed(strategy):
         return None
     reason = deepspeed_unavailable_reason()
-    if reason is None and str(accelerator).lower() == "cpu":
-        reason = "DeepSpeed runs on CUDA GPUs only and trainer.accelerator is 'cpu': set --trainer.accelerator gpu"
     return f"DeepSpeed strategy requested, but {reason}" if reason else None
 
 
 def exit_if_strategy_unavailable(trainer_config: Any) -> None:
     """Stop the command with a one-line error (no traceback) before any model or data is loaded when the
     configured strategy cannot run on this machine. Called by the CLI on the parsed ``trainer`` config."""
-    problem = strategy_problem(trainer_config.get("strategy"), trainer_config.get("accelerator", "auto"))
+    problem = strategy_problem(trainer_config.get("strategy"))
     if problem:
         raise SystemExit(f"finsight: error: {problem}")
+
+
+def at_optimizer_step(trainer: Any) -> bool:
+    """Whether ``on_before_optimizer_step`` is running before a real optimizer step.
+
+    Lightning calls it once per optimizer step, except under DeepSpeed, which accumulates gradients itself:
+    there Lightning calls it after every micro-batch and the engine steps only at its accumulation boundary.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.deepspeed_engine.is_gradient_accumulation_boundary())
+    return True
+
+
+def trainable_gradients(trainer: Any, module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The gradients the coming optimizer step applies, by parameter name, on every strategy.
+
+    Under DeepSpeed ZeRO ``param.grad`` stays None: the reduced gradients live in DeepSpeed's partitioned
+    buffers, and ``safe_get_full_grad`` gathers each one. That is a collective call (every rank must make it)
+    and valid at the accumulation boundary only (see :func:`at_optimizer_step`).
+    """
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        from deepspeed.utils import safe_get_full_grad
+
+        named = [(name, safe_get_full_grad(p)) for name, p in module.named_parameters() if p.requires_grad]
+    else:
+        named = [(name, p.grad) for name, p in module.named_parameters()]
+    return [(name, grad) for name, grad in named if grad is not None]
 
 
 def rank_zero_log_dir(trainer: Any) -> str | None:

@@ -4,19 +4,64 @@ Both training samplers draw an order that is a pure function of ``(seed, epoch)`
 ``StatefulDataLoader`` saves their ``state_dict`` (the epoch and how many indices were drawn) in its own
 state, which Lightning puts in checkpoints, and a fresh sampler that loads it continues the same epoch's
 order exactly where it stopped, whatever epoch the fresh sampler was at.
+
+Since the order is known in advance, so is every optimizer step's content: with :class:`StepTokens` set, a
+sampler yields ``(index, trained tokens of the optimizer step this sample belongs to)``, counted over all
+micro-batches of the accumulation window on all ranks, and :class:`WithStepTokens` puts that total in each
+row. The training loss divides by it, so a step's gradient is the mean over all of its trained tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finsight.data.chat import IGNORE_INDEX
+
+STEP_TOKENS = "step_trained_tokens"
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """How an epoch's order is cut into optimizer steps, to count each step's trained tokens in advance.
+
+    Rank ``r`` of ``world_size`` trains on every ``world_size``-th sample of the order from ``r`` on
+    (``DistributedSampler(shuffle=False)``), in micro-batches of ``batch_size``, and Lightning steps the
+    optimizer after every ``accumulation`` micro-batches and at the end of the epoch. So optimizer step ``k``
+    holds exactly positions ``[k * S, (k + 1) * S)`` of the order, ``S = batch_size * accumulation *
+    world_size``, all ranks included.
+    """
+
+    trained: Sequence[int]
+    """Per sample: the positions whose next token is trained (the terms of its loss)."""
+    batch_size: int
+    accumulation: int = 1
+    world_size: int = 1
+
+    def pad(self, order: list[int]) -> list[int]:
+        """Repeat the order's first samples up to a multiple of the world size, as ``DistributedSampler`` would
+        (which then has nothing left to pad), so the padded samples' totals are those of their own step."""
+        if self.world_size == 1 or len(order) % self.world_size == 0:
+            return order
+        total = math.ceil(len(order) / self.world_size) * self.world_size
+        return (order * math.ceil(total / len(order)))[:total]
+
+    def totals(self, order: list[int]) -> list[int]:
+        """The trained-token total of the optimizer step each position of ``order`` falls in."""
+        size = self.batch_size * self.accumulation * self.world_size
+        totals: list[int] = []
+        for begin in range(0, len(order), size):
+            chunk = order[begin:begin + size]
+            totals += [sum(self.trained[index] for index in chunk)] * len(chunk)
+        return totals
 
 
 class _ResumableEpochOrder:
@@ -30,6 +75,16 @@ class _ResumableEpochOrder:
     epoch: int = 0
     _drawn: int = 0
     _resume_at: int = 0
+    step_tokens: StepTokens | None = None
+    """When set, yield ``(index, step total)`` pairs for :class:`WithStepTokens` instead of bare indices."""
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        if self.step_tokens is None:
+            return self._size()
+        return math.ceil(self._size() / self.step_tokens.world_size) * self.step_tokens.world_size
 
     def _order(self, generator: torch.Generator) -> list[int]:
         raise NotImplementedError
@@ -40,13 +95,18 @@ class _ResumableEpochOrder:
             self._resume_at = 0  # a saved position belongs to the epoch it was saved in
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         order = self._order(torch.Generator().manual_seed(self.seed + self.epoch))
+        totals = None
+        if self.step_tokens is not None:
+            # Totals come from the whole epoch's order, also when a resumed run starts halfway through it.
+            order = self.step_tokens.pad(order)
+            totals = self.step_tokens.totals(order)
         start, self._resume_at = self._resume_at, 0
         self._drawn = start
-        for index in order[start:]:
+        for position in range(start, len(order)):
             self._drawn += 1
-            yield index
+            yield order[position] if totals is None else (order[position], totals[position])
 
     def state_dict(self) -> dict[str, int]:
         """The epoch and how many indices of its order were drawn."""
@@ -72,6 +132,9 @@ class EpochLengthGroupedSampler(_ResumableEpochOrder, LengthGroupedSampler):
         self.seed = seed
         self.epoch = 0
 
+    def _size(self) -> int:
+        return len(self.lengths)
+
     def _order(self, generator: torch.Generator) -> list[int]:
         self.generator = generator
         return list(LengthGroupedSampler.__iter__(self))
@@ -85,11 +148,30 @@ class EpochRandomSampler(_ResumableEpochOrder, Sampler[int]):
         self.seed = seed
         self.epoch = 0
 
-    def __len__(self) -> int:
+    def _size(self) -> int:
         return self.size
 
     def _order(self, generator: torch.Generator) -> list[int]:
         return torch.randperm(self.size, generator=generator).tolist()
+
+
+class WithStepTokens(TorchDataset):
+    """A dataset read with ``(index, step total)`` keys: each row gets the total as ``step_trained_tokens``."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = self.rows.__getitems__([index for index, _ in keys])  # one Arrow read per batch
+        for row, (_, total) in zip(rows, keys):
+            row[STEP_TOKENS] = total
+        return rows
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        return self.__getitems__([key])[0]
 
 
 def order_of(sampler: Any) -> list[int]:
@@ -104,7 +186,7 @@ class FinSightCollator(DataCollatorForSeq2Seq):
     report the loss per source and tests can check which samples were consumed.
     """
 
-    passthrough = ("source_index", "sample_id")
+    passthrough = ("source_index", "sample_id", STEP_TOKENS)
 
     def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = 8):
         super().__init__(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,

@@ -165,6 +165,8 @@ class ChatEncoder:
                 first, last = first + len(head_ids), last + len(head_ids)
                 row[first:last] = ids[first:last]
                 count += last - first
+            if row and row[0] != IGNORE_INDEX:
+                count -= 1  # nothing predicts the first token: it is never a term of the loss
             input_ids.append(ids)
             labels.append(row)
             lengths.append(len(ids))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -19,7 +20,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from finsight.data import quality
-from finsight.data.batching import EpochLengthGroupedSampler, EpochRandomSampler, FinSightCollator
+from finsight.data.batching import (
+    EpochLengthGroupedSampler,
+    EpochRandomSampler,
+    FinSightCollator,
+    StepTokens,
+    WithStepTokens,
+)
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import (
     DEFAULT_SYSTEM_PROMPT,
@@ -111,6 +118,7 @@ class FinSightDataModule(L.LightningDataModule):
         self._fingerprint: str | None = None
         self.train_dataset = None
         self._train_lengths: list[int] = []
+        self._train_trained: list[int] = []
         self.val_dataset = None
         self.report: quality.DataReport | None = None
         self.from_cache: bool | None = None
@@ -337,7 +345,9 @@ class FinSightDataModule(L.LightningDataModule):
             self.prepare_data()
         self.train_dataset = datasets.load_from_disk(str(target / "train"))
         self.val_dataset = datasets.load_from_disk(str(target / "val")) if (target / "val").is_dir() else None
-        self._train_lengths = self.train_dataset.with_format("numpy", columns=["length"])[:]["length"].tolist()
+        columns = self.train_dataset.with_format("numpy", columns=["length", "trained"])[:]
+        self._train_lengths = columns["length"].tolist()
+        self._train_trained = columns["trained"].tolist()
         self.report = quality.DataReport.load(target / "report.json")
         self._publish_report()
 
@@ -364,21 +374,33 @@ class FinSightDataModule(L.LightningDataModule):
         """The padding collator used by every loader."""
         return FinSightCollator(self.tokenizer, self.pad_to_multiple_of)
 
-    def train_sampler(self) -> torch.utils.data.Sampler[int]:
+    def train_sampler(self) -> torch.utils.data.Sampler:
         """The training order: length-grouped and seeded per epoch, or plain seeded random; resumable.
 
         Under a distributed strategy every rank draws the same order and keeps every world_size-th sample of it.
+        Each index comes with the trained-token total of its optimizer step (:class:`StepTokens`), for the
+        token-exact loss.
         """
         if self.group_by_length:
             sampler = EpochLengthGroupedSampler(self._train_lengths, self.batch_size, self.seed)
         else:
             sampler = EpochRandomSampler(len(self._train_lengths), self.seed)
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
+        accumulation = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        world_size = trainer.world_size if trainer is not None else 1
+        sampler.step_tokens = StepTokens(self._train_trained, self.batch_size, accumulation, world_size)
+        if trainer is not None and trainer.strategy.handles_gradient_accumulation and accumulation > 1:
+            batches = math.ceil(len(sampler) / world_size / self.batch_size)
+            if batches % accumulation:
+                log.warning("DeepSpeed accumulates across epoch ends: with %d batches per epoch and accumulation "
+                            "%d, an optimizer step that spans two epochs is normalised by the tokens of its "
+                            "first part only", batches, accumulation)
+        if trainer is not None and trainer.distributed_sampler_kwargs is not None:
             from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-            # Lightning would wrap the sampler itself, but with shuffle=True, which reshuffles single samples and
-            # undoes the length grouping; sharding the order in place keeps neighbours (similar lengths) together.
+            # Lightning would wrap the sampler itself (under any distributed strategy, DeepSpeed on one device
+            # too), but with shuffle=True, which reshuffles single samples and undoes the length grouping and
+            # the step totals; sharding the order in place keeps neighbours (similar lengths) together.
             return DistributedSamplerWrapper(sampler, shuffle=False, **trainer.distributed_sampler_kwargs)
         return sampler
 
@@ -394,7 +416,8 @@ class FinSightDataModule(L.LightningDataModule):
             self.setup("fit")
 
         return StatefulDataLoader(
-            self.train_dataset.with_format(columns=["input_ids", "labels", "source_index", "sample_id"]),
+            WithStepTokens(self.train_dataset.with_format(columns=["input_ids", "labels", "source_index",
+                                                                   "sample_id"])),
             batch_size=self.batch_size,
             sampler=self.train_sampler(),
             collate_fn=self.collator(),
