@@ -189,19 +189,29 @@ class FinSightModule(L.LightningModule):
         # window on every rank, as one big batch would give (a mean of micro-batch means would overweight the
         # tokens of short micro-batches). The batch carries that token total. Lightning divides the returned
         # loss by the accumulation, and DDP and ZeRO average gradients over ranks: both are multiplied back.
-        step_tokens = self._step_tokens(batch, trained)
+        micro_batches = self._micro_batches_per_step()
+        step_tokens = self._step_tokens(batch, trained, micro_batches)
         self._step_loss_sum = self._step_loss_sum + loss_sum.detach()
         self._step_token_count = step_tokens
-        return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size) / step_tokens
+        return loss_sum * micro_batches / step_tokens
 
-    def _step_tokens(self, batch: dict[str, torch.Tensor], trained: torch.Tensor) -> torch.Tensor:
+    def _micro_batches_per_step(self) -> int:
+        """Accumulation × ranks: what Lightning's division and the ranks' averaging take away (1 without a Trainer)."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # called outside a Trainer
+            return 1
+        return int(trainer.accumulate_grad_batches) * trainer.world_size
+
+    @staticmethod
+    def _step_tokens(batch: dict[str, torch.Tensor], trained: torch.Tensor, micro_batches: int) -> torch.Tensor:
         """The trained-token total of this batch's optimizer step (from the sampler, see ``StepTokens``).
 
         Batches from another data module lack it: each micro-batch is then its own token mean.
         """
         if STEP_TOKENS in batch:
             return batch[STEP_TOKENS][0].to(torch.float32).clamp(min=1)
-        return (trained.sum() * self.trainer.accumulate_grad_batches * self.trainer.world_size).float().clamp(min=1)
+        return (trained.sum() * micro_batches).float().clamp(min=1)
 
     def trained_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        trained: torch.Tensor) -> torch.Tensor:

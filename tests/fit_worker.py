@@ -3,6 +3,7 @@ subprocess when ``tests/`` is on ``PYTHONPATH``)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,56 @@ class InjectNonFinite(Callback):
         if self.where == "loss" and trainer.global_step == self.step:
             loss.mul_(self.value)  # in place: the guard and backward see the same tensor
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.where == "grad" and trainer.global_step == self.step:
-            param = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
-            param.grad.view(-1)[0] = self.value
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # A hook on the gradient as backward computes it reaches every strategy's gradient storage: DeepSpeed
+        # ZeRO keeps its gradients in its own buffers, never in param.grad.
+        if self.where == "grad" and trainer.global_step == self.step and not getattr(self, "_hook", None):
+            param = next(p for p in pl_module.parameters() if p.requires_grad)
+            self._hook = param.register_hook(self._poison)
+
+    def _poison(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[0] = self.value
+        return grad
+
+
+class StepRecorder(Callback):
+    """Per optimizer step and rank: the samples of its accumulation window, the logged ``train/loss`` and
+    ``train/grad_norm``, and (at ``grad_step``) the gradients it applied, written to ``<out_dir>/<tag>-rank<N>.*``
+    after every step, so a run that stops with an error still leaves what it recorded."""
+
+    def __init__(self, out_dir: str, tag: str = "run", grad_step: int = -1) -> None:
+        super().__init__()
+        self.out_dir, self.tag, self.grad_step = Path(out_dir), tag, grad_step
+        self.window: list[int] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.window += batch["sample_id"].tolist()
+        self._batch_tokens = int((batch["labels"][:, 1:] != -100).sum())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        from finsight.strategies import at_optimizer_step, trainable_gradients
+
+        if at_optimizer_step(trainer) and trainer.global_step == self.grad_step:
+            grads = {name: grad.detach().cpu().clone() for name, grad in trainable_gradients(trainer, pl_module)}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(grads, self.out_dir / f"{self.tag}-rank{trainer.global_rank}-grads.pt")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == len(self.steps) + self._first_step:
+            return  # still accumulating
+        metrics = trainer.callback_metrics
+        self.steps.append({"step": trainer.global_step, "samples": self.window,
+                           "loss": float(metrics["train/loss"]), "grad_norm": float(metrics["train/grad_norm"])})
+        self.window = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{self.tag}-rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.steps))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # a resumed run starts counting where its checkpoint ended

@@ -74,20 +74,21 @@ def recorder_arg(out_dir: Path, tag: str) -> str:
     return f"--trainer.callbacks+={json.dumps(spec)}"
 
 
-def run_finsight(args: list[str], cache: Path) -> str:
-    """Run ``python -m finsight`` in its own process group; fail (and kill every rank) on error or hang."""
+def run_finsight(args: list[str], cache: Path, timeout: float = DDP_TIMEOUT_S, expect_failure: bool = False) -> str:
+    """Run ``python -m finsight`` in its own process group; fail (and kill every rank) on a hang, and on an error
+    unless ``expect_failure`` (then on success)."""
     env = dict(os.environ, FINSIGHT_CACHE=str(cache), COLUMNS="200",
                PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.Popen([sys.executable, "-m", "finsight", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # rank 1 is a child of rank 0, in the same process group
         output, _ = proc.communicate()
-        pytest.fail(f"the DDP run did not finish in {DDP_TIMEOUT_S}s; a collective call made on one rank only "
+        pytest.fail(f"the run did not finish in {timeout}s; a collective call made on one rank only "
                     f"(e.g. trainer.log_dir inside `if trainer.is_global_zero`) hangs the others:\n{output[-4000:]}")
-    if proc.returncode != 0:
+    if (proc.returncode != 0) != expect_failure:
         pytest.fail(f"finsight fit exited with {proc.returncode}:\n{output[-6000:]}")
     return output
 

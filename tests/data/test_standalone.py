@@ -75,7 +75,10 @@ def test_outside_project_uses_the_data_module(tmp_path, tiny_tokenizer):
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert round(real / sum(b["attention_mask"].numel() for b in batches), 4) == dm.report.padding_efficiency_grouped
     batch = batches[0]
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "source_index", "sample_id"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "source_index", "sample_id", "step_trained_tokens"}
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
+    # Without a Trainer an optimizer step is one batch: its total is the batch's own count of loss terms.
+    for b in batches:
+        assert b["step_trained_tokens"].tolist() == [int((b["labels"][:, 1:] != -100).sum())] * len(b["sample_id"])
     val_batches = list(dm.val_dataloader())
     assert sum(len(b["sample_id"]) for b in val_batches) == 5
