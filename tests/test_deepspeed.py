@@ -84,15 +84,16 @@ def setup(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
 
 
 def run_config(setup: dict[str, Any], out_dir: Path, tag: str) -> Path:
-    """The run's config: 3 steps of 2 micro-batches, validation and checkpoints after every step, the best
-    checkpoint by *highest* val/loss (so that best and last differ and the export test can tell them apart)."""
+    """The run's config: 3 steps of 2 micro-batches, validation and a checkpoint after every step (all kept:
+    Lightning refreshes last.ckpt only when it saves a top-k one), the best checkpoint by *highest* val/loss (so
+    that best and last differ and the export test can tell them apart)."""
     config = {
         "trainer": {
             "max_steps": STEPS, "accumulate_grad_batches": ACCUMULATION, "val_check_interval": ACCUMULATION,
             "limit_val_batches": 1, "log_every_n_steps": 1, "gradient_clip_val": 1.0,
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"monitor": "val/loss", "mode": "max", "save_last": True, "save_top_k": 1,
+                 "init_args": {"monitor": "val/loss", "mode": "max", "save_last": True, "save_top_k": -1,
                                "filename": "step{step}", "auto_insert_metric_name": False,
                                "enable_version_counter": False}},
                 {"class_path": "fit_worker.StepRecorder",
@@ -250,9 +251,11 @@ def test_end_of_fit_export_takes_the_best_deepspeed_checkpoint(runs, tmp_path):
 
     log_dir = runs["deepspeed1"]["log_dir"]
     checkpoints = log_dir / "checkpoints"
-    best = next(p for p in checkpoints.iterdir() if p.name.startswith("step"))
-    best_state = read_checkpoint(best)["state_dict"]
-    last_state = read_checkpoint(checkpoints / "last.ckpt")["state_dict"]
+    last = read_checkpoint(checkpoints / "last.ckpt")
+    assert last["global_step"] == STEPS
+    best = Path(next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_path"])
+    assert best.parent == checkpoints and best.is_dir()
+    best_state, last_state = read_checkpoint(best)["state_dict"], last["state_dict"]
     assert best_state.keys() == last_state.keys()
     assert any(not torch.equal(best_state[k], last_state[k]) for k in best_state)  # best is not last
 
