@@ -28,7 +28,7 @@ def chats() -> list[dict]:
 def alpaca() -> list[list[str]]:
     rows = [[f"Define {TOPICS[i % 10]} for case {i}.", "For a beginner." if i % 3 == 0 else "",
              f"{TOPICS[i % 10].capitalize()} is defined for case {i} in plain words."] for i in range(30)]
-    rows.append(["Define nothing.", "", "Ok."])  # bad: answer too short
+    rows.append(["Define nothing.", "", " "])  # bad: no answer
     return rows
 
 
@@ -47,7 +47,7 @@ def test_outside_project_uses_the_data_module(tmp_path, tiny_tokenizer):
     chats_report, howto = dm.report.source("chats"), dm.report.source("howto")
     assert (chats_report.rows_read, chats_report.valid, chats_report.dropped) == (
         42, 40, {"bad_role_order": 1, "duplicate": 1})
-    assert (howto.rows_read, howto.valid, howto.dropped) == (31, 30, {"too_short": 1})
+    assert (howto.rows_read, howto.valid, howto.dropped) == (31, 30, {"empty_turn": 1})
     assert chats_report.kept_after_fraction == 20 and howto.kept_after_fraction == 30
     assert (chats_report.train, chats_report.val) == (18, 2)
     assert (howto.train, howto.val) == (27, 3)
