@@ -34,6 +34,7 @@ DELETED_MARKERS = frozenset({"[deleted]", "[removed]", "[deleted by user]"})
 
 # Invisible characters that carry no text: zero-width space/joiners, word joiner, byte-order mark, soft hyphen.
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _BLANK_RUN = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 # A line that opens a Reddit edit note: "EDIT:", "Edit 2:", "**Edit:**", "ETA:", "edit -".
 _EDIT_NOTE = re.compile(r"^[ \t>*_]*(?:edit(?:ed)?|eta)\b[ \t]*\d*[ \t*_]*(?::|-(?=\s))[^\n]*(?:\n|$)",
@@ -45,7 +46,8 @@ def clean_text(text: str) -> str:
     invisible characters removed, non-breaking spaces made spaces, line ends unified, runs of blank lines
     cut to one, surrounding whitespace stripped. Markdown, URLs, emoji and every language are kept."""
     if "&" in text:
-        text = html.unescape(text)
+        # Only complete entities (with their ";"): a URL's "&notify=1" is not the legacy entity "&not".
+        text = _ENTITY.sub(lambda match: html.unescape(match.group()), text)
     text = _INVISIBLE.sub("", text).replace("\u00a0", " ")
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
