@@ -79,3 +79,32 @@ def test_outside_project_uses_the_data_module(tmp_path, tiny_tokenizer):
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     val_batches = list(dm.val_dataloader())
     assert sum(len(b["sample_id"]) for b in val_batches) == 5
+
+
+def test_any_tokenizer_reference_autotokenizer_accepts(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """A tokenizer-only folder, a model folder and an object give the same prepared data; nothing needs a
+    model config."""
+    import pytest
+
+    from finsight.data.tokenizer import TokenizerReferenceError
+
+    tokenizer_only = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer_only)
+    assert not (tokenizer_only / "config.json").exists()
+    sources = [{"name": "qa", "path": "bundled:company_qa", "format": "qa"}]
+    prepared = []
+    for reference in (str(tokenizer_only), str(tiny_model_dir), tiny_tokenizer):
+        dm = FinSightDataModule(sources=sources, tokenizer=reference, max_length=256,
+                                cache_dir=str(tmp_path / "cache" / str(len(prepared))))
+        dm.setup("fit")
+        prepared.append((rows_of(dm.train_dataset), rows_of(dm.val_dataset)))
+    assert prepared[0] == prepared[1] == prepared[2] and len(prepared[0][0]) > 100
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for reference in (str(empty), "/no/such/tokenizer", "nobody/no-such-tokenizer", 42):
+        with pytest.raises(TokenizerReferenceError) as exc_info:
+            _ = FinSightDataModule(sources=sources, tokenizer=reference).tokenizer
+        message = str(exc_info.value)
+        assert "\n" not in message and repr(reference if isinstance(reference, str) else "int") in message
+        assert "expected a Hub id (owner/name), a folder with tokenizer files" in message
