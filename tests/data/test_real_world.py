@@ -172,3 +172,23 @@ def test_short_answers_of_a_csv_train_with_a_correct_mask(tiny_tokenizer, tmp_pa
     assert len(rows) == 13
     for row in rows:
         assert expected[tuple(row["input_ids"])] == row["labels"]
+
+
+def test_column_mapping_from_yaml_and_the_command_line(tmp_path, tiny_model_dir):
+    import json
+
+    import yaml
+
+    from finsight.cli import main
+
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    source = {"name": "filings", "path": str(CORPUS / "filing_qa.csv"), "format": "qa", "columns": QA_COLUMNS}
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump({"data": {"sources": [source]}}))
+    for given in (["--config", str(config)], [f"--data.sources={json.dumps([source])}"]):
+        cli = main(["--config", str(quickstart), *given, f"--model.model_name={tiny_model_dir}",
+                    "--data.val_fraction=0.0", f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.logger=false"],
+                   run=False)
+        assert cli.datamodule.sources[0].columns == QA_COLUMNS
+        cli.datamodule.setup("fit")
+        assert (cli.datamodule.report.source("filings").valid, len(cli.datamodule.train_dataset)) == (13, 13)
