@@ -1,5 +1,5 @@
-"""``FinSightDataModule``: sources → checked conversations → fraction sample → per-source validation split →
-chat template with assistant-only labels → cached ``datasets`` → length-grouped, stateful batches.
+"""``FinSightDataModule``: sources → checked conversations → fraction sample → validation split by answer
+groups → chat template with assistant-only labels → cached ``datasets`` → length-grouped, stateful batches.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class FinSightDataModule(L.LightningDataModule):
                 trained token is dropped and counted. Higher: more context and memory.
             batch_size: Micro-batch size per device (the optimizer sees ``batch_size`` × accumulation
                 × devices samples per step).
-            val_fraction: Share of each source held out for validation.
+            val_fraction: Share of each source held out for validation, in whole groups of rows that
+                share an answer (so no answer is both trained and validated).
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.
             seed: Seed of fraction sampling, validation split, merge order and batch order.
             num_proc: Processes for tokenization (``datasets.map``); 1 tokenizes in this process (the
