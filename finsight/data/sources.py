@@ -500,9 +500,9 @@ def _read_lines(source: SourceConfig, local: Path) -> RawRows:
             continue
         if any(_SURROGATE.search(value) for value in record):
             bad.append((number, quality.UNDECODABLE))
-        elif len(record) != len(header):
+        elif len(record) < len(header) or any(value.strip() for value in record[len(header):]):
             bad.append((number, quality.RAGGED_ROW))
-        else:
+        else:  # trailing empty fields (a spreadsheet's trailing commas) hold nothing to lose
             rows.append(dict(zip(header, record)))
     return RawRows(rows, str(local), bad)
 

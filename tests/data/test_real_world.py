@@ -192,3 +192,13 @@ def test_column_mapping_from_yaml_and_the_command_line(tmp_path, tiny_model_dir)
         assert cli.datamodule.sources[0].columns == QA_COLUMNS
         cli.datamodule.setup("fit")
         assert (cli.datamodule.report.source("filings").valid, len(cli.datamodule.train_dataset)) == (13, 13)
+
+
+def test_trailing_empty_fields_of_a_spreadsheet_export_are_not_ragged(tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_text("Question,Answer\nRevenue?,$4.2B,,\nMargin?,12%\nBroken?,yes,extra\n", encoding="utf-8")
+    source = SourceConfig("export", str(path), "qa", columns=QA_COLUMNS)
+    raw = read_source(source, 0)
+    kept, dropped = conversations(source, raw)
+    assert [k[-1]["content"] for k in kept] == ["$4.2B", "12%"]
+    assert dropped == {quality.RAGGED_ROW: 1} and raw.bad_lines == [(4, quality.RAGGED_ROW)]
