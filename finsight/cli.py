@@ -43,6 +43,11 @@ class FinSightCLI(LightningCLI):
                  "sets it to N × accumulate_grad_batches so changing the accumulation keeps the cadence.",
         )
         parser.add_argument(
+            "--predictions_file", type=str | None, default=None,
+            help="predict only: the JSON-lines file to write (one line per conversation: sample_id, source, "
+                 "loss, trained_tokens); default predictions.jsonl in the run's log folder.",
+        )
+        parser.add_argument(
             "--compare_base", type=bool, default=False,
             help="test only: also evaluate the base model with the adapter disabled on the same questions, "
                  "and report both rows and their difference.",
@@ -64,6 +69,15 @@ class FinSightCLI(LightningCLI):
     def before_test(self) -> None:
         """Hand ``--compare_base`` to the model (it is not a constructor argument: it only concerns test)."""
         self.model.compare_base = bool(self.config[self.subcommand].get("compare_base"))
+
+    def before_predict(self) -> None:
+        """Point the prediction writer at ``--predictions_file`` when one is given."""
+        from finsight.prediction import JsonlPredictionWriter
+
+        output = self.config[self.subcommand].get("predictions_file")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, JsonlPredictionWriter) and output:
+                callback.output = Path(output)
 
     def after_fit(self) -> None:
         """Tell the user where the run's outputs are."""
@@ -129,6 +143,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
     from finsight.callbacks import reliability_callbacks
     from finsight.checkpoint import verify_ckpt_path_argument
+    from finsight.prediction import JsonlPredictionWriter
 
     verify_ckpt_path_argument(argv)  # a damaged --ckpt_path file: one clear error, before LightningCLI reads it
     return FinSightCLI(
@@ -140,10 +155,10 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
         parser_kwargs={"default_env": False},
         # Reliability defaults: atomic, verified checkpoints (a configurable default: --trainer.plugins
         # replaces it, --trainer.plugins+= adds to it); always on: a stop at the first NaN/inf, and resumes
-        # that continue exactly (loader position, dropout masks).
+        # that continue exactly (loader position, dropout masks); `predict` writes its JSON lines.
         trainer_defaults={
             "plugins": [{"class_path": "finsight.checkpoint.AtomicCheckpointIO"}],
-            "callbacks": reliability_callbacks(),
+            "callbacks": [*reliability_callbacks(), JsonlPredictionWriter()],
         },
     )
 
@@ -159,12 +174,13 @@ def entry() -> int:
     from finsight.checkpoint import CheckpointError
     from finsight.data.chat import ChatTemplateError
     from finsight.data.sources import DataSourceError
+    from finsight.data.tokenizer import TokenizerReferenceError
     from finsight.model import ModelReferenceError
     from finsight.module import PrecisionError
     from finsight.strategies import StrategyUnavailableError
 
     expected = (CheckpointError, NonFiniteError, DataSourceError, ChatTemplateError, ModelReferenceError,
-                PrecisionError, StrategyUnavailableError)
+                PrecisionError, StrategyUnavailableError, TokenizerReferenceError)
     try:
         main()  # LightningCLI reads sys.argv itself
     except expected as error:

@@ -27,7 +27,10 @@ def tiny_fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_fit_writes_a_loadable_adapter_and_tensorboard_events(tiny_model_dir, tmp_path):
-    cli = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.limit_val_batches=1.0"))
+    # The quickstart's own limit_val_batches (4 batches of 2): validation still reaches every source.
+    quickstart = yaml.safe_load((CONFIGS[0].parent / "quickstart.yaml").read_text())
+    limit = quickstart["trainer"]["limit_val_batches"]
+    cli = main(tiny_fit_args(tiny_model_dir, tmp_path, f"--trainer.limit_val_batches={limit}"))
     assert cli.trainer.global_step == 2
     assert cli.datamodule.tokenizer_ref == str(tiny_model_dir)  # the link from model.model_name
     adapter = Path(cli.model.exported_adapter)
@@ -49,8 +52,10 @@ def test_fit_writes_a_loadable_adapter_and_tensorboard_events(tiny_model_dir, tm
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
     tags = accumulator.Tags()["scalars"]
-    for tag in ("train/loss", "val/loss", "val/ppl", "val/loss/reddit_finance", "val/loss/company_qa",
-                "train/grad_norm", "perf/tokens_per_s", "perf/trained_tokens_per_s", "perf/samples_per_s",
+    for name in cli.datamodule.source_names:
+        assert cli.datamodule.report.source(name).val > 0
+        assert f"val/loss/{name}" in tags, name
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/grad_norm", "perf/tokens_per_s", "perf/trained_tokens_per_s", "perf/samples_per_s",
                 "perf/rss_gb", "lr-AdamW"):
         assert tag in tags, tag
     last = {tag: accumulator.Scalars(tag)[-1].value for tag in tags}
@@ -128,3 +133,23 @@ def test_validate_and_predict_subcommands_run_on_a_checkpoint(tiny_model_dir, tm
     predict = main(["predict", *common, f"--ckpt_path={ckpt}", "--trainer.limit_predict_batches=2"])
     rows = predict.trainer.predict_loop.predictions
     assert len(rows) == 2 and torch.all(rows[0]["loss"] > 0)
+
+    # One JSON line per conversation, in the run's log folder, matching what predict_step returned.
+    import json
+
+    written = Path(predict.trainer.log_dir) / "predictions.jsonl"
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
+    expected = [(int(i), float(loss), int(n), int(s)) for batch in rows for i, loss, n, s in
+                zip(batch["sample_id"], batch["loss"], batch["trained_tokens"], batch["source_index"])]
+    assert len(lines) == len(expected) == 4
+    names = predict.datamodule.source_names
+    for line, (sample_id, loss, tokens, source) in zip(lines, expected):
+        assert set(line) == {"sample_id", "source", "loss", "trained_tokens"}
+        assert (line["sample_id"], line["source"], line["trained_tokens"]) == (sample_id, names[source], tokens)
+        assert line["loss"] == pytest.approx(loss) and line["loss"] > 0 and tokens > 0
+    assert not list(Path(predict.trainer.log_dir).glob("*.partial"))
+
+    target = tmp_path / "out" / "scores.jsonl"
+    main(["predict", *common, f"--ckpt_path={ckpt}", "--trainer.limit_predict_batches=1",
+          f"--predictions_file={target}"])
+    assert len(target.read_text().splitlines()) == 2

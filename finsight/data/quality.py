@@ -8,7 +8,9 @@ TensorBoard.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +30,34 @@ UNDECODABLE = "undecodable_bytes"
 RAGGED_ROW = "ragged_csv_row"
 NO_TRAINED_TOKENS = "no_trained_tokens_after_truncation"
 
-DELETED_MARKERS = frozenset({"[deleted]", "[removed]"})
+DELETED_MARKERS = frozenset({"[deleted]", "[removed]", "[deleted by user]"})
+
+# Invisible characters that carry no text: zero-width space/joiners, word joiner, byte-order mark, soft hyphen.
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_BLANK_RUN = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+# A line that opens a Reddit edit note: "EDIT:", "Edit 2:", "**Edit:**", "ETA:", "edit -".
+_EDIT_NOTE = re.compile(r"^[ \t>*_]*(?:edit(?:ed)?|eta)\b[ \t]*\d*[ \t*_]*(?::|-(?=\s))[^\n]*(?:\n|$)",
+                        re.IGNORECASE | re.MULTILINE)
+
+
+def clean_text(text: str) -> str:
+    """Text as a chat model should see it, for every format: HTML entities decoded (``&amp;`` → ``&``),
+    invisible characters removed, non-breaking spaces made spaces, line ends unified, runs of blank lines
+    cut to one, surrounding whitespace stripped. Markdown, URLs, emoji and every language are kept."""
+    if "&" in text:
+        # Only complete entities (with their ";"): a URL's "&notify=1" is not the legacy entity "&not".
+        text = _ENTITY.sub(lambda match: html.unescape(match.group()), text)
+    text = _INVISIBLE.sub("", text).replace("\u00a0", " ")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _BLANK_RUN.sub("\n\n", text).strip()
+
+
+def drop_edit_notes(text: str) -> str:
+    """A Reddit text without its edit notes: lines that start with ``EDIT:``/``Edit 2:``/``ETA:`` talk to
+    the thread (thanks, votes, replies to commenters), not to the person asking."""
+    return _EDIT_NOTE.sub("", text) if text else text
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
@@ -59,7 +88,7 @@ def check_conversation(messages: list[dict], min_answer_chars: int, max_chars: i
         if content.strip() in DELETED_MARKERS:
             return DELETED
         if expected == "assistant" and len(content.strip()) < min_answer_chars:
-            return TOO_SHORT
+            return TOO_SHORT  # a per-format threshold: see SourceConfig.min_answer_chars
         total += len(content)
     if total > max_chars:
         return TOO_LONG
@@ -87,9 +116,15 @@ class SourceReport:
     origin: str = ""
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    """The drop thresholds in force (``min_answer_chars``, ``max_chars``, reddit's ``min_score``)."""
     bad_lines: list[int] = field(default_factory=list)
     valid: int = 0
     kept_after_fraction: int = 0
+    answer_groups: int = 0
+    """Groups of rows that share a normalized answer (a row alone is a group); the split never cuts one."""
+    shared_answer_rows: int = 0
+    """Rows whose answer another row of the mixture also has (they sit on one side of the split together)."""
     train: int = 0
     val: int = 0
     tokens: int = 0
@@ -112,6 +147,23 @@ class SourceReport:
     def dropped_total(self) -> int:
         """Rows dropped for any reason."""
         return sum(self.dropped.values())
+
+    def dropped_text(self) -> str:
+        """Drop counts by reason, then the thresholds behind them, e.g. ``too_short=3 (answer >= 20 chars,
+        <= 20000 chars in all, score >= 0.0)``."""
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "0"
+        limits = self.thresholds
+        named = [f"answer >= {limits['min_answer_chars']} chars"] if "min_answer_chars" in limits else []
+        if "max_chars" in limits:
+            named.append(f"<= {limits['max_chars']} chars in all")
+        if limits.get("min_score") is not None:
+            named.append(f"score >= {limits['min_score']}")
+        return reasons + (f" ({', '.join(named)})" if named else "")
+
+    @property
+    def groups_text(self) -> str:
+        """Answer groups and how many rows share an answer."""
+        return f"{self.answer_groups} ({self.shared_answer_rows} rows share)"
 
 
 @dataclass
@@ -155,20 +207,20 @@ class DataReport:
         from rich.table import Table
 
         table = Table(title="FinSight data report", show_lines=False)
-        for column in ("source", "read", "dropped (by reason)", "valid", "after fraction", "train", "val",
-                       "tokens", "trained", "len mean/med/max"):
-            table.add_column(column, justify="left" if column in ("source", "dropped (by reason)") else "right")
+        for column in ("source", "read", "dropped (by reason, thresholds)", "valid", "after fraction",
+                       "answer groups", "train", "val", "tokens", "trained", "len mean/med/max"):
+            table.add_column(column, justify="left" if column.startswith(("source", "dropped")) else "right")
         for s in self.sources:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())) or "-"
+            reasons = s.dropped_text()
             if s.bad_lines:  # lines that could not be read at all, so the user can open the file there
                 shown = ", ".join(map(str, s.bad_lines[:10])) + (", ..." if len(s.bad_lines) > 10 else "")
                 reasons += f" (unreadable lines {shown})"
-            table.add_row(s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}" if s.dropped else "0",
-                          str(s.valid), str(s.kept_after_fraction), str(s.train), str(s.val), str(s.tokens),
+            table.add_row(s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}", str(s.valid),
+                          str(s.kept_after_fraction), s.groups_text, str(s.train), str(s.val), str(s.tokens),
                           str(s.trained_tokens), f"{s.length_mean}/{s.length_median:g}/{s.length_max}")
         total = lambda attr: str(sum(getattr(s, attr) for s in self.sources))  # noqa: E731
         table.add_row("total", total("rows_read"), str(sum(s.dropped_total for s in self.sources)),
-                      total("valid"), total("kept_after_fraction"), total("train"), total("val"),
+                      total("valid"), total("kept_after_fraction"), "", total("train"), total("val"),
                       total("tokens"), total("trained_tokens"), "", style="bold")
         table.caption = (
             f"padding efficiency at batch size {self.batch_size}: length-grouped "
@@ -187,12 +239,11 @@ class DataReport:
 
     def markdown(self) -> str:
         """The report as a Markdown table (for TensorBoard's text tab)."""
-        lines = ["| source | read | dropped | valid | after fraction | train | val | tokens | trained |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| source | read | dropped (thresholds) | valid | after fraction | answer groups | train | val "
+                 "| tokens | trained |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in self.sources:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())) or "0"
-            lines.append(f"| {s.name} | {s.rows_read} | {reasons} | {s.valid} | {s.kept_after_fraction} | "
-                         f"{s.train} | {s.val} | {s.tokens} | {s.trained_tokens} |")
+            lines.append(f"| {s.name} | {s.rows_read} | {s.dropped_text()} | {s.valid} | {s.kept_after_fraction} | "
+                         f"{s.groups_text} | {s.train} | {s.val} | {s.tokens} | {s.trained_tokens} |")
         lines.append(f"\npadding efficiency (batch {self.batch_size}): grouped "
                      f"{self.padding_efficiency_grouped:.3f}, random {self.padding_efficiency_random:.3f}")
         return "\n".join(lines)
@@ -201,7 +252,8 @@ class DataReport:
         """Log the table as text and the counts as scalars to a TensorBoard ``SummaryWriter``."""
         experiment.add_text("data/report", self.markdown(), step)
         for s in self.sources:
-            for attr in ("rows_read", "valid", "kept_after_fraction", "train", "val", "trained_tokens"):
+            for attr in ("rows_read", "valid", "kept_after_fraction", "answer_groups", "shared_answer_rows", "train",
+                         "val", "trained_tokens"):
                 experiment.add_scalar(f"data/{s.name}/{attr}", getattr(s, attr), step)
             experiment.add_scalar(f"data/{s.name}/dropped", s.dropped_total, step)
         experiment.add_scalar("data/padding_efficiency_grouped", self.padding_efficiency_grouped, step)

@@ -3,7 +3,8 @@
 A source is ``{name, path, format, fraction}`` plus format options. Every format is one small class
 with ``to_messages(row)``, which returns the conversation as ``[{role, content}, ...]`` or, for a row
 that must be dropped, the reason as a string; nothing is dropped without a reason that the data report
-counts.
+counts. A source's ``columns`` maps the format's field names onto the file's own column names, so a file
+is used as it is, never rewritten.
 """
 
 from __future__ import annotations
@@ -69,8 +70,15 @@ class SourceConfig:
     """qa: put the filing excerpt (``context``) into the system prompt, so answers are grounded in it."""
     rows: int = 200
     """intro: how many identity conversations to generate."""
-    min_answer_chars: int = 20
-    """Drop conversations whose shortest assistant turn is shorter than this (one-word replies)."""
+    columns: dict[str, str] | None = None
+    """Your column names for the format's fields, ``{field: column}``, e.g. ``{question: Question, answer:
+    Answer}`` for ``qa``. Fields: reddit title, selftext, body, combined_score; qa question, answer,
+    context, ticker, filing; messages messages, role, content; sharegpt conversations, from, value; alpaca
+    instruction, input, output (role/content and from/value name the keys inside each turn)."""
+    min_answer_chars: int | None = None
+    """Drop conversations whose shortest assistant turn has fewer characters than this. None: the
+    format's default, 20 for reddit (one-word replies such as "lol"), 1 for the others (an answer of one
+    word or one figure is a valid answer)."""
     max_chars: int = 20_000
     """Drop conversations longer than this in characters (pasted documents, spam)."""
 
@@ -86,6 +94,28 @@ class SourceConfig:
             )
         if self.format != "intro" and not self.path:
             raise DataSourceError(f"source {self.name!r}: format {self.format!r} needs a path")
+        if self.columns:
+            fields = FORMATS[self.format].fields
+            unknown = [key for key in self.columns if key not in fields]
+            if unknown or not all(isinstance(v, str) and v.strip() for v in self.columns.values()):
+                what = (f"unknown field {', '.join(map(repr, unknown))}" if unknown
+                        else "column names that are not text")
+                raise DataSourceError(
+                    f"source {self.name!r}: columns has {what}; format {self.format!r} reads "
+                    f"{', '.join(fields) or 'no columns'} (write columns: {{field: your column name}})"
+                )
+
+    @property
+    def answer_min_chars(self) -> int:
+        """The shortest assistant answer kept: the source's own setting or its format's default."""
+        return self.min_answer_chars if self.min_answer_chars is not None else FORMATS[self.format].min_answer_chars
+
+    def thresholds(self) -> dict[str, Any]:
+        """The drop thresholds in force for this source, as the data report names them."""
+        limits: dict[str, Any] = {"min_answer_chars": self.answer_min_chars, "max_chars": self.max_chars}
+        if self.format == "reddit":
+            limits["min_score"] = self.min_score
+        return limits
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for fingerprints and reports."""
@@ -114,7 +144,9 @@ class RedditFormat:
     """``winddude/reddit_finance_43_250k``: the post (title + selftext) asks, the top comment answers."""
 
     columns = ("title", "selftext", "body")
-    identity_columns: tuple[str, ...] = ()
+    fields = ("title", "selftext", "body", "combined_score")
+    # Reddit's one-word replies ("lol", "This.", "+1") are not answers; a real comment is longer.
+    min_answer_chars = 20
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         self.min_score = source.min_score
@@ -130,8 +162,14 @@ class RedditFormat:
             return quality.DELETED
         if self.min_score is not None:
             score = row.get("combined_score")
+            if isinstance(score, str):  # a CSV cell
+                try:
+                    score = float(score)
+                except ValueError:
+                    score = None
             if isinstance(score, (int, float)) and score < self.min_score:
                 return quality.LOW_SCORE
+        title, selftext, body = (quality.drop_edit_notes(text) for text in (title, selftext, body))
         question = title.strip() + ("\n\n" + selftext.strip() if selftext.strip() else "")
         return [{"role": "user", "content": question}, {"role": "assistant", "content": body.strip()}]
 
@@ -140,9 +178,9 @@ class QAFormat:
     """``virattt/financial-qa-10K``: a question and answer about a company's 10-K filing."""
 
     columns = ("question", "answer")
-    # The same question and answer quoted from two filings (two years) are two rows of the source, not a
-    # duplicate: with ``context_in_system`` they even train differently.
-    identity_columns = ("context",)
+    fields = ("question", "answer", "context", "ticker", "filing")
+    # Filing answers are often one figure or a short phrase ("$4.2 billion.").
+    min_answer_chars = 1
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         self.context_in_system = source.context_in_system
@@ -166,12 +204,17 @@ class MessagesFormat:
     """A ``messages`` column holding ``[{role, content}, ...]`` (the OpenAI / TRL conversational shape)."""
 
     columns = ("messages",)
-    identity_columns: tuple[str, ...] = ()
+    fields = ("messages", "role", "content")
+    turn_fields = ("role", "content")
+    min_answer_chars = 1
     key, role_key, content_key = "messages", "role", "content"
     role_names = {"system": "system", "user": "user", "assistant": "assistant"}
 
     def __init__(self, source: SourceConfig, system_prompt: str):
-        pass
+        # The keys inside each turn are renamed here; the column itself was renamed when the rows were read.
+        mapping = source.columns or {}
+        self.role_key = mapping.get(self.role_key, self.role_key).strip()
+        self.content_key = mapping.get(self.content_key, self.content_key).strip()
 
     def to_messages(self, row: dict) -> list[dict] | str:
         turns = row.get(self.key)
@@ -195,6 +238,8 @@ class ShareGPTFormat(MessagesFormat):
     """ShareGPT: ``conversations`` of ``{from, value}`` with roles human/gpt/system."""
 
     columns = ("conversations",)
+    fields = ("conversations", "from", "value")
+    turn_fields = ("from", "value")
     key, role_key, content_key = "conversations", "from", "value"
     role_names = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -203,7 +248,8 @@ class AlpacaFormat:
     """Alpaca: ``instruction``, optional ``input``, ``output``."""
 
     columns = ("instruction", "output")
-    identity_columns: tuple[str, ...] = ()
+    fields = ("instruction", "input", "output")
+    min_answer_chars = 1
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         pass
@@ -221,7 +267,8 @@ class IntroFormat:
     """Generated identity conversations: who FinSight is and what it can and cannot do."""
 
     columns = ()
-    identity_columns: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    min_answer_chars = 1
 
     def __init__(self, source: SourceConfig, system_prompt: str):
         pass
@@ -291,12 +338,47 @@ def read_source(source: SourceConfig, seed: int) -> RawRows:
             raise DataSourceError(f"source {source.name!r}: file {path!r} is empty")
     # pandas (under datasets' CSV reader) pads short rows with nulls without a word, so a CSV file is
     # checked for ragged or undecodable records first and read record by record when it has any.
-    rows = None if local.suffix == ".csv" and not _csv_is_clean(local) else _read_with_datasets(source, path, local)
+    header = _clean_csv_header(local) if local.suffix == ".csv" else None
+    rows = None if local.suffix == ".csv" and header is None else _read_with_datasets(source, path, local, header)
     if rows is None:
         rows = _read_lines(source, local)
     if not rows.rows and not rows.bad_lines:
         raise DataSourceError(f"source {source.name!r}: {path!r} has no rows")
+    rows.rows = _normalized_keys(rows.rows)
+    if source.columns:
+        rows.rows = _mapped_columns(source, rows)
     return rows
+
+
+def _clean_key(key: Any) -> Any:
+    """A header as a user reads it: without a byte-order mark or surrounding spaces."""
+    return key.replace("\ufeff", "").strip() if isinstance(key, str) else key
+
+
+def _normalized_keys(rows: list[dict]) -> list[dict]:
+    """Rows whose column names carry a byte-order mark or surrounding spaces, renamed to the plain names."""
+    keys = set().union(*(row.keys() for row in rows)) if rows else set()
+    renamed = {key: _clean_key(key) for key in keys if _clean_key(key) != key}
+    if not renamed:
+        return rows
+    return [{renamed.get(key, key): value for key, value in row.items()} for row in rows]
+
+
+def _mapped_columns(source: SourceConfig, raw: RawRows) -> list[dict]:
+    """Rows with the file's columns renamed to the format's fields, as ``source.columns`` maps them."""
+    found = set().union(*(row.keys() for row in raw.rows)) if raw.rows else set()
+    # Keys inside a turn (messages role/content, sharegpt from/value) are not columns of the file.
+    inner = getattr(FORMATS[source.format], "turn_fields", ())
+    renames = {_clean_key(column): field for field, column in source.columns.items() if field not in inner}
+    absent = [f"{field}: {column}" for column, field in renames.items() if column not in found]
+    if absent and raw.rows:
+        raise DataSourceError(
+            f"source {source.name!r} ({raw.origin}): columns maps {', '.join(absent)}, but the file has no such "
+            f"column; found {', '.join(sorted(map(str, found))) or 'none'}"
+        )
+    replaced = set(renames) | set(renames.values())
+    return [{**{key: value for key, value in row.items() if key not in replaced},
+             **{field: row[column] for column, field in renames.items() if column in row}} for row in raw.rows]
 
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -305,7 +387,8 @@ _EXPECTED = {".json": "a JSON list of row objects (or use .jsonl: one object per
              ".jsonl": "one JSON object per line", ".csv": "a CSV file with a header row"}
 
 
-def _read_with_datasets(source: SourceConfig, path: str, local: Path) -> RawRows | None:
+def _read_with_datasets(source: SourceConfig, path: str, local: Path,
+                        csv_header: list[str] | None = None) -> RawRows | None:
     """The rows as ``datasets`` reads them, or None for a JSON-lines/CSV file it cannot read as a whole."""
     import datasets
 
@@ -314,7 +397,13 @@ def _read_with_datasets(source: SourceConfig, path: str, local: Path) -> RawRows
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if local.is_file():
-            ds = datasets.load_dataset(_BUILDERS[local.suffix], data_files=str(local), split="train")
+            # A CSV cell is text, as the record reader gives it: an answer "4.20" stays "4.20" (not the float
+            # 4.2, which the format would drop as non-text), and "NA" or an empty cell is not turned into None.
+            options = {}
+            if csv_header is not None:
+                options = {"keep_default_na": False,
+                           "features": datasets.Features({name: datasets.Value("string") for name in csv_header})}
+            ds = datasets.load_dataset(_BUILDERS[local.suffix], data_files=str(local), split="train", **options)
         else:
             ds = datasets.load_dataset(path, split=source.split)
         if isinstance(ds, datasets.DatasetDict):  # a folder without the split asked for
@@ -350,15 +439,18 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[-1]}" if text else type(err).__name__
 
 
-def _csv_is_clean(local: Path) -> bool:
-    """True when every record of the CSV file decodes as UTF-8 and has as many fields as the header."""
+def _clean_csv_header(local: Path) -> list[str] | None:
+    """The header of a CSV file whose every record decodes as UTF-8 and has as many fields as the header,
+    else None (such a file is read record by record)."""
     try:
         text = local.read_bytes().decode("utf-8")
         reader = csv.reader(text.splitlines(keepends=True))
-        width = len(next(reader, []))
-        return all(len(record) == width for record in reader if record)
+        header = next(reader, [])
+        if not all(len(record) == len(header) for record in reader if record):
+            return None
     except (UnicodeDecodeError, csv.Error):
-        return False
+        return None
+    return [name.replace("\ufeff", "", 1) if i == 0 else name for i, name in enumerate(header)]
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -375,6 +467,8 @@ def _read_lines(source: SourceConfig, local: Path) -> RawRows:
     data = local.read_bytes()
     if local.suffix == ".jsonl":
         for number, line in enumerate(data.split(b"\n"), start=1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first row
             if not line.strip():
                 continue
             try:
@@ -406,15 +500,16 @@ def _read_lines(source: SourceConfig, local: Path) -> RawRows:
             continue
         if any(_SURROGATE.search(value) for value in record):
             bad.append((number, quality.UNDECODABLE))
-        elif len(record) != len(header):
+        elif len(record) < len(header) or any(value.strip() for value in record[len(header):]):
             bad.append((number, quality.RAGGED_ROW))
-        else:
+        else:  # trailing empty fields (a spreadsheet's trailing commas) hold nothing to lose
             rows.append(dict(zip(header, record)))
     return RawRows(rows, str(local), bad)
 
 
 def check_columns(source: SourceConfig, raw: RawRows) -> None:
-    """Refuse a source whose rows lack the columns its format needs, naming the found columns."""
+    """Refuse a source whose rows lack the columns its format needs, naming the found columns and the
+    ``columns`` mapping that would fix it."""
     needed = FORMATS[source.format].columns
     if not needed or not raw.rows:
         return
@@ -423,15 +518,34 @@ def check_columns(source: SourceConfig, raw: RawRows) -> None:
     if missing:
         raise DataSourceError(
             f"source {source.name!r} ({raw.origin}): format {source.format!r} needs columns "
-            f"{', '.join(needed)}; missing {', '.join(missing)}; found {', '.join(sorted(found)) or 'none'}"
+            f"{', '.join(needed)}; missing {', '.join(missing)}; found {', '.join(sorted(map(str, found))) or 'none'}"
+            f"; map yours in the source with {_suggested_mapping(missing, found)}"
         )
+
+
+def _suggested_mapping(missing: list[str], found: set) -> str:
+    """``columns: {field: column}`` for the missing fields, with the found column that looks like each."""
+    import difflib
+
+    names = {str(column).casefold(): str(column) for column in found}
+    pairs = []
+    for name in missing:
+        close = difflib.get_close_matches(name.casefold(), list(names), n=1, cutoff=0.6)
+        pairs.append(f"{name}: {names[close[0]] if close else '<your column>'}")
+    return "columns: {" + ", ".join(pairs) + "}"
 
 
 def conversations(
     source: SourceConfig, raw: RawRows, system_prompt: str = DEFAULT_SYSTEM_PROMPT
 ) -> tuple[list[list[dict]], dict[str, int]]:
-    """Turn raw rows into valid conversations, counting every drop by reason."""
+    """Turn raw rows into clean, valid conversations, counting every drop by reason.
+
+    Text is cleaned (``quality.clean_text``) before the checks, so a check judges what the model will see.
+    Exact duplicates are keyed on the conversation as the model sees it (system prompt included), not on
+    columns the template never renders.
+    """
     converter = FORMATS[source.format](source, system_prompt)
+    min_answer_chars = source.answer_min_chars
     dropped: dict[str, int] = {}
     for _, reason in raw.bad_lines:
         dropped[reason] = dropped.get(reason, 0) + 1
@@ -440,14 +554,13 @@ def conversations(
     for row in raw.rows:
         result = converter.to_messages(row)
         if isinstance(result, list):
+            result = [{"role": m["role"], "content": quality.clean_text(m["content"])} for m in result]
             result = quality.with_system_prompt(result, system_prompt)
-            result = quality.check_conversation(result, source.min_answer_chars, source.max_chars)
+            result = quality.check_conversation(result, min_answer_chars, source.max_chars)
         if isinstance(result, str):
             dropped[result] = dropped.get(result, 0) + 1
             continue
-        # Exact duplicates: the same turns (and identity columns); tuples of strings hash fast.
-        key = (tuple((m["role"], m["content"]) for m in result),
-               tuple(repr(row.get(column)) for column in converter.identity_columns))
+        key = tuple((m["role"], m["content"]) for m in result)  # tuples of strings hash fast
         if key in seen:
             dropped[quality.DUPLICATE] = dropped.get(quality.DUPLICATE, 0) + 1
             continue

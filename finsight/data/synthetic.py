@@ -3033,6 +3033,15 @@ _INTRO_ANSWERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# An opening and a closing drawn around each answer: identity rows that repeat a dozen answers verbatim
+# would teach them by heart, and would leave no answer for validation that train does not also hold.
+_INTRO_OPENINGS = ("", "Sure. ", "Good question. ", "Happy to explain. ", "Thanks for asking. ", "Hi! ",
+                   "Of course. ", "Glad you asked. ")
+_INTRO_CLOSINGS = ("", " What would you like to look at first?", " Is there a topic you'd like to start with?",
+                   " Ask me about any term you've run into.", " Feel free to ask a follow-up.",
+                   " Where would you like to begin?", " What's on your mind?", " Want to try an example?")
+
+
 def intro_conversations(n: int, seed: int = 0) -> list[list[dict]]:
     """Generate ``n`` short chats that teach the model who it is and its limits.
 
@@ -3056,8 +3065,9 @@ def intro_conversations(n: int, seed: int = 0) -> list[list[dict]]:
             messages.append(
                 {"role": "user", "content": rng.choice(_INTRO_QUESTIONS[topic])}
             )
+            answer = rng.choice(_INTRO_OPENINGS) + rng.choice(_INTRO_ANSWERS[topic])
             messages.append(
-                {"role": "assistant", "content": rng.choice(_INTRO_ANSWERS[topic])}
+                {"role": "assistant", "content": answer + rng.choice(_INTRO_CLOSINGS)}
             )
         conversations.append(messages)
     return conversations

@@ -69,24 +69,35 @@ def test_bundled_reddit_drops_exactly_the_injected_rows():
 def test_bundled_company_qa_drops_exactly_the_injected_rows():
     kept, dropped, rows = read("company_qa", "bundled:company_qa", "qa")
     plan = injected(160, 11, synthetic.COMPANY_QA_BAD_KINDS)
-    assert dropped == {quality.EMPTY_TURN: 6, quality.MISSING_FIELD: 6, quality.DUPLICATE: 2, quality.DELETED: 2}
+    # The generator's 2 duplicates, plus one question and answer quoted from two filings: without
+    # context_in_system the model sees the same conversation twice, so the second copy is a duplicate.
+    assert dropped == {quality.EMPTY_TURN: 6, quality.MISSING_FIELD: 6, quality.DUPLICATE: 3, quality.DELETED: 2}
     good = [row for index, row in enumerate(rows) if index not in plan]
-    assert len(good) == len(kept) == 144
-    assert [m[1]["content"] for m in kept] == [row["question"].strip() for row in good]
-    assert [m[2]["content"] for m in kept] == [row["answer"].strip() for row in good]
+    seen, unique = set(), []
+    for row in good:
+        if (row["question"].strip(), row["answer"].strip()) not in seen:
+            seen.add((row["question"].strip(), row["answer"].strip()))
+            unique.append(row)
+    assert len(good) == 144 and len(unique) == len(kept) == 143
+    assert [m[1]["content"] for m in kept] == [row["question"].strip() for row in unique]
+    assert [m[2]["content"] for m in kept] == [row["answer"].strip() for row in unique]
 
 
-def test_same_question_from_two_filings_is_not_a_duplicate(tmp_path):
+def test_duplicates_are_keyed_on_what_the_model_sees(tmp_path):
     row = {"question": "How many segments does Acme report?", "answer": "Acme reports three segments in total.",
            "context": "We report three segments (2022).", "ticker": "ACME", "filing": "2022_10K"}
     other_year = {**row, "context": "We report three segments (2021).", "filing": "2021_10K"}
     path = write_jsonl(tmp_path / "qa.jsonl", [row, other_year, row])
+    # The excerpt is not rendered: both filings give the model the same conversation.
     kept, dropped, _ = read("qa", str(path), "qa")
+    assert len(kept) == 1 and dropped == {quality.DUPLICATE: 2}
+    # With the excerpt in the system prompt the two filings are two different conversations.
+    kept, dropped, _ = read("qa", str(path), "qa", context_in_system=True)
     assert len(kept) == 2 and dropped == {quality.DUPLICATE: 1}
-    kept, _, _ = read("qa", str(path), "qa", context_in_system=True)
     assert kept[0][0]["role"] == "system"
     assert kept[0][0]["content"].startswith(DEFAULT_SYSTEM_PROMPT)
     assert "We report three segments (2022)." in kept[0][0]["content"] and "ACME 2022_10K" in kept[0][0]["content"]
+    assert "(2021)" in kept[1][0]["content"]
 
 
 GOOD_ANSWER = "A good answer that is long enough to keep."
@@ -107,7 +118,6 @@ BAD_ROWS = [
     (chat(("user", "Question?"), ("assistant", " \n\t ")), quality.EMPTY_TURN),
     (chat(("user", "Question?"), ("assistant", "[deleted]")), quality.DELETED),
     (chat(("user", "[removed]"), ("assistant", GOOD_ANSWER)), quality.DELETED),
-    (chat(("user", "Question?"), ("assistant", "Yes.")), quality.TOO_SHORT),
     (chat(("user", "Question? " * 3000), ("assistant", GOOD_ANSWER)), quality.TOO_LONG),
     (chat(("bot", "Question?"), ("assistant", GOOD_ANSWER)), quality.BAD_ROLE_ORDER),
     (chat(("assistant", GOOD_ANSWER), ("user", "Question?")), quality.BAD_ROLE_ORDER),

@@ -28,7 +28,7 @@ def chats() -> list[dict]:
 def alpaca() -> list[list[str]]:
     rows = [[f"Define {TOPICS[i % 10]} for case {i}.", "For a beginner." if i % 3 == 0 else "",
              f"{TOPICS[i % 10].capitalize()} is defined for case {i} in plain words."] for i in range(30)]
-    rows.append(["Define nothing.", "", "Ok."])  # bad: answer too short
+    rows.append(["Define nothing.", "", " "])  # bad: no answer
     return rows
 
 
@@ -47,7 +47,7 @@ def test_outside_project_uses_the_data_module(tmp_path, tiny_tokenizer):
     chats_report, howto = dm.report.source("chats"), dm.report.source("howto")
     assert (chats_report.rows_read, chats_report.valid, chats_report.dropped) == (
         42, 40, {"bad_role_order": 1, "duplicate": 1})
-    assert (howto.rows_read, howto.valid, howto.dropped) == (31, 30, {"too_short": 1})
+    assert (howto.rows_read, howto.valid, howto.dropped) == (31, 30, {"empty_turn": 1})
     assert chats_report.kept_after_fraction == 20 and howto.kept_after_fraction == 30
     assert (chats_report.train, chats_report.val) == (18, 2)
     assert (howto.train, howto.val) == (27, 3)
@@ -82,3 +82,32 @@ def test_outside_project_uses_the_data_module(tmp_path, tiny_tokenizer):
         assert b["step_trained_tokens"].tolist() == [int((b["labels"][:, 1:] != -100).sum())] * len(b["sample_id"])
     val_batches = list(dm.val_dataloader())
     assert sum(len(b["sample_id"]) for b in val_batches) == 5
+
+
+def test_any_tokenizer_reference_autotokenizer_accepts(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """A tokenizer-only folder, a model folder and an object give the same prepared data; nothing needs a
+    model config."""
+    import pytest
+
+    from finsight.data.tokenizer import TokenizerReferenceError
+
+    tokenizer_only = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer_only)
+    assert not (tokenizer_only / "config.json").exists()
+    sources = [{"name": "qa", "path": "bundled:company_qa", "format": "qa"}]
+    prepared = []
+    for reference in (str(tokenizer_only), str(tiny_model_dir), tiny_tokenizer):
+        dm = FinSightDataModule(sources=sources, tokenizer=reference, max_length=256,
+                                cache_dir=str(tmp_path / "cache" / str(len(prepared))))
+        dm.setup("fit")
+        prepared.append((rows_of(dm.train_dataset), rows_of(dm.val_dataset)))
+    assert prepared[0] == prepared[1] == prepared[2] and len(prepared[0][0]) > 100
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for reference in (str(empty), "/no/such/tokenizer", "nobody/no-such-tokenizer", 42):
+        with pytest.raises(TokenizerReferenceError) as exc_info:
+            _ = FinSightDataModule(sources=sources, tokenizer=reference).tokenizer
+        message = str(exc_info.value)
+        assert "\n" not in message and repr(reference if isinstance(reference, str) else "int") in message
+        assert "expected a Hub id (owner/name), a folder with tokenizer files" in message

