@@ -159,12 +159,13 @@ def entry() -> int:
     from finsight.checkpoint import CheckpointError
     from finsight.data.chat import ChatTemplateError
     from finsight.data.sources import DataSourceError
+    from finsight.gguf_export import GGUFExportError
     from finsight.model import ModelReferenceError
     from finsight.module import PrecisionError
     from finsight.strategies import StrategyUnavailableError
 
     expected = (CheckpointError, NonFiniteError, DataSourceError, ChatTemplateError, ModelReferenceError,
-                PrecisionError, StrategyUnavailableError)
+                PrecisionError, StrategyUnavailableError, GGUFExportError)
     try:
         main()  # LightningCLI reads sys.argv itself
     except expected as error:
