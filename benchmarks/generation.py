@@ -86,6 +86,7 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
         print(f"[{load_average()}] {name} ...", file=sys.stderr, flush=True)
         speed, tokens = time_generation(model, tokenizer, prompts, max_new_tokens)
         rows.append({"path": name, "tokens_per_s": speed, "tokens": tokens})
+        print(f"[{load_average()}] {name}: {speed:.2f} tokens/s", file=sys.stderr, flush=True)
 
     measure("4-bit (training layers), adapter unmerged", quantized)
     for dtype in (torch.float32, torch.bfloat16):
@@ -134,6 +135,7 @@ def timed(command: list[str], label: str) -> dict:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{label} failed:\n{result.stderr[-3000:]}")
+    print(f"[{load_average()}] {label}: {seconds:.1f} s", file=sys.stderr, flush=True)
     return {"command": label, "wall_s": seconds, "stdout": result.stdout, "stderr": result.stderr}
 
 
