@@ -175,12 +175,13 @@ def entry() -> int:
     from finsight.data.chat import ChatTemplateError
     from finsight.data.sources import DataSourceError
     from finsight.data.tokenizer import TokenizerReferenceError
+    from finsight.gguf_export import GGUFExportError
     from finsight.model import ModelReferenceError
     from finsight.module import PrecisionError
     from finsight.strategies import StrategyUnavailableError
 
     expected = (CheckpointError, NonFiniteError, DataSourceError, ChatTemplateError, ModelReferenceError,
-                PrecisionError, StrategyUnavailableError, TokenizerReferenceError)
+                PrecisionError, StrategyUnavailableError, TokenizerReferenceError, GGUFExportError)
     try:
         main()  # LightningCLI reads sys.argv itself
     except expected as error:

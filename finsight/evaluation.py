@@ -509,6 +509,8 @@ def run_test_evaluation(module: Any, rows: dict[str, dict[str, float]]) -> dict[
     """
     from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
     from finsight.generation import stop_token_ids
+    from finsight.inference import generation_model
+
     trainer = module.trainer
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None and hasattr(datamodule, "tokenizer"):
@@ -522,15 +524,21 @@ def run_test_evaluation(module: Any, rows: dict[str, dict[str, float]]) -> dict[
     max_new_tokens = int(getattr(module, "eval_options", {}).get("eval_max_new_tokens", 128))
     batch_size = max(16, int(getattr(datamodule, "batch_size", 16)))
     stop_ids = stop_token_ids(tokenizer, module.model)
+    inference = getattr(module, "eval_options", {}).get("eval_inference", "auto")
     samples: dict[str, list[AnswerRecord]] = {}
+    built: list[str] = []
     started = time.perf_counter()
     with trainer.precision_plugin.forward_context():
         for name in rows:
-            # disable_adapter() runs the very same 4-bit base without the LoRA update.
-            context = module.model.disable_adapter() if name == BASE else contextlib.nullcontext()
+            # The same weights as the loss above: the trained model, or its base without the LoRA update.
+            generator = generation_model(module.model, inference=inference, merge_adapter=name != BASE)
+            built.append(generator.described)
+            context = (module.model.disable_adapter() if name == BASE and generator.kind == "4bit"
+                       else contextlib.nullcontext())
             with context:
-                evaluator = evaluate_answers(module.model, tokenizer, examples, max_new_tokens=max_new_tokens,
+                evaluator = evaluate_answers(generator.model, tokenizer, examples, max_new_tokens=max_new_tokens,
                                              stop_ids=stop_ids, batch_size=batch_size)
+            del generator
             rows[name].update(evaluator.compute())
             samples[name] = evaluator.records
     seconds = time.perf_counter() - started
@@ -546,6 +554,7 @@ def run_test_evaluation(module: Any, rows: dict[str, dict[str, float]]) -> dict[
             "identity_prompts": sum(e.kind == "identity" for e in examples),
             "max_new_tokens": max_new_tokens,
             "decoding": "greedy",
+            "generation_model": built[0] if built else None,
             "model_name": module.hparams.get("model_name"),
             "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "adapter_path": module.hparams.get("adapter_path"),

@@ -4,7 +4,13 @@
 streams the answer as it is generated and keeps the conversation within ``--max_length`` tokens (the
 oldest exchanges are dropped, the system prompt stays). ``--prompt "..."`` prints one answer and exits 0.
 ``--ckpt_path`` takes a Lightning checkpoint instead (adapter weights only: the base model and the LoRA
-settings are read from its hyper-parameters). Type ``/reset`` to start over, ``/exit`` or Ctrl-D to leave.
+settings are read from its hyper-parameters). Type ``/reset`` to start over, ``/exit`` or Ctrl-D to leave;
+Ctrl-C during an answer stops that answer.
+
+The model is loaded as in training (4-bit base, adapter) and then, on a CPU, turned into the same weights
+as dense layers: NF4 dequantized, adapter merged (``finsight.inference``), which generates several times
+faster. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
+``--no_repeat_ngram_size``, ``--seed``); ``--temperature 0`` answers greedily.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, TextIO
 import torch
 
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.inference import InferenceChoice, InferenceDtype
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,13 @@ def chat(
     quantization: QuantizationKind | None = None,
     compute_dtype: ComputeDtype | None = None,
     attn_implementation: AttentionChoice = "auto",
+    inference: InferenceChoice = "auto",
+    dtype: InferenceDtype = "auto",
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.1,
+    no_repeat_ngram_size: int = 0,
+    seed: int | None = None,
 ) -> int:
     """Chat with the fine-tuned model: interactively, or one question with ``--prompt``.
 
@@ -136,11 +150,23 @@ def chat(
             checkpoint's setting, else nf4.
         compute_dtype: ``float32`` (default on CPU) or ``bfloat16`` (default on GPU) or ``float16``.
         attn_implementation: Attention kernel; ``auto`` picks flash-attention 2 when usable, else sdpa.
+        inference: ``auto`` answers with the 4-bit weights dequantized once and the adapter merged on a CPU
+            (and on a GPU when that fits); ``merged`` always; ``4bit`` through the 4-bit layers as trained.
+        dtype: dtype of the merged model: ``auto`` (the compute dtype, exactly the trained model),
+            ``bfloat16`` (faster on CPUs with bf16 support, answers may differ slightly) or ``float16``.
+        temperature: Sampling temperature; lower is more focused, 0 answers greedily.
+        top_p: Sample from the smallest set of tokens whose probabilities add up to this.
+        repetition_penalty: Divides the scores of tokens already in the conversation (1.0: off); stops
+            the loops small models fall into.
+        no_repeat_ngram_size: Never repeat an n-gram of this size (0: off); a hard block, use with care
+            for figures and names that legitimately recur.
+        seed: Makes answers reproducible: the same seed and conversation give the same answers.
 
     Returns:
         The exit status: 0.
     """
-    from finsight.generation import ChatSession
+    from finsight.generation import ChatSession, chat_generation_config
+    from finsight.inference import generation_model
 
     output = sys.stdout
     dtype = compute_dtype or _default_compute_dtype()
@@ -155,8 +181,12 @@ def chat(
         described = f"{model_name} (base model, no adapter)"
     else:
         raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
-    session = ChatSession(model, tokenizer, system_prompt=system_prompt, max_length=max_length,
-                          max_new_tokens=max_new_tokens)
+    generator = generation_model(model, inference=inference, dtype=dtype)
+    # Standard output carries only the answers (scripts read it); the one line about the model goes to stderr.
+    print(f"Generation model: {generator.described}", file=sys.stderr)
+    decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size)
+    session = ChatSession(generator.model, tokenizer, system_prompt=system_prompt, max_length=max_length,
+                          max_new_tokens=max_new_tokens, decoding=decoding, seed=seed)
     if prompt is not None:
         session.ask(prompt, stream=output)
         return 0
@@ -167,7 +197,8 @@ def _interactive(session: Any, described: str, output: TextIO) -> int:
     """Read questions until ``/exit`` or end of input; answers stream as they are generated."""
     from finsight.generation import PromptTooLongError
 
-    output.write(f"FinSight chat with {described}\n/reset starts over, /exit or Ctrl-D leaves.\n")
+    output.write(f"FinSight chat with {described}\n"
+                 "/reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer.\n")
     while True:
         try:
             question = input("\nYou: ").strip()
@@ -186,13 +217,15 @@ def _interactive(session: Any, described: str, output: TextIO) -> int:
         output.write("FinSight: ")
         output.flush()
         try:
-            session.ask(question, stream=output)
+            answer = session.ask(question, stream=output)
         except PromptTooLongError as error:
             output.write(f"\n(that message is too long: {error})\n")
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # before the answer started (rendering the prompt)
             output.write("\n(interrupted)\n")
             continue
+        if answer.interrupted:
+            output.write("(answer stopped)\n")
         if session.dropped_exchanges > dropped:
             output.write(f"(the oldest {session.dropped_exchanges - dropped} exchange(s) were dropped to fit "
                          f"max_length {session.max_length})\n")

@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
+from finsight.inference import InferenceChoice
 from finsight.model import (
     DEFAULT_TARGET_MODULES,
     AttentionChoice,
@@ -34,7 +35,7 @@ SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
 # Constructor arguments that only concern `finsight test` (see FinSightModule.__init__).
-EVAL_OPTIONS = ("eval_file", "eval_source", "eval_max_samples", "eval_max_new_tokens")
+EVAL_OPTIONS = ("eval_file", "eval_source", "eval_max_samples", "eval_max_new_tokens", "eval_inference")
 
 
 class PrecisionError(ValueError):
@@ -83,6 +84,7 @@ class FinSightModule(L.LightningModule):
         eval_source: str = "company_qa",
         eval_max_samples: int | None = 100,
         eval_max_new_tokens: int = 128,
+        eval_inference: InferenceChoice = "auto",
     ) -> None:
         """
         Args:
@@ -110,13 +112,17 @@ class FinSightModule(L.LightningModule):
             eval_max_samples: ``test``: at most this many held-out questions are answered (generation is
                 the slow part of ``test``); None answers all.
             eval_max_new_tokens: ``test``: longest generated answer in tokens.
+            eval_inference: ``test``: generate with the NF4 weights dequantized and the adapter merged
+                (``merged``; ``auto`` does so on a CPU, and on a GPU when they fit) or through the 4-bit
+                layers (``4bit``). Both are the same weights; greedy answers agree.
         """
         super().__init__()
         # Test-time options stay out of the hyper-parameters: Lightning's CLI overrides the model's
         # arguments with a checkpoint's hyper-parameters, which would silently undo `test --model.eval_*`.
         self.save_hyperparameters(ignore=list(EVAL_OPTIONS))
         self.eval_options = {"eval_file": eval_file, "eval_source": eval_source,
-                             "eval_max_samples": eval_max_samples, "eval_max_new_tokens": eval_max_new_tokens}
+                             "eval_max_samples": eval_max_samples, "eval_max_new_tokens": eval_max_new_tokens,
+                             "eval_inference": eval_inference}
         self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
         self.model: torch.nn.Module | None = None
         self.model_info = None

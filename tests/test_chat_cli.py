@@ -14,6 +14,7 @@ from test_generation import sampled_fit
 from finsight.cli import main
 
 QUESTION = "What is an expense ratio?"
+GREEDY = ("--temperature", "0", "--repetition_penalty", "1.0")
 
 
 def _expected_answer(model_dir: Path, adapter: Path, max_new_tokens: int) -> str:
@@ -41,12 +42,13 @@ def _expected_answer(model_dir: Path, adapter: Path, max_new_tokens: int) -> str
 def test_one_shot_answer_from_adapter_and_from_checkpoint(tiny_model_dir, tmp_path_factory, capsys):
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
     capsys.readouterr()
-    assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "6"]) == 0
+    assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "6", *GREEDY]) == 0
     from_adapter = capsys.readouterr().out.strip()
     # The best checkpoint is what fit exported as the adapter: the same weights, so the same greedy answer.
-    assert main(["chat", "--ckpt_path", str(run["best"]), "--prompt", QUESTION, "--max_new_tokens", "6"]) == 0
+    assert main(["chat", "--ckpt_path", str(run["best"]), "--prompt", QUESTION, "--max_new_tokens", "6", *GREEDY]) == 0
     from_checkpoint = capsys.readouterr().out.strip()
     assert from_adapter and from_adapter == from_checkpoint
+    # Greedy, the merged model the chat generates with answers as the 4-bit PEFT model does.
     assert from_adapter == _expected_answer(tiny_model_dir, run["adapter"], 6)
     with pytest.raises(SystemExit) as exit_info:
         main(["chat", "--adapter", str(run["adapter"]), "--prompt", "word " * 100, "--max_length", "64",
@@ -79,7 +81,7 @@ def test_chat_command_in_a_subprocess_exits_0(tiny_model_dir, tmp_path_factory):
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "finsight", "chat", "--adapter", str(run["adapter"]),
-                             "--prompt", QUESTION, "--max_new_tokens", "6"],
+                             "--prompt", QUESTION, "--max_new_tokens", "6", *GREEDY],
                             capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == _expected_answer(tiny_model_dir, run["adapter"], 6)

@@ -211,6 +211,13 @@ def test_finsight_test_compare_base_writes_both_rows(tiny_model_dir, tmp_path_fa
     assert "| stays FinSight |" in (log_dir / "eval_results.md").read_text()
     logged = cli.trainer.logged_metrics
     assert "test/rouge_l" in logged and "test_base/rouge_l" in logged and "test_base/loss" in logged
+    # The answers came from the dequantized, merged model; through the 4-bit layers they are the same answers.
+    assert payload["settings"]["generation_model"].startswith("NF4 weights dequantized to float32 with the adapter")
+    four_bit = main(tiny_test_args(tiny_model_dir, tmp_path / "4bit", "--ckpt_path", str(run["best"]),
+                                   "--compare_base=true", "--model.eval_inference=4bit"))
+    again = json.loads((Path(four_bit.trainer.log_dir) / "eval_results.json").read_text())
+    assert again["settings"]["generation_model"].startswith("4-bit layers as trained")
+    assert again["rows"] == rows and again["samples"] == payload["samples"]
 
 
 def test_finsight_test_answers_the_questions_of_an_eval_file(tiny_model_dir, tmp_path_factory, tmp_path):

@@ -195,7 +195,8 @@ def test_export_command_writes_adapter_and_merged_model(tiny_model_dir, tmp_path
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     adapter = main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "adapter")])
     assert (Path(adapter) / "adapter_model.safetensors").is_file()
-    merged = main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "merged"), "--merged", "true"])
+    merged = main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "merged"), "--merged", "true",
+                   "--dtype", "bfloat16"])
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert model.dtype == torch.bfloat16

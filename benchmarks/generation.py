@@ -1,0 +1,215 @@
+"""Generation speed side by side, in one run: the 4-bit path, the merged path (float32 and bfloat16), and
+plain transformers + PEFT with the adapter merged into the original weights.
+
+    python benchmarks/generation.py --adapter lightning_logs/quickstart/version_0/adapter \\
+        --checkpoint lightning_logs/quickstart/version_0/checkpoints/last.ckpt --json gen.json
+
+1. In-process, the same prompts, greedy, ``--max_new_tokens`` each (end-of-turn ignored, so every row
+   generates the same number of tokens), one prompt at a time (as the chat does):
+
+   * ``4-bit (training layers)``: the base loaded 4-bit NF4 as in training, the PEFT adapter unmerged;
+   * ``merged float32`` / ``merged bfloat16``: ``finsight.inference.build_generation_model``: the NF4 weights
+     dequantized with bitsandbytes, the adapter merged with PEFT;
+   * ``transformers + PEFT merged float32`` / ``bfloat16``: ``AutoModelForCausalLM`` in that dtype,
+     ``PeftModel.from_pretrained(...).merge_and_unload()``, no finsight code.
+
+   It reports tokens/s, the ratio to the 4-bit row, and whether the greedy tokens equal the 4-bit row's.
+2. Commands, in subprocesses (wall time including imports and loading): ``finsight chat --prompt`` with
+   ``--max_new_tokens`` greedy, the same answer from a plain transformers + PEFT script, and (with
+   ``--checkpoint``) ``finsight test --compare_base true`` on ``--questions`` questions. ``--old`` adds the
+   same commands through the 4-bit layers (``--inference 4bit``, ``--model.eval_inference 4bit``).
+
+The machine's load average is printed before and after: on a shared machine compare the ratios of rows
+measured in the same run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = (
+    "What is an index fund, and why do people recommend them for retirement savings?",
+    "Explain compound interest with an example.",
+    "What does a company report in its 10-K filing?",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    from finsight.data.chat import ChatEncoder
+    from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+
+    text = ChatEncoder(tokenizer, 1 << 20).render([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                                   {"role": "user", "content": question}],
+                                                  add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def time_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list]:
+    """Tokens/s over the prompts, one at a time, and the generated tokens (a warm-up of 4 tokens first)."""
+    from finsight.generation import generate
+
+    generate(model, tokenizer, prompts[:1], max_new_tokens=4, stop_ids=[-1])
+    started = time.perf_counter()
+    outputs = [generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, stop_ids=[-1])[0] for p in prompts]
+    seconds = time.perf_counter() - started
+    return sum(len(o.token_ids) for o in outputs) / seconds, [o.token_ids for o in outputs]
+
+
+def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finsight.inference import build_generation_model
+    from finsight.interactive import load_from_adapter
+
+    torch.manual_seed(0)
+    quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
+    base_path = quantized.get_base_model().config._name_or_path
+    prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
+    rows: list[dict] = []
+
+    def measure(name: str, model) -> None:
+        print(f"[{load_average()}] {name} ...", file=sys.stderr, flush=True)
+        speed, tokens = time_generation(model, tokenizer, prompts, max_new_tokens)
+        rows.append({"path": name, "tokens_per_s": speed, "tokens": tokens})
+        print(f"[{load_average()}] {name}: {speed:.2f} tokens/s", file=sys.stderr, flush=True)
+
+    measure("4-bit (training layers), adapter unmerged", quantized)
+    for dtype in (torch.float32, torch.bfloat16):
+        started = time.perf_counter()
+        merged = build_generation_model(quantized, dtype)
+        build = time.perf_counter() - started
+        measure(f"finsight merged {str(dtype)[6:]} (NF4 dequantized)", merged)
+        rows[-1]["build_s"] = build
+        del merged
+    del quantized
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        plain = PeftModel.from_pretrained(plain, adapter).merge_and_unload().eval()
+        measure(f"transformers + PEFT merged {str(dtype)[6:]} (original weights)", plain)
+        del plain
+    reference = rows[0]["tokens"]
+    for row in rows:
+        row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["same_greedy_tokens"] = row["tokens"] == reference
+        row["tokens"] = sum(len(t) for t in row["tokens"])
+    return rows
+
+
+PLAIN_CHAT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+adapter, base, question, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+model = model.merge_and_unload().eval()
+from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+ids = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                     {"role": "user", "content": question}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+with torch.no_grad():
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+
+
+def timed(command: list[str], label: str) -> dict:
+    print(f"[{load_average()}] {label}: {' '.join(command)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{result.stderr[-3000:]}")
+    print(f"[{load_average()}] {label}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return {"command": label, "wall_s": seconds, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, questions: int, old: bool) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    finsight = [sys.executable, "-m", "finsight"]
+    question = PROMPTS[0]
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from finsight.model import resolve_model
+
+    base_path = resolve_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    chat = [*finsight, "chat", "--adapter", adapter, "--prompt", question, "--max_new_tokens", str(max_new_tokens),
+            "--temperature", "0", "--repetition_penalty", "1.0"]
+    runs = [timed(chat, "finsight chat --prompt (merged float32)"),
+            timed([sys.executable, "-c", PLAIN_CHAT, adapter, base_path, question, str(max_new_tokens)],
+                  "transformers + PEFT merged float32 script")]
+    if old:
+        runs.append(timed([*chat, "--inference", "4bit"], "finsight chat --prompt --inference 4bit"))
+    for run in runs:
+        run["answer_tokens"] = len(tokenizer(run["stdout"].strip(), add_special_tokens=False)["input_ids"])
+    if checkpoint:
+        rows = [json.loads(line) for line in (ROOT / "finsight/data/samples/company_qa.jsonl").read_text().splitlines()]
+        folder = Path(tempfile.mkdtemp(prefix="finsight-bench-"))
+        eval_file = folder / "questions.jsonl"
+        eval_file.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                                     for r in rows[-questions:]))
+        test = [*finsight, "test", "--config", "configs/quickstart.yaml", "--ckpt_path", checkpoint,
+                "--compare_base", "true", f"--model.eval_file={eval_file}",
+                f"--model.eval_max_samples={questions}", f"--model.eval_max_new_tokens={max_new_tokens}",
+                f"--trainer.logger.init_args.save_dir={folder}", "--trainer.enable_progress_bar=false"]
+        runs.append(timed(test, f"finsight test, {questions} questions + 3 identity, base + tuned"))
+        if old:
+            runs.append(timed([*test, "--model.eval_inference=4bit"], "finsight test --model.eval_inference 4bit"))
+        for run in runs[-2 if old else -1:]:
+            results = sorted(folder.rglob("eval_results.json"), key=lambda p: p.stat().st_mtime)[-1]
+            run["generation_s"] = json.loads(results.read_text())["settings"]["generation_seconds"]
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="PEFT adapter folder written by finsight fit")
+    parser.add_argument("--checkpoint", help="checkpoint of the same run, for the finsight test timing")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per in-process row (at most 3)")
+    parser.add_argument("--questions", type=int, default=20, help="finsight test: held-out-style questions")
+    parser.add_argument("--old", action="store_true", help="also time the commands through the 4-bit layers")
+    parser.add_argument("--skip_commands", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    started_load = load_average()
+    rows = in_process(args.adapter, args.prompts, args.max_new_tokens)
+    runs = [] if args.skip_commands else commands(args.adapter, args.checkpoint, args.max_new_tokens,
+                                                  args.questions, args.old)
+    print(f"\nload average (1, 5, 15 min) at start: {started_load}, at end: {load_average()}; "
+          f"threads: {torch.get_num_threads()}")
+    print("\n| path | tokens/s | × 4-bit | same greedy tokens as 4-bit | build s |\n|---|---:|---:|---|---:|")
+    for row in rows:
+        build = f"{row['build_s']:.1f}" if "build_s" in row else ""
+        print(f"| {row['path']} | {row['tokens_per_s']:.2f} | {row['ratio']:.2f} | "
+              f"{'yes' if row['same_greedy_tokens'] else 'no'} | {build} |")
+    if runs:
+        print("\n| command | wall s | answer tokens | generation s |\n|---|---:|---:|---:|")
+        for run in runs:
+            print(f"| {run['command']} | {run['wall_s']:.1f} | {run.get('answer_tokens', '')} | "
+                  f"{run.get('generation_s', '')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average_start": started_load, "load_average_end": load_average(),
+                                               "rows": rows, "commands": [{k: v for k, v in r.items()
+                                                                           if k not in ("stdout", "stderr")}
+                                                                          for r in runs]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

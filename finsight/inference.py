@@ -1,0 +1,203 @@
+"""The model that generates: the trained weights, exactly, in the fastest form this device runs them.
+
+Training keeps the base in 4-bit NF4 and the LoRA adapter beside it. Generating through those layers is
+the slowest way to run the same weights on a CPU: every forward dequantizes every weight again, and the
+adapter adds two extra matmuls per layer. :func:`build_generation_model` instead dequantizes the NF4
+weights once, with bitsandbytes' own ``dequantize_4bit`` (the values the 4-bit matmul computes with),
+into the compute dtype, and merges the adapter into them with PEFT (``merge_and_unload``). The result
+is an ordinary ``transformers`` model: the model that was trained and evaluated, as dense layers.
+
+:func:`generation_model` decides when to do this (always on a CPU; on a GPU when the dense model fits)
+and says what it chose in one log line. The training model is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+InferenceChoice = Literal["auto", "merged", "4bit"]
+"""``merged``: dequantized base with the adapter merged (fast); ``4bit``: the training model as it is;
+``auto``: ``merged`` on a CPU, and on a GPU when the dense model fits in free memory."""
+
+InferenceDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""dtype of the merged model; ``auto`` is the training compute dtype."""
+
+# A dense copy on the GPU must leave room for the KV cache and activations of a batch.
+GPU_FREE_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class GenerationModel:
+    """The model to call ``generate`` on, and how it was built (for the log and the results)."""
+
+    model: torch.nn.Module
+    kind: str
+    """``merged`` or ``4bit``."""
+    described: str
+    """One line: what the weights are, their dtype and device, and the build time."""
+
+
+def _bnb_4bit_layers(model: torch.nn.Module) -> dict[str, Any]:
+    """Every bitsandbytes 4-bit linear layer by its module name."""
+    import bitsandbytes as bnb
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def _base_and_adapter(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The transformers model under a PEFT wrapper (or the model itself) and the active LoRA config."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model(), model.peft_config[model.active_adapter]
+    return model, None
+
+
+def _plain_state_dict(base: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The base model's weights under plain transformers names, 4-bit weights dequantized, all in ``dtype``.
+
+    Names are the transformers model's own (PEFT's ``base_layer.`` infix and the LoRA tensors removed),
+    so the result loads into a freshly built model of the same config.
+    """
+    from bitsandbytes.functional import dequantize_4bit
+
+    quantized = _bnb_4bit_layers(base)
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, tensor in base.state_dict(keep_vars=True).items():
+            if "lora_" in name:
+                continue
+            plain = name.replace(".base_layer.", ".")
+            module_name, _, leaf = name.rpartition(".")
+            if name.partition(".weight.")[0] in quantized:
+                continue  # bitsandbytes' serialized quantization state (weight.absmax, weight.quant_map, ...)
+            layer = quantized.get(module_name)
+            if layer is not None and leaf == "weight":
+                tensor = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            state[plain] = tensor.detach().to(dtype)
+    return state
+
+
+@contextmanager
+def _no_weight_init():
+    """Build a model without random initialisation: every weight is replaced right after."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def build_generation_model(model: torch.nn.Module, dtype: torch.dtype, *, merge_adapter: bool = True,
+                           device: torch.device | str | None = None) -> torch.nn.Module:
+    """A dense transformers model with the trained weights: NF4 dequantized once, the adapter merged.
+
+    ``model`` is the training model (a PEFT model over a 4-bit, or unquantized, transformers model) and is
+    left unchanged. ``merge_adapter=False`` gives the base alone (``finsight test --compare_base``).
+    """
+    base, lora = _base_and_adapter(model)
+    # Building draws nothing from the run's random streams (PEFT initialises LoRA weights before they are
+    # overwritten): samples generated mid-training must leave the training result unchanged.
+    with torch.random.fork_rng(devices=[]):
+        return _build(model, base, lora, dtype, merge_adapter, device)
+
+
+def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torch.dtype, merge_adapter: bool,
+           device: torch.device | str | None) -> torch.nn.Module:
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = _plain_state_dict(base, dtype)
+    config = base.config
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with _no_weight_init():
+        dense = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=config._attn_implementation)
+    # Drop the quantization settings: this model is dense and saves as a plain checkpoint.
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(dense.config, attribute):
+            delattr(dense.config, attribute)
+    missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
+    # Tied output embeddings are not separate tensors in the state dict of some versions.
+    missing = [name for name in missing if name not in _tied_names(dense)]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized weights do not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    dense.tie_weights()
+    dense.generation_config = base.generation_config
+    dense.to(device).eval()
+    if merge_adapter and lora is not None:
+        wrapped = PeftModel(dense, lora)
+        set_peft_model_state_dict(wrapped, get_peft_model_state_dict(model))
+        dense = wrapped.merge_and_unload()  # PEFT's merge: W + scaling * B @ A, in ``dtype``
+    dense.config.use_cache = True
+    dense.requires_grad_(False)
+    return dense.eval()
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied if isinstance(tied, (list, tuple, set)) else tied.keys())
+
+
+def _dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    elements = sum(p.numel() for p in model.parameters())
+    # 4-bit parameters are stored packed: two weights per uint8 element.
+    elements += sum(layer.weight.numel() for layer in _bnb_4bit_layers(model).values())
+    return elements * torch.finfo(dtype).bits // 8
+
+
+def resolve_dtype(requested: InferenceDtype, model: torch.nn.Module) -> torch.dtype:
+    """``auto``: the dtype the 4-bit layers compute in (the training compute dtype), else the model's."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    layers = list(_bnb_4bit_layers(model).values())
+    if layers and getattr(layers[0], "compute_dtype", None) is not None:
+        return layers[0].compute_dtype
+    return next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
+def generation_model(model: torch.nn.Module, *, inference: InferenceChoice = "auto",
+                     dtype: InferenceDtype = "auto", merge_adapter: bool = True) -> GenerationModel:
+    """The model chat, test and the training samples generate with, chosen and logged in one line.
+
+    ``auto`` builds the merged dense model on a CPU (several times faster than the 4-bit layers there,
+    with the same greedy tokens) and on a GPU when it fits in half the free memory; otherwise, or with
+    ``4bit``, the training model is used as it is.
+    """
+    device = next(model.parameters()).device
+    target = resolve_dtype(dtype, model)
+    kind = inference
+    reason = "requested"
+    if inference == "auto":
+        kind, reason = "merged", "CPU"
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            needed = _dense_bytes(model, target)
+            fits = needed <= GPU_FREE_MEMORY_SHARE * free
+            kind = "merged" if fits else "4bit"
+            reason = (f"GPU, the dense model ({needed / 2**30:.1f} GiB) "
+                      f"{'fits' if fits else 'does not fit'} in half the free memory ({free / 2**30:.1f} GiB)")
+    adapter = "adapter merged" if merge_adapter and _base_and_adapter(model)[1] is not None else "no adapter"
+    if kind == "4bit":
+        described = f"4-bit layers as trained, {adapter} unmerged on {device} ({reason})"
+        log.info("Generation model: %s", described)
+        return GenerationModel(model, "4bit", described)
+    started = time.perf_counter()
+    dense = build_generation_model(model, target, merge_adapter=merge_adapter, device=device)
+    quantized = "NF4 weights dequantized" if _bnb_4bit_layers(model) else "weights"
+    described = (f"{quantized} to {str(target).removeprefix('torch.')} with the {adapter}, on {device} "
+                 f"({reason}; built in {time.perf_counter() - started:.1f}s)")
+    if adapter == "no adapter":
+        described = described.replace("with the no adapter", "without adapter")
+    log.info("Generation model: %s", described)
+    return GenerationModel(dense, "merged", described)

@@ -1,0 +1,89 @@
+"""The generation model: NF4 dequantized once, adapter merged; the same greedy tokens as the 4-bit layers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_generation import _prompt
+
+from finsight.generation import generate
+from finsight.inference import build_generation_model, generation_model
+
+PROMPTS = ("What is an expense ratio?", "Hi", "Explain compound interest with an example, please.",
+           "What does a company report in its 10-K filing?", "Is a Roth IRA taxed?", "Who are you?")
+
+# float32 merged vs unmerged LoRA on dequantized NF4: only the order of additions differs.
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained_like(tiny_model_dir):
+    """The tiny 4-bit PEFT model with a non-zero adapter (fresh LoRA B is zero and would prove nothing)."""
+    from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model, load_tokenizer
+
+    loaded = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
+                             attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
+                             target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return loaded.model, load_tokenizer(str(tiny_model_dir))
+
+
+def test_merged_model_generates_the_4bit_models_greedy_tokens(trained_like):
+    model, tokenizer = trained_like
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    merged = build_generation_model(model, torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+    prompts = [_prompt(tokenizer, q) for q in PROMPTS]
+    ours = generate(merged, tokenizer, prompts, max_new_tokens=16, stop_ids=[-1])
+    theirs = generate(model, tokenizer, prompts, max_new_tokens=16, stop_ids=[-1])
+    assert [g.token_ids for g in ours] == [g.token_ids for g in theirs]
+    assert all(len(g.token_ids) == 16 for g in ours)
+    ids = torch.tensor([prompts[2]])
+    with torch.no_grad():
+        model.eval()
+        expected = model(input_ids=ids).logits
+        actual = merged(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=LOGITS_ATOL)
+    # The adapter changes the answer: the comparison is not between two copies of the base.
+    with torch.no_grad(), model.disable_adapter():
+        assert (model(input_ids=ids).logits - expected).abs().max() > 100 * LOGITS_ATOL
+    # The training model is untouched: still 4-bit, adapter unmerged, same LoRA weights.
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_base_without_adapter_and_bfloat16(trained_like):
+    model, _ = trained_like
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200]])
+    base = build_generation_model(model, torch.float32, merge_adapter=False)
+    with torch.no_grad(), model.disable_adapter():
+        expected = model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, expected, rtol=0, atol=LOGITS_ATOL)
+    half = build_generation_model(model, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        merged = build_generation_model(model, torch.float32)(input_ids=ids).logits
+        # bfloat16 keeps 8 bits of mantissa: logits agree to about 1% of their range.
+        torch.testing.assert_close(half(input_ids=ids).logits.float(), merged, rtol=0,
+                                   atol=0.02 * merged.abs().max().item())
+
+
+def test_choice_is_logged_in_one_line(trained_like, caplog):
+    model, _ = trained_like
+    with caplog.at_level(logging.INFO, logger="finsight.inference"):
+        merged = generation_model(model)
+        kept = generation_model(model, inference="4bit")
+    assert merged.kind == "merged" and merged.model is not model
+    assert kept.kind == "4bit" and kept.model is model
+    lines = [r.getMessage() for r in caplog.records if r.name == "finsight.inference"]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert lines[0].startswith("Generation model: NF4 weights dequantized to float32 with the adapter merged, on cpu")
+    assert lines[1].startswith("Generation model: 4-bit layers as trained")
