@@ -20,6 +20,7 @@ from finsight.model import (
     DEFAULT_TARGET_MODULES,
     AttentionChoice,
     ComputeDtype,
+    GradientCheckpointing,
     QuantizationKind,
     load_peft_model,
     load_tokenizer,
@@ -72,7 +73,7 @@ class FinSightModule(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.1,
         target_modules: list[str] | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: GradientCheckpointing = True,
         learning_rate: float = 6e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -97,6 +98,8 @@ class FinSightModule(L.LightningModule):
             lora_dropout: Dropout on the LoRA input; regularises small datasets.
             target_modules: Linear layers that get adapters; defaults to all attention and MLP projections.
             gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
+                ``auto``: on with CUDA; on the CPU off when one micro-batch's estimated activations fit
+                comfortably in the available RAM, else on (the choice and its reason are in the summary).
             learning_rate: AdamW peak learning rate.
             weight_decay: AdamW weight decay (0 as in the methodology: LoRA weights start at zero anyway).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
@@ -145,6 +148,7 @@ class FinSightModule(L.LightningModule):
             target_modules=self.target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
             adapter_path=hp.adapter_path,
+            micro_batch=self._micro_batch(),
         )
         self.model = self.model_info.model
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: without this
@@ -153,6 +157,12 @@ class FinSightModule(L.LightningModule):
         log.info("Trainable parameters: %s of %s (%.2f%%)", f"{self.model_info.trainable_parameters:,}",
                  f"{self.model_info.total_parameters:,}",
                  100 * self.model_info.trainable_parameters / self.model_info.total_parameters)
+
+    def _micro_batch(self) -> tuple[int, int] | None:
+        """(batch size, max length) of the attached data module, for ``gradient_checkpointing: auto``."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
+        return (int(size), int(length)) if size and length else None
 
     def setup(self, stage: str) -> None:
         """Refuse precisions that would cast the 4-bit weights, and create per-source metrics."""

@@ -106,6 +106,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
                                   f"compute {hp.get('compute_dtype')})")
     if info is not None:
         table.add_row("attention", f"{info.attention} ({info.attention_reason})")
+        table.add_row("gradient checkpointing", f"{'on' if info.gradient_checkpointing else 'off'} "
+                                                f"({info.gradient_checkpointing_reason})")
         table.add_row("trainable parameters", f"{info.trainable_parameters:,} of {info.total_parameters:,} "
                                               f"({100 * info.trainable_parameters / info.total_parameters:.2f}%)")
     table.add_row("LoRA", f"r={hp.get('lora_r')} alpha={hp.get('lora_alpha')} dropout={hp.get('lora_dropout')}")
