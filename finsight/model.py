@@ -136,7 +136,12 @@ def _convert_gguf(gguf_path: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        tmp.replace(out)
+        try:
+            tmp.replace(out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+            # Another process converted the same file meanwhile; its complete folder is used.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
