@@ -42,7 +42,9 @@ How TRL is set up, and why (its defaults differ from finsight's):
   default), ``dataset_num_proc`` equal to the processes finsight uses (``--trl-num-proc default``: TRL's
   single process), the same seed.
 * finsight's Trainer gets what the ``finsight`` command always adds (``AtomicCheckpointIO``,
-  ``reliability_callbacks()``), so its checkpoint and step times are those of a real run.
+  ``reliability_callbacks()``), so its checkpoint and step times are those of a real run, and it validates
+  two batches (the longest) after the last step, as a run does; TRL, at its default, does not evaluate.
+  Its peak RSS therefore includes validation and TRL's does not.
 * TRL casts QLoRA adapter weights to bf16; they are cast back to float32 so both stacks train float32
   adapters (finsight's choice; bf16 is also very slow on CPU).
 """
@@ -116,7 +118,7 @@ class Settings:
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True  # "auto": finsight decides (model option), TRL keeps its default (on)
     seed: int = 42
     trl_sampling: str = "random"
     trl_presets: tuple[str, ...] = ("tuned",)
@@ -140,6 +142,17 @@ class Settings:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+# The child's RSS sampler (benchmarks/memory_profile.py): training runs mark their phases on it.
+RSS_SAMPLER: Any = None
+RSS_PHASES = ("loading", "first step", "later steps", "validation", "checkpoint", "adapter export")
+
+
+def mark_phase(phase: str) -> None:
+    """Attribute the child's RSS samples from now on to ``phase`` (loading, steps, checkpoint, export)."""
+    if RSS_SAMPLER is not None:
+        RSS_SAMPLER.mark(phase)
+
 
 
 def peak_rss_mb() -> float:
@@ -492,6 +505,7 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
 
         def on_train_start(self, trainer, pl_module):
             probe.start(pl_module.model)
+            mark_phase("first step")
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             probe.batch(batch)
@@ -499,6 +513,12 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if (batch_idx + 1) % settings.accumulate == 0:
                 probe.step_end(float(outputs["loss"]))
+                mark_phase("later steps")
+
+        def on_validation_start(self, trainer, pl_module):
+            mark_phase("validation")
+
+    mark_phase("loading")
 
     tokenizer = load_tokenizer(settings.model_dir)
     dm = finsight_datamodule(settings, tokenizer, spec["sources"], spec["cache_dir"], fixed_order=parity)
@@ -517,7 +537,9 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
         max_steps=steps, max_epochs=-1, accumulate_grad_batches=settings.accumulate,
         gradient_clip_val=1.0, gradient_clip_algorithm="norm",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(run_dir),
+        # A real run validates: two validation batches (the longest, at max_length) after the last step.
+        num_sanity_val_steps=0, limit_val_batches=0 if parity else 2, val_check_interval=steps,
+        check_val_every_n_epoch=None, default_root_dir=str(run_dir),
         # What the finsight command always adds: atomic, fsynced checkpoints and its reliability callbacks.
         plugins=[AtomicCheckpointIO()], callbacks=[*reliability_callbacks(), Probe()],
     )
@@ -527,13 +549,17 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
     probe.finish()
     result = finish_run(settings, probe, module.model.config, fit_s)
     result["trainable_parameters"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    result["gradient_checkpointing"] = [module.model_info.gradient_checkpointing,
+                                        module.model_info.gradient_checkpointing_reason]
     # The training split's folder, for the sample-by-sample comparison with TRL's prepared data.
     result["prepared_dir"] = str(Path(dm.train_dataset.cache_files[0]["filename"]).parent)
     if not parity:
         ckpt = run_dir / "last.ckpt"
+        mark_phase("checkpoint")
         started = time.perf_counter()
         trainer.save_checkpoint(ckpt)
         result["checkpoint_s"] = time.perf_counter() - started
+        mark_phase("adapter export")
         result["checkpoint_bytes"], result["checkpoint_files"] = folder_size(ckpt)
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
         result["checkpoint_has_optimizer"] = bool(checkpoint.get("optimizer_states"))
@@ -560,7 +586,7 @@ def trl_config(settings: Settings, output_dir: Path, *, steps: int, parity: bool
         lr_scheduler_type="linear", warmup_steps=math.ceil(steps * settings.warmup_ratio),
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         bf16=settings.cuda, fp16=False, use_cpu=not settings.cuda,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=settings.gradient_checkpointing is not False,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=settings.max_length, truncation_mode="keep_start", packing=False, padding_free=False,
         pad_to_multiple_of=None, loss_type="nll",
@@ -593,7 +619,7 @@ def trl_user_config(settings: Settings, output_dir: Path, *, steps: int, save: b
         gradient_accumulation_steps=settings.accumulate, learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay, warmup_steps=math.ceil(steps * settings.warmup_ratio),
         max_grad_norm=1.0, use_cpu=not settings.cuda, max_length=settings.max_length,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=settings.gradient_checkpointing is not False,
         completion_only_loss=True if settings.trl_masking == "completion" else None,
         assistant_only_loss=settings.trl_masking == "assistant",
         chat_template_path=settings.trl_chat_template or None,
@@ -675,6 +701,7 @@ def trl_train(settings: Settings, spec: dict) -> dict:
     probe = StepProbe(settings.accumulate, settings.cuda, settings.seed if parity else None)
     timings: dict[str, float] = {}
 
+    mark_phase("loading")
     dtype = getattr(torch, settings.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         settings.model_dir, dtype=dtype, attn_implementation="sdpa",
@@ -694,10 +721,13 @@ def trl_train(settings: Settings, spec: dict) -> dict:
 
         def on_train_begin(self, args, state, control, **kwargs):
             probe.start(trainer.model)
+            mark_phase("first step")
 
         def on_step_end(self, args, state, control, **kwargs):
             probe.step_end(trainer.last_loss)
             timings["last_step_end"] = time.perf_counter()
+            # The checkpoint is written right after the last step's on_step_end.
+            mark_phase("checkpoint" if state.global_step >= steps else "later steps")
 
         def on_save(self, args, state, control, **kwargs):
             timings["checkpoint_s"] = time.perf_counter() - timings["last_step_end"]
@@ -719,6 +749,7 @@ def trl_train(settings: Settings, spec: dict) -> dict:
     result = finish_run(settings, probe, trainer.model.config, fit_s)
     result["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if not parity:
+        mark_phase("adapter export")
         folder = run_dir / "trl" / f"checkpoint-{steps}"
         result["checkpoint_s"] = timings.get("checkpoint_s")
         result["checkpoint_bytes"], result["checkpoint_files"] = folder_size(folder)
@@ -776,7 +807,13 @@ def run_child(spec_path: str) -> None:
             ("train", "finsight"): finsight_train, ("train", "trl"): trl_train,
             ("parity", "finsight"): finsight_train, ("parity", "trl"): trl_train}[
         (spec["kind"], "trl" if spec["stack"] in TRL_PRESETS.values() else spec["stack"])]
-    result = task(settings, spec)
+    global RSS_SAMPLER
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from memory_profile import RssSampler
+
+    with RssSampler() as RSS_SAMPLER:
+        result = task(settings, spec)
+    result["rss_phases"] = RSS_SAMPLER.report()["phases"]
     if spec["kind"] == "parity" and spec["stack"] == "trl" and spec.get("finsight_prepared"):
         result["samples"] = compare_prepared_samples(spec["finsight_prepared"], spec["trl_data"], settings)
     result["load_average"] = {"start": spec["load_average"], "end": list(os.getloadavg())}
@@ -964,6 +1001,13 @@ def parity_report(finsight: dict, trl: dict, cuda: bool) -> dict[str, Any]:
             and all(r["same_batch"] for r in rows), "samples": trl.get("samples")}
 
 
+def checkpointing_text(value: bool | str) -> str:
+    """How the settings line describes gradient checkpointing."""
+    if value == "auto":
+        return "finsight `auto` (its choice in the run's log), TRL on"
+    return "on" if value else "off"
+
+
 def fmt(value: float | None, digits: int) -> str:
     """A table cell: a number with the metric's precision, or n/a."""
     if value is None:
@@ -987,7 +1031,7 @@ def markdown(report: dict) -> str:
         f"{s['repeats']} repeat(s); NF4 double-quantized base, LoRA r={s['lora_r']} α={s['lora_alpha']} "
         f"dropout={s['lora_dropout']} on {', '.join(s['target_modules'])}; AdamW lr={s['learning_rate']} "
         f"wd={s['weight_decay']}, linear schedule, {report['warmup_schedule_steps']} warmup step(s); "
-        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}; "
+        f"gradient checkpointing {checkpointing_text(s['gradient_checkpointing'])}; "
         f"{'bf16 autocast' if s['cuda'] else 'float32'}; finsight length-grouped batches (pad to ×8), "
         f"TRL `train_sampling_strategy={s['trl_sampling']!r}` (pad to longest).", "",
     ]
@@ -1016,6 +1060,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {metric['label']}{unit} | " + " | ".join(cells) + f" | {target} | {met} |")
     lines.append("")
     lines.append("finsight advantage: TRL ÷ finsight where lower is better, finsight ÷ TRL where higher is better.")
+    lines += rss_phase_table(report.get("rss_phases") or {})
     parity = report.get("parity")
     if parity:
         samples = parity.get("samples") or {}
@@ -1033,6 +1078,22 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['step']} | {fmt(row['finsight'], 6)} | {fmt(row['trl'], 6)} | "
                          f"{fmt(row['abs_diff'], 7)} | {'yes' if row['same_batch'] else 'no'} | {row['trained_tokens']} |")
     return "\n".join(lines) + "\n"
+
+
+def rss_phase_table(phases: dict[str, dict]) -> list[str]:
+    """Peak RSS per phase of each stack's first training run: where each stack's peak comes from."""
+    if not phases:
+        return []
+    names = {"finsight": "finsight", "trl": "TRL tuned", "trl-user": "TRL as a user runs it"}
+    stacks = list(phases)
+    lines = ["", "Peak RSS of the training process by phase (MiB; first repeat, sampled every 10 ms):", "",
+             "| phase | " + " | ".join(names.get(s, s) for s in stacks) + " |",
+             "|---|" + "---:|" * len(stacks)]
+    for phase in ("start-up", *RSS_PHASES):
+        cells = [phases[s].get(phase, {}).get("peak_mib") for s in stacks]
+        if any(c is not None for c in cells):
+            lines.append(f"| {phase} | " + " | ".join(fmt(c, 0) for c in cells) + " |")
+    return lines
 
 
 def machine() -> dict[str, Any]:
@@ -1086,7 +1147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient-checkpointing", choices=("true", "false", "auto"), default="true",
+                        help="both stacks; auto: finsight's model option decides, TRL keeps its default (on)")
     parser.add_argument("--trl-sampling", choices=("random", "group_by_length"), default="random",
                         help="TRL's train_sampling_strategy (random is its default)")
     parser.add_argument("--trl-presets", default="tuned",
@@ -1146,7 +1208,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_length=args.max_length or (1024 if gpu_mode else preset["max_length"]),
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        gradient_checkpointing=args.gradient_checkpointing, trl_sampling=args.trl_sampling, trl_presets=trl_presets,
+        gradient_checkpointing={"true": True, "false": False}.get(args.gradient_checkpointing, "auto"),
+        trl_sampling=args.trl_sampling, trl_presets=trl_presets,
         trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda, peak_tflops=args.peak_tflops,
     )
@@ -1219,6 +1282,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trl_train_samples": prep[stacks[1]][0]["train_samples"],
         "warmup_schedule_steps": settings.schedule_warmup_steps,
         "metrics": summarise(settings, prep, train), "parity": parity,
+        "rss_phases": {stack: runs[0]["rss_phases"] for stack, runs in train.items() if runs},
         "runs": {"prep": {s: [{k: v for k, v in r.items() if k not in ("lengths", "trained")} for r in runs]
                           for s, runs in prep.items()},
                  "train": train},

@@ -239,13 +239,20 @@ class FinSightModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token-weighted loss and perplexity, overall and per source."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n_tokens = token_losses(logits, batch["labels"])
+        # As in training, only the trained positions reach the LM head: a whole batch's full-vocabulary
+        # logits, plus the copies the loss and the perplexity metric make of them, were a run's peak memory.
+        targets = batch["labels"][:, 1:]
+        trained = targets != IGNORE_INDEX
+        logits = self.trained_logits(batch["input_ids"], batch["attention_mask"], trained).float()
+        per_token = F.cross_entropy(logits, targets[trained], reduction="none")
+        # Boolean indexing keeps row-major order, so nonzero()'s row index names each token's sample.
+        loss_sum = per_token.new_zeros(trained.shape[0]).index_add_(0, trained.nonzero()[:, 0], per_token)
+        n_tokens = trained.sum(dim=1)
         keep = n_tokens > 0
         per_sample = loss_sum[keep] / n_tokens[keep]
         # Weighting each sample's mean by its token count gives the mean over all validation tokens.
         self.val_loss.update(per_sample, n_tokens[keep])
-        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.val_ppl.update(logits[None], targets[trained][None])
         names = list(self.val_source_loss.keys())
         for source_index in batch["source_index"][keep].unique().tolist():
             if source_index < len(names):
@@ -375,7 +382,8 @@ class FinSightModule(L.LightningModule):
         trainer = self.trainer
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if best and Path(best).is_file():
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            # Memory-mapped: only the adapter's pages are read, not the optimizer state stored beside it.
+            state = torch.load(best, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
             self.load_state_dict(state, strict=False)
             log.info("Exporting the best adapter (%s)", Path(best).name)
         if not trainer.is_global_zero:
