@@ -267,6 +267,10 @@ def load_peft_model(
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from finsight.monitoring import return_freed_memory_to_the_os
+
+    # Before the weights are loaded: loading and every training step free large blocks (see there).
+    return_freed_memory_to_the_os()
     attention, reason = choose_attention(attn_implementation, compute_dtype)
     log.info("Attention: %s (%s)", attention, reason)
     bnb = quantization_config(quantization, double_quant, compute_dtype)
