@@ -70,7 +70,7 @@ big = torch.ones(4 << 20)
 del big  # freeing a 16 MiB block raises glibc's mmap threshold above 4 MiB
 before = psutil.Process().memory_info().rss
 blocks = [torch.ones(1 << 20) for _ in range(100)]  # 100 activation-sized blocks of 4 MiB
-pin = [torch.ones(16) for _ in range(100)]  # small live tensors allocated above them in the heap
+pin = torch.ones(128 << 10)  # a live 512 KiB tensor, allocated above them in the heap
 del blocks
 print((psutil.Process().memory_info().rss - before) / 2**20)
 """
