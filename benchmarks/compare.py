@@ -646,7 +646,8 @@ def trl_trainer_class() -> type:
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.probe is not None:
                 self.probe.batch(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            with profiled_step(len(self.probe.micro) if self.probe is not None else 0):
+                loss = super().training_step(model, inputs, num_items_in_batch)
             self.last_loss = float(loss)
             return loss
 
@@ -760,6 +761,31 @@ def trl_train(settings: Settings, spec: dict) -> dict:
     return result
 
 
+# "<micro-batch number>:<file>": torch.profiler over that micro-batch of each TRL run; "{stack}" in the file
+# name becomes the stack and task (trl-train, trl-user-train).
+PROFILE_ENV = "FINSIGHT_COMPARE_PROFILE"
+
+
+def profiled_step(micro_batch: int) -> Any:
+    """A ``torch.profiler`` context around TRL's training step when ``FINSIGHT_COMPARE_PROFILE`` names this
+    micro-batch (counted from 1); its operator table (by self CPU time) goes to the named file."""
+    import contextlib
+
+    import torch
+
+    wanted, _, path = os.environ.get(PROFILE_ENV, "").partition(":")
+    if not wanted.isdigit() or int(wanted) != micro_batch:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def profiled():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            yield
+        Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    return profiled()
+
+
 def trl_preset(stack: str) -> str:
     """The TRL preset a stack name stands for (``trl``: tuned, ``trl-user``: as a user runs it)."""
     return {name: preset for preset, name in TRL_PRESETS.items()}[stack]
@@ -808,6 +834,8 @@ def run_child(spec_path: str) -> None:
             ("parity", "finsight"): finsight_train, ("parity", "trl"): trl_train}[
         (spec["kind"], "trl" if spec["stack"] in TRL_PRESETS.values() else spec["stack"])]
     global RSS_SAMPLER
+    if PROFILE_ENV in os.environ:  # one profile file per stack: "{stack}" in the name
+        os.environ[PROFILE_ENV] = os.environ[PROFILE_ENV].replace("{stack}", f"{spec['stack']}-{spec['kind']}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from memory_profile import RssSampler
 
