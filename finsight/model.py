@@ -181,7 +181,7 @@ def choose_attention(requested: AttentionChoice, compute_dtype: ComputeDtype) ->
 
 # "auto" keeps activations (no recomputation) on the CPU while one micro-batch's activations take at most
 # this share of the RAM available at start-up: the rest covers the model, the optimizer state, the data and
-# whatever else the machine is running, and the estimate below is rough (within ~1.5x, measured).
+# whatever else the machine is running, and the estimate below is a count of saved tensors, not a measurement.
 AUTO_CHECKPOINTING_RAM_SHARE = 0.25
 
 
