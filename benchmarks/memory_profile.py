@@ -39,6 +39,8 @@ class RssSampler:
 
     def mark(self, phase: str) -> None:
         """A new phase begins (a phase seen again, such as a later validation, keeps its highest peak)."""
+        if phase == self.phase and phase in self.phases:
+            return
         rss = self.process.memory_info().rss / MIB
         entry = self.phases.setdefault(phase, {"start_mib": rss, "peak_mib": rss, "seconds": 0.0})
         entry["_since"] = time.perf_counter()
