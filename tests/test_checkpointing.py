@@ -7,22 +7,19 @@ import io
 import lightning as L
 import pytest
 import torch
-from conftest import sample_sources
+from conftest import prepared_datamodule
 from rich.console import Console
 from transformers import AutoConfig
 
-from finsight import FinSightDataModule, FinSightModule
+from finsight import FinSightModule
 from finsight.model import AUTO_CHECKPOINTING_RAM_SHARE, activation_bytes, choose_gradient_checkpointing
 from finsight.monitoring import print_summary
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def datamodule(tiny_model_dir):
-    dm = FinSightDataModule(sources=sample_sources(), tokenizer=str(tiny_model_dir), max_length=256,
-                            batch_size=2, num_proc=1)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+    """2 x 256 batches of the bundled samples, prepared once for this file."""
+    return prepared_datamodule(tiny_model_dir, max_length=256, batch_size=2)
 
 
 def test_auto_chooses_by_device_and_by_the_activation_estimate_against_free_ram(tiny_model_dir, monkeypatch):

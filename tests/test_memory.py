@@ -7,17 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import sample_sources
+from conftest import prepared_datamodule
 
-from finsight import FinSightDataModule, FinSightModule
+from finsight import FinSightModule
 from finsight.module import token_losses
 
 
 def test_validation_runs_the_head_on_trained_positions_with_the_full_logit_metrics(tiny_model_dir):
-    dm = FinSightDataModule(sources=sample_sources(), tokenizer=str(tiny_model_dir), max_length=512, batch_size=4,
-                            num_proc=1)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = prepared_datamodule(tiny_model_dir, max_length=512, batch_size=4)
     module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32")
     module.configure_model()
     for name in dm.source_names:
