@@ -98,7 +98,8 @@ def read_checkpoint(path: _PATH) -> dict[str, Any]:
     if not path.is_dir():
         verify_checkpoint_file(path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # Memory-mapped: only the pages read are loaded (the adapter, not the optimizer state beside it).
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as error:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
                                   "use an earlier checkpoint") from error

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 QuantizationKind = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 AttentionChoice = Literal["auto", "flash_attention_2", "sdpa", "eager"]
+GradientCheckpointing = bool | Literal["auto"]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,7 +136,12 @@ def _convert_gguf(gguf_path: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        tmp.replace(out)
+        try:
+            tmp.replace(out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+            # Another process converted the same file meanwhile; its complete folder is used.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -173,6 +179,58 @@ def choose_attention(requested: AttentionChoice, compute_dtype: ComputeDtype) ->
     return "flash_attention_2", "flash-attn is installed, CUDA is present and the dtype suits it"
 
 
+# "auto" keeps activations (no recomputation) on the CPU while one micro-batch's activations take at most
+# this share of the RAM available at start-up: the rest covers the model, the optimizer state, the data and
+# whatever else the machine is running, and the estimate below is a count of saved tensors, not a measurement.
+AUTO_CHECKPOINTING_RAM_SHARE = 0.25
+
+
+def activation_bytes(config, batch_size: int, length: int, element_bytes: int, lora: bool = True) -> int:
+    """Estimated memory that backward keeps for one micro-batch without gradient checkpointing.
+
+    Per token and decoder layer of a Llama-style model: the inputs that the two RMSNorms, the attention
+    (query, key, value, rotated copies, output) and the 4-bit projections save (~14 hidden-sized
+    tensors), the MLP's gate, up, activation and product (4 intermediate-sized), and with LoRA each
+    adapter's dropout output and mask (7 more inputs' worth: ~4.5 hidden and ~1.25 intermediate). The
+    attention kernel (SDPA) keeps no length x length matrix. Logits are left out: the training step
+    runs the LM head on the trained positions only.
+    """
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 14 * hidden + 4 * intermediate
+    if lora:
+        per_token += 4.5 * hidden + 1.25 * intermediate
+    return int(per_token * element_bytes * config.num_hidden_layers * batch_size * length)
+
+
+def choose_gradient_checkpointing(requested: GradientCheckpointing, config, micro_batch: tuple[int, int] | None,
+                                  element_bytes: int) -> tuple[bool, str]:
+    """Decide whether to recompute activations in backward, and say why (for the start-up summary).
+
+    Recomputation runs every layer's forward twice: about a third more compute per step, in exchange for
+    keeping only each layer's input. On a GPU the memory is what limits batch and length, so ``auto``
+    turns it on. On the CPU RAM is usually plentiful and compute is the bottleneck, so ``auto`` turns it
+    off when the estimated activations of one micro-batch fit comfortably in the available RAM.
+    """
+    if requested != "auto":
+        return bool(requested), "set in the config"
+    if torch.cuda.is_available():
+        return True, "auto: CUDA, where memory rather than compute limits the micro-batch and length"
+    if micro_batch is None:
+        return True, "auto: the micro-batch size is unknown (no data module), so memory is kept low"
+    import psutil
+
+    batch_size, length = micro_batch
+    need = activation_bytes(config, batch_size, length, element_bytes)
+    available = psutil.virtual_memory().available
+    sizes = (f"~{need / 2**30:.1f} GiB estimated for a {batch_size} x {length} micro-batch, "
+             f"{available / 2**30:.1f} GiB RAM available")
+    if need <= AUTO_CHECKPOINTING_RAM_SHARE * available:
+        return False, f"auto: CPU and the activations fit ({sizes}); recomputing them would cost ~1/3 of each step"
+    return True, (f"auto: CPU but the activations would take more than "
+                  f"{AUTO_CHECKPOINTING_RAM_SHARE:.0%} of the free RAM ({sizes})")
+
+
 @dataclass
 class LoadedModel:
     """The PEFT model and the facts about it that the start-up summary reports."""
@@ -182,6 +240,8 @@ class LoadedModel:
     attention_reason: str
     trainable_parameters: int
     total_parameters: int
+    gradient_checkpointing: bool = True
+    gradient_checkpointing_reason: str = "set in the config"
 
 
 def load_peft_model(
@@ -195,13 +255,22 @@ def load_peft_model(
     lora_alpha: int,
     lora_dropout: float,
     target_modules: list[str],
-    gradient_checkpointing: bool,
+    gradient_checkpointing: GradientCheckpointing,
     adapter_path: str | None = None,
+    micro_batch: tuple[int, int] | None = None,
 ) -> LoadedModel:
-    """Load the base model (4-bit where asked), wrap it with LoRA and prepare it for training."""
+    """Load the base model (4-bit where asked), wrap it with LoRA and prepare it for training.
+
+    ``micro_batch`` (batch size, maximum length) lets ``gradient_checkpointing="auto"`` estimate the
+    activation memory of a training step.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from finsight.monitoring import return_freed_memory_to_the_os
+
+    # Before the weights are loaded: loading and every training step free large blocks (see there).
+    return_freed_memory_to_the_os()
     attention, reason = choose_attention(attn_implementation, compute_dtype)
     log.info("Attention: %s (%s)", attention, reason)
     bnb = quantization_config(quantization, double_quant, compute_dtype)
@@ -214,7 +283,10 @@ def load_peft_model(
         device_map={"": torch.cuda.current_device()} if bnb is not None and torch.cuda.is_available() else None,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if gradient_checkpointing:
+    checkpointing, checkpointing_reason = choose_gradient_checkpointing(
+        gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
+    log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()
@@ -230,7 +302,7 @@ def load_peft_model(
         )
         model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    return LoadedModel(model, attention, reason, trainable, total)
+    return LoadedModel(model, attention, reason, trainable, total, checkpointing, checkpointing_reason)
 
 
 def load_tokenizer(model_path: str):

@@ -22,6 +22,7 @@ from finsight.model import (
     DEFAULT_TARGET_MODULES,
     AttentionChoice,
     ComputeDtype,
+    GradientCheckpointing,
     QuantizationKind,
     load_peft_model,
     load_tokenizer,
@@ -74,7 +75,7 @@ class FinSightModule(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.1,
         target_modules: list[str] | None = None,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: GradientCheckpointing = True,
         learning_rate: float = 6e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -100,6 +101,8 @@ class FinSightModule(L.LightningModule):
             lora_dropout: Dropout on the LoRA input; regularises small datasets.
             target_modules: Linear layers that get adapters; defaults to all attention and MLP projections.
             gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
+                ``auto``: on with CUDA; on the CPU off when one micro-batch's estimated activations fit
+                comfortably in the available RAM, else on (the choice and its reason are in the summary).
             learning_rate: AdamW peak learning rate.
             weight_decay: AdamW weight decay (0 as in the methodology: LoRA weights start at zero anyway).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
@@ -155,6 +158,7 @@ class FinSightModule(L.LightningModule):
             target_modules=self.target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
             adapter_path=hp.adapter_path,
+            micro_batch=self._micro_batch(),
         )
         self.model = self.model_info.model
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: without this
@@ -163,6 +167,12 @@ class FinSightModule(L.LightningModule):
         log.info("Trainable parameters: %s of %s (%.2f%%)", f"{self.model_info.trainable_parameters:,}",
                  f"{self.model_info.total_parameters:,}",
                  100 * self.model_info.trainable_parameters / self.model_info.total_parameters)
+
+    def _micro_batch(self) -> tuple[int, int] | None:
+        """(batch size, max length) of the attached data module, for ``gradient_checkpointing: auto``."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
+        return (int(size), int(length)) if size and length else None
 
     def setup(self, stage: str) -> None:
         """Refuse precisions that would cast the 4-bit weights, and create per-source metrics."""
@@ -261,13 +271,20 @@ class FinSightModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token-weighted loss and perplexity, overall and per source."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n_tokens = token_losses(logits, batch["labels"])
+        # As in training, only the trained positions reach the LM head: a whole batch's full-vocabulary
+        # logits, plus the copies the loss and the perplexity metric make of them, were a run's peak memory.
+        targets = batch["labels"][:, 1:]
+        trained = targets != IGNORE_INDEX
+        logits = self.trained_logits(batch["input_ids"], batch["attention_mask"], trained).float()
+        per_token = F.cross_entropy(logits, targets[trained], reduction="none")
+        # Boolean indexing keeps row-major order, so nonzero()'s row index names each token's sample.
+        loss_sum = per_token.new_zeros(trained.shape[0]).index_add_(0, trained.nonzero()[:, 0], per_token)
+        n_tokens = trained.sum(dim=1)
         keep = n_tokens > 0
         per_sample = loss_sum[keep] / n_tokens[keep]
         # Weighting each sample's mean by its token count gives the mean over all validation tokens.
         self.val_loss.update(per_sample, n_tokens[keep])
-        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.val_ppl.update(logits[None], targets[trained][None])
         names = list(self.val_source_loss.keys())
         for source_index in batch["source_index"][keep].unique().tolist():
             if source_index < len(names):

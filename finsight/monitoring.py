@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from typing import Any
 
@@ -19,6 +21,31 @@ OOM_ADVICE = (
     "model.gradient_checkpointing true, or offload the optimizer with "
     "--config configs/deepspeed_zero2_offload.yaml. The last checkpoint is kept; resume with --ckpt_path last."
 )
+
+
+# Blocks of at least this size get their own memory mapping from glibc, given back to the OS when freed.
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc's malloc give large freed blocks back to the OS instead of keeping them in its heap.
+
+    PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold each time a large block is
+    freed (up to 32 MiB), after which every activation of a training step (a few MiB each) is carved out
+    of the heap, and a heap pinned by the tensors that stay alive (checkpointed layer inputs, optimizer
+    state) cannot shrink: on SmolLM2-135M (4 x 256 tokens) 1.9 GB of freed blocks stayed resident after
+    the first forward, the difference between finsight's peak RSS and TRL's. A fixed threshold (which
+    also stops the raising) keeps every block of ``threshold_bytes`` or more in its own mapping.
+    Process-wide and idempotent; Linux with glibc only, elsewhere nothing changes (returns False).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    return bool(mallopt(m_mmap_threshold, threshold_bytes))
 
 
 def _peak_memory_gb() -> dict[str, float]:
@@ -106,6 +133,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
                                   f"compute {hp.get('compute_dtype')})")
     if info is not None:
         table.add_row("attention", f"{info.attention} ({info.attention_reason})")
+        table.add_row("gradient checkpointing", f"{'on' if info.gradient_checkpointing else 'off'} "
+                                                f"({info.gradient_checkpointing_reason})")
         table.add_row("trainable parameters", f"{info.trainable_parameters:,} of {info.total_parameters:,} "
                                               f"({100 * info.trainable_parameters / info.total_parameters:.2f}%)")
     table.add_row("LoRA", f"r={hp.get('lora_r')} alpha={hp.get('lora_alpha')} dropout={hp.get('lora_dropout')}")

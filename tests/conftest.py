@@ -84,3 +84,14 @@ def sample_sources(reddit_fraction: float = 0.67, intro_rows: int = 40) -> list[
         {"name": "company_qa", "path": "bundled:company_qa", "format": "qa", "fraction": 1.0},
         {"name": "intro", "format": "intro", "fraction": 1.0, "rows": intro_rows},
     ]
+
+
+def prepared_datamodule(model_dir: Path, max_length: int, batch_size: int):
+    """The bundled mixture prepared with one process and set up for fitting."""
+    from finsight import FinSightDataModule
+
+    dm = FinSightDataModule(sources=sample_sources(), tokenizer=str(model_dir), max_length=max_length,
+                            batch_size=batch_size, num_proc=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
