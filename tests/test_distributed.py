@@ -209,8 +209,9 @@ def test_data_module_shards_the_grouped_order_per_rank(tiny_tokenizer, tmp_path)
         consumed = [i for batch in loader for i in batch["sample_id"].tolist()]
         assert consumed == expected[rank]
         # What Lightning would have done: the same order, reshuffled sample by sample.
-        lightning_default = list(DistributedSamplerWrapper(dm.train_sampler().dataset._sampler, num_replicas=2,
-                                                           rank=rank, shuffle=True, seed=SEED))
+        # (The order's entries are (index, optimizer-step token total) pairs, see StepTokens.)
+        lightning_default = [index for index, _ in DistributedSamplerWrapper(
+            dm.train_sampler().dataset._sampler, num_replicas=2, rank=rank, shuffle=True, seed=SEED)]
         ours = padding_efficiency(lengths, consumed, BATCH, dm.pad_to_multiple_of)
         theirs = padding_efficiency(lengths, lightning_default, BATCH, dm.pad_to_multiple_of)
         assert ours > theirs + 0.05, (ours, theirs)
