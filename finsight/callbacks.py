@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from finsight.errors import FinSightError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(FinSightError, RuntimeError):
     """Training produced a NaN or infinite loss or gradient."""
 
 

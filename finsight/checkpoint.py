@@ -28,6 +28,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from finsight.errors import FinSightError
+
 # Test hook, read at every save: "<file name>@<global step>" (e.g. "last.ckpt@4") makes the save of that file
 # at that step stop for PAUSE_SECONDS after part of the file is on disk, so a test can kill the process in
 # the middle of a checkpoint write deterministically. Unset in normal use.
@@ -37,7 +39,7 @@ PAUSE_SECONDS = 120.0
 TEMP_MARKER = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FinSightError, RuntimeError):
     """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finsight.data.module import FinSightDataModule
+from finsight.errors import FinSightError
 from finsight.module import FinSightModule
 
 
@@ -166,25 +167,13 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
 def entry() -> int:
     """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests).
 
-    Errors a user can fix (a damaged checkpoint, a NaN/inf in training, a bad source or model reference, a
-    precision or strategy this setup cannot run) end the command with their one-line message and exit
-    status 1 instead of a traceback.
+    Every error a user can fix subclasses :class:`~finsight.errors.FinSightError` (a damaged checkpoint, a
+    NaN/inf in training, a bad source, model or evaluation reference, a precision or strategy this setup
+    cannot run); it ends the command with its one-line message and exit status 1 instead of a traceback.
     """
-    from finsight.callbacks import NonFiniteError
-    from finsight.checkpoint import CheckpointError
-    from finsight.data.chat import ChatTemplateError
-    from finsight.data.sources import DataSourceError
-    from finsight.data.tokenizer import TokenizerReferenceError
-    from finsight.gguf_export import GGUFExportError
-    from finsight.model import ModelReferenceError
-    from finsight.module import PrecisionError
-    from finsight.strategies import StrategyUnavailableError
-
-    expected = (CheckpointError, NonFiniteError, DataSourceError, ChatTemplateError, ModelReferenceError,
-                PrecisionError, StrategyUnavailableError, TokenizerReferenceError, GGUFExportError)
     try:
         main()  # LightningCLI reads sys.argv itself
-    except expected as error:
+    except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

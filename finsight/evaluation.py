@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finsight.errors import FinSightError
+
 log = logging.getLogger(__name__)
 
 NUMERIC_TOLERANCE = 0.005
@@ -258,7 +260,7 @@ class EvalExample:
     kind: AnswerKind = "qa"
 
 
-class EvalSetError(ValueError):
+class EvalSetError(FinSightError, ValueError):
     """An evaluation set that cannot be built; the message names the file or source."""
 
 

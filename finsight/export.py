@@ -8,13 +8,14 @@ from typing import Any, Literal
 
 import torch
 
+from finsight.errors import FinSightError
 from finsight.gguf_export import GGUFType
 from finsight.inference import InferenceDtype
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointContentError(ValueError):
+class CheckpointContentError(FinSightError, ValueError):
     """A checkpoint that is not a finsight training checkpoint."""
 
 

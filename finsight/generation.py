@@ -25,6 +25,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.errors import FinSightError
 from finsight.evaluation import COUNTS, IDENTITY_PROMPTS, AnswerEvaluator, prompt_examples
 from finsight.inference import InferenceChoice, generation_model
 
@@ -283,7 +284,7 @@ class GenerationSamples(Callback):
 # ------------------------------------------------------------------------------------------ chat
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(FinSightError, ValueError):
     """A single message that does not fit the context together with the answer budget."""
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from finsight.errors import FinSightError
+
 log = logging.getLogger(__name__)
 
 GGUFType = Literal["f16", "bf16", "q8_0"]
@@ -26,7 +28,7 @@ GGUFType = Literal["f16", "bf16", "q8_0"]
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(FinSightError, ValueError):
     """A model or tokenizer this GGUF writer cannot represent; the message says which and what is supported."""
 
 

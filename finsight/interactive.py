@@ -25,13 +25,14 @@ from typing import Any, TextIO
 import torch
 
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.errors import FinSightError
 from finsight.inference import InferenceChoice, InferenceDtype
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind
 
 log = logging.getLogger(__name__)
 
 
-class ChatLoadError(ValueError):
+class ChatLoadError(FinSightError, ValueError):
     """The adapter, checkpoint or model given to ``finsight chat`` cannot be used; the message says why."""
 
 

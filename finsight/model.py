@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from finsight.errors import FinSightError
+
 log = logging.getLogger(__name__)
 
 QuantizationKind = Literal["nf4", "fp4", "none"]
@@ -40,7 +42,7 @@ GradientCheckpointing = bool | Literal["auto"]
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ModelReferenceError(ValueError):
+class ModelReferenceError(FinSightError, ValueError):
     """A model reference that cannot be resolved; the message names it and what was expected."""
 
 

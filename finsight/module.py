@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
+from finsight.errors import FinSightError
 from finsight.inference import InferenceChoice
 from finsight.model import (
     DEFAULT_TARGET_MODULES,
@@ -39,7 +40,7 @@ SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 EVAL_OPTIONS = ("eval_file", "eval_source", "eval_max_samples", "eval_max_new_tokens", "eval_inference")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(FinSightError, ValueError):
     """A Trainer precision that would cast the quantized base model."""
 
 

@@ -30,13 +30,15 @@ from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from finsight.errors import FinSightError
+
 log = logging.getLogger(__name__)
 
 DEEPSPEED_INSTALL = "pip install 'finsight[deepspeed]'"
 ZeroStage = Literal[1, 2, 3]
 
 
-class StrategyUnavailableError(RuntimeError):
+class StrategyUnavailableError(FinSightError, RuntimeError):
     """A requested strategy cannot run here; the one-line message names what is missing and how to get it."""
 
 

@@ -221,3 +221,32 @@ def test_cli_refuses_bad_config_when_parsing(tmp_path, capsys, case, change, pat
     assert not captured.out  # nothing printed as if the config were fine
     for pattern in patterns:
         assert re.search(pattern, captured.err), (pattern, captured.err[-2000:])
+
+
+def test_every_user_error_shares_one_base_caught_once_by_the_entry(monkeypatch, capsys):
+    import importlib
+    import inspect
+    import pkgutil
+
+    import finsight
+    from finsight import cli
+    from finsight.errors import FinSightError
+
+    error_classes = []
+    for info in pkgutil.walk_packages(finsight.__path__, "finsight."):
+        if info.name.endswith("__main__"):  # running it would start the CLI
+            continue
+        module = importlib.import_module(info.name)
+        error_classes += [obj for name, obj in vars(module).items() if inspect.isclass(obj)
+                          and issubclass(obj, Exception) and obj.__module__ == info.name]
+    names = sorted(cls.__name__ for cls in error_classes)
+    assert {"EvalSetError", "CheckpointContentError", "GGUFExportError", "TokenizerReferenceError"} <= set(names)
+    assert [cls.__name__ for cls in error_classes if not issubclass(cls, FinSightError)] == []
+
+    def raise_eval_set_error() -> None:
+        from finsight.evaluation import EvalSetError
+        raise EvalSetError("eval file 'x.jsonl' row 3: expected a 'messages' list")
+
+    monkeypatch.setattr(cli, "main", raise_eval_set_error)
+    assert cli.entry() == 1
+    assert capsys.readouterr().err == "error: eval file 'x.jsonl' row 3: expected a 'messages' list\n"

@@ -19,10 +19,12 @@ import os
 from bisect import bisect_left
 from typing import Any
 
+from finsight.errors import FinSightError
+
 IGNORE_INDEX = -100
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(FinSightError, ValueError):
     """The tokenizer's chat template cannot be used to build an assistant mask."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from jsonargparse.typing import restricted_number_type
 
 from finsight.data import quality
+from finsight.errors import FinSightError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-class DataSourceError(ValueError):
+class DataSourceError(FinSightError, ValueError):
     """A source that cannot be used at all; the message names the source, the file and what was expected."""
 
 

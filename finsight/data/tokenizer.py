@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from finsight.errors import FinSightError
 
-class TokenizerReferenceError(ValueError):
+
+class TokenizerReferenceError(FinSightError, ValueError):
     """A tokenizer reference that nothing can load; the message names it and what was expected."""
 
 
