@@ -12,17 +12,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from finbench.harness import (
-    IGNORE_INDEX,
-    TRL_PRESETS,
-    Settings,
-    StepProbe,
-    export_adapter,
-    finish_run,
-    folder_size,
-    mark_phase,
-    peak_rss_mb,
-)
+from finbench import harness
+from finbench.harness import IGNORE_INDEX, TRL_PRESETS, Settings, StepProbe
 
 
 def export_trl_dataset(sources: list[dict], seed: int, out: Path, masking: str, val_fraction: float = 0.05,
@@ -163,6 +154,8 @@ def trl_trainer_class() -> type:
     from trl import SFTTrainer
 
     class BenchSFTTrainer(SFTTrainer):
+        """``SFTTrainer`` with its data preparation timed and each micro-batch counted by the step probe."""
+
         prepare_seconds = 0.0
         probe: StepProbe | None = None
 
@@ -212,7 +205,7 @@ def trl_prepare(settings: Settings, spec: dict) -> dict:
     result["train_samples"] = len(prepared)
     result["lengths"] = [len(ids) for ids in prepared["input_ids"][:]]
     result["trained"] = [sum(t != IGNORE_INDEX for t in lab) for lab in prepared["labels"][:]]
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = harness.peak_rss_mb()
     return result
 
 
@@ -231,7 +224,7 @@ def trl_train(settings: Settings, spec: dict) -> dict:
     probe = StepProbe(settings.accumulate, settings.cuda, settings.seed if parity else None)
     timings: dict[str, float] = {}
 
-    mark_phase("loading")
+    harness.mark_phase("loading")
     dtype = getattr(torch, settings.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         settings.model_dir, dtype=dtype, attn_implementation="sdpa",
@@ -251,13 +244,13 @@ def trl_train(settings: Settings, spec: dict) -> dict:
 
         def on_train_begin(self, args, state, control, **kwargs):
             probe.start(trainer.model)
-            mark_phase("first step")
+            harness.mark_phase("first step")
 
         def on_step_end(self, args, state, control, **kwargs):
             probe.step_end(trainer.last_loss)
             timings["last_step_end"] = time.perf_counter()
             # The checkpoint is written right after the last step's on_step_end.
-            mark_phase("checkpoint" if state.global_step >= steps else "later steps")
+            harness.mark_phase("checkpoint" if state.global_step >= steps else "later steps")
 
         def on_save(self, args, state, control, **kwargs):
             timings["checkpoint_s"] = time.perf_counter() - timings["last_step_end"]
@@ -276,17 +269,17 @@ def trl_train(settings: Settings, spec: dict) -> dict:
     trainer.train()
     fit_s = time.perf_counter() - started
     probe.finish()
-    result = finish_run(settings, probe, fit_s)
+    result = harness.finish_run(settings, probe, fit_s)
     result["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if not parity:
-        mark_phase("adapter export")
+        harness.mark_phase("adapter export")
         folder = run_dir / "trl" / f"checkpoint-{steps}"
         result["checkpoint_s"] = timings.get("checkpoint_s")
-        result["checkpoint_bytes"], result["checkpoint_files"] = folder_size(folder)
+        result["checkpoint_bytes"], result["checkpoint_files"] = harness.folder_size(folder)
         result["checkpoint_has_optimizer"] = (folder / "optimizer.pt").is_file()
         result["checkpoint_has_scheduler"] = (folder / "scheduler.pt").is_file()
-        result.update(export_adapter(trainer.model, run_dir / "adapter"))
-    result["peak_rss_mb"] = peak_rss_mb()
+        result.update(harness.export_adapter(trainer.model, run_dir / "adapter"))
+    result["peak_rss_mb"] = harness.peak_rss_mb()
     return result
 
 
