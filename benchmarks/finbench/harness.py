@@ -115,7 +115,6 @@ def mark_phase(phase: str) -> None:
         RSS_SAMPLER.mark(phase)
 
 
-
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
     import resource
