@@ -25,13 +25,16 @@ def finsight_datamodule(settings: Settings, tokenizer: Any, sources: list[dict],
 
     cls = FinSightDataModule
     if fixed_order:
-        from torch.utils.data import SequentialSampler
 
         class FixedOrderDataModule(FinSightDataModule):
             """Parity runs: the training split in its stored order, as TRL's sequential sampler reads it."""
 
             def train_sampler(self):
-                return SequentialSampler(self.train_dataset)
+                # finsight's own sampler (it yields each index with its optimizer step's trained-token total,
+                # which the loss divides by), drawing the dataset order instead of a seeded one.
+                sampler = super().train_sampler()
+                sampler._order = lambda generator: list(range(len(self.train_dataset)))
+                return sampler
 
         cls = FixedOrderDataModule
     return cls(sources=sources, tokenizer=tokenizer, max_length=settings.max_length, batch_size=settings.batch_size,
