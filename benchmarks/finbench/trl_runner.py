@@ -8,7 +8,6 @@ import math
 import os
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +21,19 @@ def export_trl_dataset(sources: list[dict], seed: int, out: Path, masking: str, 
 
     ``masking="assistant"`` writes ``{"messages": [...]}`` rows, ``"completion"`` prompt-completion rows.
 
-    Mirrors ``FinSightDataModule._build`` (read, check, sample with a per-source stream, hold out the
-    validation rows, shuffle with the seed) using finsight's own reading and checking functions, so both
-    stacks train on the same conversations; the parity run verifies it token by token.
+    The conversations come from the data module's own reading step (``FinSightDataModule._read``: read,
+    check, sample with a per-source stream, split by answer groups), in the order the training split is
+    stored in, so the two stacks train on the same conversations by construction rather than through a copy
+    of finsight's logic that can drift from it; the parity run verifies it token by token.
     """
     import numpy as np
 
-    from finsight.data.sources import (
-        DEFAULT_SYSTEM_PROMPT,
-        SourceConfig,
-        check_columns,
-        conversations,
-        read_source,
-    )
+    from finsight.data.module import FinSightDataModule
 
-    train: list[list[dict]] = []
-    for spec in sources:
-        source = SourceConfig(**spec)
-        raw = read_source(source, seed)
-        check_columns(source, raw)
-        kept, _ = conversations(source, raw, DEFAULT_SYSTEM_PROMPT)
-        rng = np.random.default_rng([seed, zlib.crc32(source.name.encode())])
-        count = round(source.fraction * len(kept))
-        chosen = rng.permutation(len(kept))[:count]
-        n_val = min(val_max_rows, round(val_fraction * count)) if count > 1 else 0
-        train.extend(kept[row] for row in chosen[n_val:])
-    order = np.random.default_rng(seed).permutation(len(train))
+    dm = FinSightDataModule(sources=sources, seed=seed, val_fraction=val_fraction, val_max_rows=val_max_rows)
+    _, rows = dm._read()
+    train = rows["train"]["messages"]
+    order = np.random.default_rng(seed).permutation(len(train))  # the seeded order ``_tokenize`` stores them in
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         for index in order:
@@ -60,7 +46,7 @@ def export_trl_dataset(sources: list[dict], seed: int, out: Path, masking: str, 
             else:
                 row = {"prompt": messages[:-1], "completion": messages[-1:]}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(order)
+    return len(train)
 
 
 CHATML_MESSAGE = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
