@@ -14,13 +14,13 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare  # noqa: E402 - benchmarks/ is not a package
+from finbench.cli import parse_args, settings_from
+from finbench.harness import Runner, build_model_dir, synthetic_mixture
+from finbench.report import fmt
 
 VARIANTS = {"on": True, "auto": "auto"}
 ROWS = [("trained tokens/s (median step)", "trained_tokens_per_s", 1), ("non-pad tokens/s", "tokens_per_s", 1),
@@ -30,18 +30,15 @@ ROWS = [("trained tokens/s (median step)", "trained_tokens_per_s", 1), ("non-pad
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both variants and print the table (Markdown)."""
-    args = compare.parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    settings = compare.settings_from(args)
+    settings = settings_from(args)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="finsight-checkpointing-"))
     work.mkdir(parents=True, exist_ok=True)
-    from finsight.data.synthetic import write_synthetic
-
-    raw = write_synthetic(work / "raw", settings.rows, seed=0)
-    settings.model_dir = str(compare.build_model_dir(settings.model, work / "model", args.tokenizer))
-    sources = compare.finsight_sources(raw)
-    runner = compare.Runner(settings, work, args.threads, args.verbose)
+    sources = synthetic_mixture(work, settings.rows)
+    settings.model_dir = str(build_model_dir(settings.model, work / "model", args.tokenizer))
+    runner = Runner(settings, work, args.threads, args.verbose)
     cache = work / "cache" / "finsight"
     spec = {"env": {"HF_DATASETS_CACHE": str(cache / "hf")}, "sources": sources, "cache_dir": str(cache / "finsight")}
     runner("prep", "finsight", **spec)
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"{settings.repeats} repeat(s), load average at start {runs['on'][0]['load_average']['start']}", "",
              "| | checkpointing on | auto |", "|---|---:|---:|"]
     for name, key, digits in ROWS:
-        cells = [compare.fmt(statistics.median(r[key] for r in runs[v]), digits) for v in VARIANTS]
+        cells = [fmt(statistics.median(r[key] for r in runs[v]), digits) for v in VARIANTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     decisions = [" ".join(map(str, runs[v][0]["gradient_checkpointing"])) for v in VARIANTS]
     lines.append("| decision | " + " | ".join(d.replace("|", "/") for d in decisions) + " |")

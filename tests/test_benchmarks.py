@@ -1,61 +1,49 @@
-"""benchmarks/compare.py: the FLOP count, the TRL data set-up that must mask exactly like finsight, the report,
-and (slow) the whole comparison at tiny size on CPU."""
+"""benchmarks/compare.py (the ``finbench`` package): the FLOP count, the TRL data set-up that must mask exactly
+like finsight, the report, and (slow) the whole comparison at tiny size on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from finbench import cli, finsight_runner, flops, harness, report, trl_runner
+from finbench.synthetic import write_synthetic
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
-from finsight.data.synthetic import write_synthetic
-
-COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 
-def load_compare():
-    """Import benchmarks/compare.py as a module (benchmarks/ is not a package)."""
-    if "finsight_compare" in sys.modules:
-        return sys.modules["finsight_compare"]
-    spec = importlib.util.spec_from_file_location("finsight_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finsight_compare"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_model_flops_counts_every_linear_weight_of_a_llama_1b_shape():
+def test_lightnings_flop_count_gives_every_matmul_of_a_lora_training_pass():
+    """Lightning's ``measure_flops`` on the meta device, solved per token and per squared sample length,
+    equals the count by hand: the frozen base 4 FLOPs per weight and token (forward, input gradient), LoRA 6,
+    attention 12 · layers · heads · head_dim per squared length, less the input gradients of the first
+    layer's q, k and v (base and LoRA A), which autograd never computes (the embeddings are frozen)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    compare = load_compare()
-    config = LlamaConfig(**compare.LLAMA_1B_SHAPE)
+    config = LlamaConfig(**{**harness.TINY_SHAPE, "vocab_size": 1000, "num_hidden_layers": 3})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    flops = compare.model_flops(config, lora_r=64, target_modules=("q_proj", "v_proj"))
-    assert flops["base_params"] == linear  # every projection plus the (tied) LM head, once
-    assert 1.23e9 < flops["base_params"] < 1.24e9  # Llama-3.2-1B without its embedding lookup
-    # LoRA on q and v: r × (in + out) per module per layer.
-    assert flops["lora_params"] == 16 * 64 * ((2048 + 2048) + (2048 + 512))
-    assert flops["attention_coefficient"] == 12 * 16 * 32 * 64
-    # A step of 1000 tokens in 4 samples of 250: linear layers 4N per token, attention per sample length.
-    assert compare.step_flops(flops, 1000, 4 * 250**2) == pytest.approx(
-        (4 * linear + 6 * flops["lora_params"]) * 1000 + 12 * 16 * 32 * 64 * 4 * 250**2)
+    h, kv, r = 128, 2 * 32, 8  # hidden size, key/value width (2 heads of 32), LoRA rank
+    lora = 3 * r * ((h + h) + (h + kv) + (h + kv))  # q, k and v in 3 layers: r × (in + out) each
+    first_layer_input_grads = 2 * (h * (h + kv + kv) + 3 * r * h)
+    coefficients = flops.flop_coefficients(config, lora_r=r, target_modules=("q_proj", "k_proj", "v_proj"))
+    assert coefficients["per_token"] == 4 * linear + 6 * lora - first_layer_input_grads
+    assert coefficients["per_squared_length"] == 12 * 3 * 4 * 32
+    # A step of 1000 tokens in 4 samples of 250.
+    assert flops.step_flops(coefficients, 1000, 4 * 250**2) == pytest.approx(
+        coefficients["per_token"] * 1000 + 12 * 3 * 4 * 32 * 4 * 250**2)
 
 
 def test_marked_template_renders_the_same_text_and_masks_like_finsight(tiny_tokenizer):
-    compare = load_compare()
     conversations = [
         [{"role": "system", "content": "You are FinSight."}, {"role": "user", "content": "What is an ETF?"},
          {"role": "assistant", "content": "A fund that trades on an exchange like a stock."}],
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"},
          {"role": "user", "content": "Define APR."}, {"role": "assistant", "content": "The annual percentage rate."}],
     ]
-    marked = compare.training_chat_template(tiny_tokenizer, conversations)
+    marked = trl_runner.training_chat_template(tiny_tokenizer, conversations)
     assert "{% generation %}" in marked
     encoder = ChatEncoder(tiny_tokenizer, max_length=512)
     ours = encoder.encode_batch({"messages": conversations})
@@ -71,11 +59,10 @@ def test_marked_template_renders_the_same_text_and_masks_like_finsight(tiny_toke
 def test_a_template_that_is_not_chatml_is_refused_with_the_alternative(tiny_tokenizer):
     import copy
 
-    compare = load_compare()
     other = copy.deepcopy(tiny_tokenizer)  # the session fixture stays untouched
     other.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(SystemExit, match="use --trl-masking completion"):
-        compare.training_chat_template(other, [[{"role": "user", "content": "q"},
+        trl_runner.training_chat_template(other, [[{"role": "user", "content": "q"},
                                                 {"role": "assistant", "content": "a"}]])
 
 
@@ -85,26 +72,25 @@ def test_trl_prepares_exactly_finsights_training_samples(tiny_tokenizer, tmp_pat
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    compare = load_compare()
     raw = write_synthetic(tmp_path / "raw", 240, seed=3)
-    sources = compare.finsight_sources(raw)
+    sources = harness.finsight_sources(raw)
     model_dir = tmp_path / "model"
     tiny_tokenizer.save_pretrained(model_dir)
-    settings = compare.Settings(model="tiny", model_dir=str(model_dir), max_length=256, num_proc=1)
-    dm = compare.finsight_datamodule(settings, tiny_tokenizer, sources, str(tmp_path / "cache"), fixed_order=True)
+    settings = harness.Settings(model="tiny", model_dir=str(model_dir), max_length=256, num_proc=1)
+    dm = finsight_runner.finsight_datamodule(settings, tiny_tokenizer, sources, str(tmp_path / "cache"), fixed_order=True)
     dm.prepare_data()
     dm.setup("fit")
 
     data = tmp_path / "trl.jsonl"
-    assert compare.export_trl_dataset(sources, settings.seed, data, "assistant") >= len(dm.train_dataset)
+    assert trl_runner.export_trl_dataset(sources, settings.seed, data, "assistant") >= len(dm.train_dataset)
     template = tmp_path / "template.jinja"
     probe = [json.loads(line)["messages"] for line in data.read_text().splitlines()[:3]]
-    template.write_text(compare.training_chat_template(tiny_tokenizer, probe))
+    template.write_text(trl_runner.training_chat_template(tiny_tokenizer, probe))
     settings.trl_chat_template = str(template)
     host = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    trainer = compare.trl_trainer_class()(
-        model=host, args=compare.trl_config(settings, tmp_path / "trl", steps=1, parity=True, save=False),
+    trainer = trl_runner.trl_trainer_class()(
+        model=host, args=trl_runner.trl_config(settings, tmp_path / "trl", steps=1, parity=True, save=False),
         train_dataset=datasets.load_dataset("json", data_files=str(data), split="train",
                                             cache_dir=str(tmp_path / "hf")),
         processing_class=tiny_tokenizer)
@@ -125,14 +111,13 @@ def fake_runs(step_seconds: float, trained: int, real: int, padded: int, rss: fl
 
 
 def test_summary_reports_finsights_advantage_against_each_target():
-    compare = load_compare()
-    settings = compare.Settings(model="tiny", batch_size=2)
+    settings = harness.Settings(model="tiny", batch_size=2)
     LENGTHS = [8, 512] * 200  # noqa: N806 - multiples of 8, so only the batch composition decides the padding
     prep = {"finsight": [{"cold_s": 10.0, "cached_s": 1.0, "peak_rss_mb": 500.0, "lengths": LENGTHS}],
             "trl": [{"cold_s": 30.0, "cached_s": 2.0, "peak_rss_mb": 400.0, "lengths": LENGTHS}]}
     train = {"finsight": [fake_runs(1.0, 130, 240, 250, 900.0), fake_runs(1.2, 130, 240, 250, 1100.0)],
              "trl": [fake_runs(1.0, 100, 200, 260, 1000.0)]}
-    metrics = compare.summarise(settings, prep, train)
+    metrics = report.summarise(settings, prep, train)
     assert metrics["prep_cold_s"]["finsight_advantage"] == pytest.approx(3.0)
     assert metrics["prep_cold_s"]["met"] is True  # target: at least 2× faster
     assert metrics["prep_peak_rss_mb"]["finsight_advantage"] == pytest.approx(0.8)
@@ -149,13 +134,12 @@ def test_summary_reports_finsights_advantage_against_each_target():
 
 
 def test_both_trl_presets_are_reported_side_by_side_and_a_target_must_hold_against_each():
-    compare = load_compare()
-    settings = compare.Settings(model="tiny", batch_size=2, trl_presets=("tuned", "user"))
+    settings = harness.Settings(model="tiny", batch_size=2, trl_presets=("tuned", "user"))
     prep = {stack: [{"cold_s": 10.0 * (i + 1), "cached_s": 1.0, "peak_rss_mb": 500.0}]
             for i, stack in enumerate(("finsight", "trl", "trl-user"))}
     train = {"finsight": [fake_runs(1.0, 130, 240, 250, 900.0)], "trl": [fake_runs(1.0, 110, 200, 260, 1000.0)],
              "trl-user": [fake_runs(1.0, 40, 200, 260, 800.0)]}
-    metrics = compare.summarise(settings, prep, train)
+    metrics = report.summarise(settings, prep, train)
     tokens = metrics["trained_tokens_per_s"]
     assert tokens["trl_user"] == pytest.approx(40.0)
     assert tokens["finsight_advantage"] == pytest.approx(130 / 110)
@@ -163,7 +147,7 @@ def test_both_trl_presets_are_reported_side_by_side_and_a_target_must_hold_again
     assert tokens["met"] is False  # 3.25x the user preset, but only 1.18x the tuned one
     rss = metrics["peak_rss_mb"]
     assert rss["finsight_advantage"] == pytest.approx(1000 / 900) and rss["met"] is False  # user preset: 800 MiB
-    text = compare.markdown({"settings": compare.dataclasses.asdict(settings), "versions": {"trl": "1.x"},
+    text = report.markdown({"settings": dataclasses.asdict(settings), "versions": {"trl": "1.x"},
                              "machine": {"description": "2 CPU cores, no GPU"}, "train_samples": 10,
                              "warmup_schedule_steps": 1, "metrics": metrics, "parity": None})
     assert "| metric | finsight | TRL tuned | finsight advantage | TRL as a user runs it |" in text
@@ -172,11 +156,10 @@ def test_both_trl_presets_are_reported_side_by_side_and_a_target_must_hold_again
 
 def test_the_user_preset_keeps_trls_defaults_and_sets_the_methodologys_values(tmp_path):
     pytest.importorskip("trl")
-    compare = load_compare()
-    settings = compare.Settings(model="tiny", batch_size=4, accumulate=2, max_length=256, learning_rate=6e-5,
+    settings = harness.Settings(model="tiny", batch_size=4, accumulate=2, max_length=256, learning_rate=6e-5,
                                 warmup_ratio=0.03)
-    user = compare.trl_config(settings, tmp_path, steps=100, parity=False, save=False, preset="user")
-    tuned = compare.trl_config(settings, tmp_path, steps=100, parity=False, save=False)
+    user = trl_runner.trl_config(settings, tmp_path, steps=100, parity=False, save=False, preset="user")
+    tuned = trl_runner.trl_config(settings, tmp_path, steps=100, parity=False, save=False)
     for config in (user, tuned):
         assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.max_length,
                 config.learning_rate, config.warmup_steps, config.max_grad_norm) == (4, 2, 256, 6e-5, 3, 1.0)
@@ -188,18 +171,17 @@ def test_the_user_preset_keeps_trls_defaults_and_sets_the_methodologys_values(tm
 
 
 def test_parity_report_flags_different_batches_and_losses():
-    compare = load_compare()
     step = {"loss": 2.0, "digests": ["a"], "trained": 10}
-    same = compare.parity_report({"steps": [step], "lora_tensors_reset": 4},
+    same = report.parity_report({"steps": [step], "lora_tensors_reset": 4},
                                  {"steps": [dict(step, loss=2.0005)], "lora_tensors_reset": 4}, cuda=False)
     assert same["agree"] and same["same_batches"] and same["max_rel_diff"] == pytest.approx(2.5e-4)
-    other_batch = compare.parity_report({"steps": [step], "lora_tensors_reset": 4},
+    other_batch = report.parity_report({"steps": [step], "lora_tensors_reset": 4},
                                         {"steps": [dict(step, digests=["b"])], "lora_tensors_reset": 4}, cuda=False)
     assert not other_batch["agree"] and not other_batch["same_batches"]
-    far = compare.parity_report({"steps": [step], "lora_tensors_reset": 4},
+    far = report.parity_report({"steps": [step], "lora_tensors_reset": 4},
                                 {"steps": [dict(step, loss=2.1)], "lora_tensors_reset": 4}, cuda=False)
     assert not far["agree"]
-    text = compare.markdown({"settings": {**compare.dataclasses.asdict(compare.Settings(model="tiny"))},
+    text = report.markdown({"settings": {**dataclasses.asdict(harness.Settings(model="tiny"))},
                              "versions": {"trl": "1.x"}, "machine": {"description": "2 CPU cores, no GPU"},
                              "train_samples": 10, "warmup_schedule_steps": 1, "metrics": {}, "parity": far})
     assert "**differ**" in text and "| 1 | 2.000000 | 2.100000 |" in text
@@ -208,9 +190,8 @@ def test_parity_report_flags_different_batches_and_losses():
 @pytest.mark.slow
 def test_compare_runs_both_stacks_at_tiny_size_with_the_gpu_bookkeeping(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
-    compare = load_compare()
     out = tmp_path / "report.json"
-    report = compare.main([
+    report = cli.main([
         "--model", "tiny", "--tokenizer", str(tiny_model_dir), "--rows", "400", "--steps", "3",
         "--warmup-steps", "1", "--parity-steps", "2", "--gpu-bookkeeping", "--peak-tflops", "1",
         "--workdir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "report.md"),

@@ -26,8 +26,8 @@ from finsight.data.batching import EpochLengthGroupedSampler
 TESTS = Path(__file__).resolve().parent
 BATCH = 4
 SEED = 42
-# One generated source keeps the run short: 44 rows, 4 duplicates dropped, 36 train / 4 validation.
-SOURCES = '[{"name": "intro", "format": "intro", "rows": 44}]'
+# One small bundled source keeps the run short: 40 identity chats, 36 train / 4 validation.
+SOURCES = '[{"name": "intro", "format": "intro", "rows": 40}]'
 DDP_TIMEOUT_S = 480
 
 

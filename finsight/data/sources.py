@@ -32,6 +32,8 @@ Fraction = restricted_number_type(
 )
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUNDLED_PREFIX = "bundled:"
+# The identity chats an ``intro`` source reads when it names no file of its own.
+INTRO_SAMPLE = BUNDLED_PREFIX + "intro"
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are FinSight, a finance assistant. You explain financial concepts, markets, personal finance and "
@@ -58,7 +60,7 @@ class SourceConfig:
     """Name used in the data report and for the per-source validation loss."""
     path: str | None = None
     """Hub dataset id, a .jsonl/.json/.csv/.parquet file, a folder, or ``bundled:<name>`` for a sample
-    shipped with finsight. Not used by the ``intro`` format."""
+    shipped with finsight. ``intro`` without a path reads the bundled identity chats (``bundled:intro``)."""
     format: SourceFormat = "messages"
     """How rows become conversations: reddit, qa, intro, messages, sharegpt or alpaca."""
     fraction: Fraction = 1.0
@@ -70,7 +72,7 @@ class SourceConfig:
     context_in_system: bool = False
     """qa: put the filing excerpt (``context``) into the system prompt, so answers are grounded in it."""
     rows: int = 200
-    """intro: how many identity conversations to generate."""
+    """intro: how many identity conversations to use: the file's first rows (``bundled:intro`` holds 500)."""
     columns: dict[str, str] | None = None
     """Your column names for the format's fields, ``{field: column}``, e.g. ``{question: Question, answer:
     Answer}`` for ``qa``. Fields: reddit title, selftext, body, combined_score; qa question, answer,
@@ -93,8 +95,13 @@ class SourceConfig:
             raise DataSourceError(
                 f"source {self.name!r}: unknown format {self.format!r}; known formats: {', '.join(FORMATS)}"
             )
-        if self.format != "intro" and not self.path:
+        if self.format == "intro" and not self.path:
+            self.path = INTRO_SAMPLE
+        if not self.path:
             raise DataSourceError(f"source {self.name!r}: format {self.format!r} needs a path")
+        if self.format == "intro" and (not isinstance(self.rows, int) or self.rows < 1):
+            raise DataSourceError(f"source {self.name!r}: rows must be a whole number of conversations, at least 1; "
+                                  f"got {self.rows!r}")
         if self.columns:
             fields = FORMATS[self.format].fields
             unknown = [key for key in self.columns if key not in fields]
@@ -264,18 +271,12 @@ class AlpacaFormat:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-class IntroFormat:
-    """Generated identity conversations: who FinSight is and what it can and cannot do."""
+class IntroFormat(MessagesFormat):
+    """Identity chats (who FinSight is, what it can and cannot do) in the ``messages`` shape.
 
-    columns = ()
-    fields: tuple[str, ...] = ()
-    min_answer_chars = 1
-
-    def __init__(self, source: SourceConfig, system_prompt: str):
-        pass
-
-    def to_messages(self, row: dict) -> list[dict] | str:
-        return row["messages"]
+    A format of its own so a config says what the source is for and how many chats it takes (``rows``);
+    the rows are read and checked exactly as ``messages`` rows are.
+    """
 
 
 FORMATS: dict[str, type] = {
@@ -318,10 +319,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 def read_source(source: SourceConfig, seed: int) -> RawRows:
     """Read a source's raw rows with ``datasets``; malformed files fall back to a line reader that counts."""
-    if source.format == "intro":
-        from finsight.data.synthetic import intro_conversations
-
-        return RawRows([{"messages": m} for m in intro_conversations(source.rows, seed=seed)], "generated")
     path = resolve_path(source.path or "", source.name)
     local = Path(path).expanduser()
     # A Hub id is ``owner/name`` (or a bare name); anything else that is not on disk is a missing local path.
@@ -348,7 +345,18 @@ def read_source(source: SourceConfig, seed: int) -> RawRows:
     rows.rows = _normalized_keys(rows.rows)
     if source.columns:
         rows.rows = _mapped_columns(source, rows)
+    if source.format == "intro":
+        rows = _first_rows(source, rows)
     return rows
+
+
+def _first_rows(source: SourceConfig, raw: RawRows) -> RawRows:
+    """An ``intro`` source's first ``rows`` readable conversations; asking for more than the file holds is an
+    error, not a quietly smaller source."""
+    if source.rows > len(raw.rows):
+        raise DataSourceError(f"source {source.name!r}: rows is {source.rows}, but {raw.origin!r} holds "
+                              f"{len(raw.rows)} readable conversations; lower rows or give a path to a larger file")
+    return RawRows(raw.rows[:source.rows], raw.origin, raw.bad_lines)
 
 
 def _clean_key(key: Any) -> Any:

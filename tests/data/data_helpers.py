@@ -116,3 +116,64 @@ def encode_segments(tokenizer: Any, segments: list[Segment]) -> tuple[list[int],
 def rows_of(dataset: Any) -> list[dict]:
     """A prepared split as plain rows."""
     return dataset.with_format(None).to_list()
+
+
+# ------------------------------------------------------------------------------ the bundled sample files
+
+REDDIT_KEYS = {"id", "title", "selftext", "body", "subreddit", "z_score", "normalized_score",
+               "comment_normalized_score", "combined_score"}
+COMPANY_KEYS = {"question", "answer", "context", "ticker", "filing"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a JSON-lines file, parsed."""
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def reddit_kind(row: dict, seen: set) -> str | None:
+    """What is wrong with a Reddit-shaped row, judged from the row alone (None: a good row)."""
+    body = row["body"]
+    key = (row["title"], row["selftext"], body)
+    duplicate = key in seen
+    seen.add(key)
+    if body is None:
+        return "body_none"
+    if body in ("[deleted]", "[removed]"):
+        return body.strip("[]")
+    if body == "":
+        return "empty_body"
+    if not body.strip():
+        return "whitespace_body"
+    if len(body.split()) < 5:
+        return "short_body"
+    if not row["title"].strip():
+        return "empty_title"
+    if row["comment_normalized_score"] < 0.05 and row["combined_score"] < 0:
+        return "low_score"
+    return "duplicate" if duplicate else None
+
+
+def company_kind(row: dict, seen: set) -> str | None:
+    """What is wrong with a 10-K QA row, judged from the row alone (None: a good row)."""
+    key = (row["question"], row["answer"], row["context"])
+    duplicate = key in seen
+    seen.add(key)
+    if not isinstance(row["question"], str):
+        return "question_not_str"
+    if not row["question"].strip():
+        return "whitespace_question"
+    if row["answer"] is None:
+        return "answer_none"
+    if row["answer"] == "":
+        return "empty_answer"
+    if row["answer"] == "[removed]":
+        return "answer_removed"
+    return "duplicate" if duplicate else None
+
+
+def bad_rows(rows: list[dict], classify) -> dict[int, str]:
+    """Row index → what is wrong with it, for every bad row of a file."""
+    seen: set = set()
+    kinds = {index: classify(row, seen) for index, row in enumerate(rows)}
+    return {index: kind for index, kind in kinds.items() if kind is not None}

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import sample_sources
-from data_helpers import rows_of
+from data_helpers import rows_of, write_jsonl
 
 from finsight import FinSightDataModule
 from finsight.data import quality
@@ -247,11 +247,15 @@ def test_trainer_resumes_mid_epoch_with_the_same_batches(tiny_tokenizer, cache, 
 
 
 def test_worker_processes_tokenize_exactly_like_one_process(tiny_tokenizer, tmp_path):
-    from finsight.data.synthetic import write_synthetic
-
-    files = write_synthetic(tmp_path / "raw", 3000, seed=1)
-    sources = [{"name": "reddit_finance", "path": str(files["reddit_finance"]), "format": "reddit"},
-               {"name": "company_qa", "path": str(files["company_qa"]), "format": "qa"}]
+    # 3,000 distinct conversations of varied length in two formats: enough rows for two tokenizing workers.
+    words = "net revenue rose in the segment while operating costs fell and margins improved".split()
+    qa = [{"question": f"What happened to segment {i} in fiscal {2019 + i % 5}?",
+           "answer": " ".join(words[: 3 + i % 11] * (1 + i % 7)) + f" ({i})."} for i in range(1000)]
+    chats = [{"messages": [{"role": "user", "content": f"Explain term {i}: " + " ".join(words[: 1 + i % 13])},
+                           {"role": "assistant", "content": " ".join(words * (1 + i % 9)) + f" ({i})."}]}
+             for i in range(2000)]
+    sources = [{"name": "qa", "path": str(write_jsonl(tmp_path / "qa.jsonl", qa)), "format": "qa"},
+               {"name": "chats", "path": str(write_jsonl(tmp_path / "chats.jsonl", chats)), "format": "messages"}]
     prepared = {}
     for num_proc in (1, 2):
         dm = FinSightDataModule(sources=sources, tokenizer=tiny_tokenizer, num_proc=num_proc, max_length=256,

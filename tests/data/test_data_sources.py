@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from data_helpers import write_jsonl
+from data_helpers import bad_rows, company_kind, read_jsonl, reddit_kind, write_jsonl
 
-from finsight.data import quality, synthetic
+from finsight.data import quality
 from finsight.data.sources import (
     DEFAULT_SYSTEM_PROMPT,
+    SAMPLES_DIR,
     SourceConfig,
     check_columns,
     conversations,
     read_source,
 )
 
-SAMPLES = Path(synthetic.__file__).parent / "samples"
-
-# What each kind of bad row the generator injects must be dropped as.
+# What each kind of bad row in the samples must be dropped as.
 REDDIT_REASONS = {
     "deleted": quality.DELETED, "removed": quality.DELETED, "empty_body": quality.EMPTY_TURN,
     "whitespace_body": quality.EMPTY_TURN, "short_body": quality.TOO_SHORT, "empty_title": quality.EMPTY_TURN,
@@ -33,11 +30,6 @@ COMPANY_REASONS = {
 }
 
 
-def injected(n: int, seed: int, kinds: tuple[str, ...]) -> dict[int, str]:
-    """Row index → bad kind, as the generator planned it (its first draw from its seeded generator)."""
-    return synthetic._bad_plan(random.Random(seed), n, 0.1, kinds)
-
-
 def read(name: str, path: str, fmt: str, **options) -> tuple[list[list[dict]], dict[str, int], list[dict]]:
     source = SourceConfig(name, path, fmt, **options)
     raw = read_source(source, seed=0)
@@ -48,7 +40,7 @@ def read(name: str, path: str, fmt: str, **options) -> tuple[list[list[dict]], d
 
 def test_bundled_reddit_drops_exactly_the_injected_rows():
     kept, dropped, rows = read("reddit", "bundled:reddit_finance", "reddit")
-    plan = injected(240, 7, synthetic.REDDIT_BAD_KINDS)
+    plan = bad_rows(read_jsonl(SAMPLES_DIR / "reddit_finance.jsonl"), reddit_kind)
     assert Counter(plan.values()) == {"deleted": 3, "removed": 3, "empty_body": 3, "whitespace_body": 3,
                                       "short_body": 3, "empty_title": 3, "low_score": 2, "duplicate": 2,
                                       "body_none": 2}
@@ -68,7 +60,7 @@ def test_bundled_reddit_drops_exactly_the_injected_rows():
 
 def test_bundled_company_qa_drops_exactly_the_injected_rows():
     kept, dropped, rows = read("company_qa", "bundled:company_qa", "qa")
-    plan = injected(160, 11, synthetic.COMPANY_QA_BAD_KINDS)
+    plan = bad_rows(read_jsonl(SAMPLES_DIR / "company_qa.jsonl"), company_kind)
     # The generator's 2 duplicates, plus one question and answer quoted from two filings: without
     # context_in_system the model sees the same conversation twice, so the second copy is a duplicate.
     assert dropped == {quality.EMPTY_TURN: 6, quality.MISSING_FIELD: 6, quality.DUPLICATE: 3, quality.DELETED: 2}

@@ -1,12 +1,17 @@
-"""Synthetic finance conversation data in the schemas of two public datasets.
+"""Synthetic finance conversation data in the schemas of two public datasets, and the identity chats.
 
-Tests, examples and smoke runs of the pipeline need realistic data that works
-offline, so this module generates rows shaped like:
+Tests, examples and benchmarks need realistic data that works offline, so this module generates rows
+shaped like:
 
 * ``winddude/reddit_finance_43_250k``: a Reddit question (``title`` plus
   ``selftext``) with its top comment as the answer (``body``) and score columns.
 * ``virattt/financial-qa-10K``: a question, its answer and the 10-K excerpt
   (``context``) that contains the answer.
+* the ``intro`` source: short chats in the ``messages`` schema that teach the model who FinSight is.
+
+It is not part of the finsight package: the package ships what this wrote once (``finsight/data/samples/``,
+rewritten with ``--samples``), and the benchmarks call :func:`write_synthetic` for their 20,000-conversation
+mixture.
 
 Every company in the 10-K style rows is fictional; none of their figures
 describe a real business. Generation is deterministic for a given seed (each
@@ -17,6 +22,9 @@ filter must drop (deleted bodies, duplicates, missing fields, ...), mixed
 round-robin over the kinds listed in ``REDDIT_BAD_KINDS`` and
 ``COMPANY_QA_BAD_KINDS``. The first row is always good, so a duplicate row
 always has an earlier row to copy.
+
+    python benchmarks/synthetic_data.py --out DIR --rows 20000   # the benchmark mixture
+    python benchmarks/synthetic_data.py --samples                 # rewrite finsight/data/samples/*.jsonl
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ __all__ = [
     "intro_conversations",
     "main",
     "reddit_rows",
+    "write_samples",
     "write_synthetic",
 ]
 
@@ -3111,13 +3120,53 @@ def write_synthetic(
     return paths
 
 
+# The bundled samples: (rows, seed, bad share) per file. The tests read the committed files, and check that
+# these settings still write them byte for byte.
+SAMPLES_DIR = pathlib.Path(__file__).resolve().parents[2] / "finsight" / "data" / "samples"
+SAMPLE_SETTINGS = {"reddit_finance": (240, 7, 0.1), "company_qa": (160, 11, 0.1), "intro": (500, 0, 0.0)}
+
+
+def distinct_intro_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """The first ``n`` distinct identity chats in generation order: a bundled file holds no repeated row."""
+    seen: set[str] = set()
+    rows: list[list[dict]] = []
+    for messages in intro_conversations(n * 3, seed=seed):
+        key = json.dumps(messages, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            rows.append(messages)
+            if len(rows) == n:
+                return rows
+    raise ValueError(f"fewer than {n} distinct identity conversations in {n * 3} draws")
+
+
+def write_samples(out_dir: str | os.PathLike = SAMPLES_DIR) -> dict[str, pathlib.Path]:
+    """Write the sample files finsight ships (``bundled:<name>`` sources) with :data:`SAMPLE_SETTINGS`."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generators = {"reddit_finance": reddit_rows, "company_qa": company_qa_rows}
+    paths = {}
+    for name, (rows, seed, bad_share) in SAMPLE_SETTINGS.items():
+        paths[name] = out / f"{name}.jsonl"
+        if name == "intro":
+            data = [{"messages": m} for m in distinct_intro_conversations(rows, seed=seed)]
+        else:
+            data = generators[name](rows, seed=seed, bad_share=bad_share)
+        _write_jsonl(paths[name], data)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: ``python -m finsight.data.synthetic --out DIR``."""
+    """Command-line entry point: ``python benchmarks/synthetic_data.py --out DIR`` (or ``--samples``)."""
     parser = argparse.ArgumentParser(
         description="Write synthetic finance datasets as JSONL."
     )
-    parser.add_argument(
-        "--out", required=True, help="output directory (created if needed)"
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output directory (created if needed)")
+    target.add_argument(
+        "--samples",
+        action="store_true",
+        help=f"rewrite the sample files finsight ships ({SAMPLES_DIR})",
     )
     parser.add_argument(
         "--rows", type=int, default=20000, help="total rows across both files"
@@ -3131,13 +3180,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = write_synthetic(
-        args.out, n_conversations=args.rows, seed=args.seed, bad_share=args.bad_share
-    )
+    if args.samples:
+        paths = write_samples()
+    else:
+        paths = write_synthetic(
+            args.out, n_conversations=args.rows, seed=args.seed, bad_share=args.bad_share
+        )
     elapsed = time.perf_counter() - start
     for name, path in paths.items():
         print(f"{name}: {path}")
-    print(f"wrote {args.rows} rows in {elapsed:.2f}s")
+    print(f"wrote {len(paths)} files in {elapsed:.2f}s")
 
 
 if __name__ == "__main__":
