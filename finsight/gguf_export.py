@@ -10,6 +10,7 @@ Llama-family models are supported (SmolLM2, Llama-2, Mistral: llama.cpp runs all
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -88,8 +89,6 @@ def _pre_tokenizer(vocab: Any, tokenizer_dir: Path, source_gguf: Path | None) ->
             return field.contents()
     if vocab.tokenizer_model != "gpt2":
         return "default"
-    import json
-
     pre = json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"  # GPT-2's split pattern, which SmolLM2 and other byte-level BPE models use

@@ -27,6 +27,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -320,8 +321,6 @@ def rank_zero_log_dir(trainer: Any) -> str | None:
     for the other ranks (Lightning's docstring says so), and a DDP run hangs. On rank 0 the value is the
     same without the broadcast: the first logger's folder, or ``default_root_dir`` without a logger.
     """
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     if trainer.loggers:
         logger = trainer.loggers[0]
         return logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir

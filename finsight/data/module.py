@@ -42,6 +42,8 @@ from finsight.data.sources import (
 )
 from finsight.data.split import split_by_groups
 from finsight.data.tokenizer import load_tokenizer_reference
+from finsight.references import cache_root
+from finsight.strategies import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +177,6 @@ class FinSightDataModule(L.LightningDataModule):
         return self._fingerprint
 
     def _cache_path(self) -> Path:
-        from finsight.model import cache_root
-
         root = Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "data"
         return root / self.fingerprint()
 
@@ -366,8 +366,6 @@ class FinSightDataModule(L.LightningDataModule):
 
     def _publish_report(self) -> None:
         """Print the report once, and save and log it beside the run's logs when a Trainer is attached."""
-        from finsight.strategies import rank_zero_log_dir
-
         if self._report_logged or self.report is None:
             return
         trainer = self.trainer
