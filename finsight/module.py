@@ -380,8 +380,11 @@ class FinSightModule(L.LightningModule):
             del checkpoint
             # 4-bit weights are placed on the GPU at load time; the adapter must land beside them.
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=False,
-                                              **overrides)
+            with warnings.catch_warnings():
+                # Lightning lists every base weight as missing from the checkpoint: adapter-only on purpose.
+                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+                module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=False,
+                                                  **overrides)
         unknown = sorted(set(state) - set(module.state_dict()))
         if unknown:
             raise CheckpointContentError(f"{path} holds weights this model does not have: {unknown[:3]}")
