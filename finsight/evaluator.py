@@ -82,11 +82,9 @@ class HeldOutEvaluator(Callback):
         """
         super().__init__()
         self.compare_base = compare_base
-        self.file = file
-        self.source = source
-        self.max_samples = max_samples
-        self.max_new_tokens = max_new_tokens
-        self.inference = inference
+        # What is answered, and how.
+        self.file, self.source, self.max_samples = file, source, max_samples
+        self.max_new_tokens, self.inference = max_new_tokens, inference
         self.results: dict[str, dict[str, float]] = {}
         self._answers: dict[str, dict[str, float]] = {}
         self._samples: dict[str, list[AnswerRecord]] = {}
