@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
@@ -49,7 +51,6 @@ class GenerationModel:
 
 def _bnb_4bit_layers(model: torch.nn.Module) -> dict[str, Any]:
     """Every bitsandbytes 4-bit linear layer by its module name."""
-    import bitsandbytes as bnb  # deferred: a slow import (it probes for GPU libraries), needed only when merging
 
     return {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 
@@ -67,8 +68,6 @@ def _plain_state_dict(base: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     Names are the transformers model's own (PEFT's ``base_layer.`` infix and the LoRA tensors removed),
     so the result loads into a freshly built model of the same config.
     """
-    from bitsandbytes.functional import dequantize_4bit
-
     quantized = _bnb_4bit_layers(base)
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():

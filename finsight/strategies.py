@@ -170,6 +170,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super().setup_environment()
             return
+        # deepspeed is an optional extra, imported only where a DeepSpeed strategy runs.
         from deepspeed.accelerator import get_accelerator, set_accelerator
         from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 

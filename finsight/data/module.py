@@ -18,7 +18,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from finsight.data import quality
 from finsight.data.batching import (
@@ -152,6 +154,8 @@ class FinSightDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         """Hash of everything that changes the prepared data: sources and their files, tokenizer,
         template, length and split settings (computed once per data module)."""
+        # `datasets` is imported where it is used, here and below: it loads pyarrow and pandas, which importing
+        # the package or parsing a config never needs.
         from datasets.fingerprint import Hasher
 
         if self._fingerprint is not None:
@@ -407,8 +411,6 @@ class FinSightDataModule(L.LightningDataModule):
                             "%d, an optimizer step that spans two epochs is normalised by the tokens of its "
                             "first part only", batches, accumulation)
         if trainer is not None and trainer.distributed_sampler_kwargs is not None:
-            from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-
             # Lightning would wrap the sampler itself (under any distributed strategy, DeepSpeed on one device
             # too), but with shuffle=True, which reshuffles single samples and undoes the length grouping and
             # the step totals; sharding the order in place keeps neighbours (similar lengths) together.
@@ -421,8 +423,6 @@ class FinSightDataModule(L.LightningDataModule):
         Its ``state_dict`` holds the sampler's epoch and position, so ``load_state_dict`` on a fresh loader
         continues the same epoch's order without repeating or skipping a sample.
         """
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.train_dataset is None:
             self.setup("fit")
 
