@@ -105,7 +105,7 @@ def test_auto_turns_recomputation_off_on_a_cpu_with_room_and_the_summary_says_wh
     assert not any(layer.gradient_checkpointing for layer in module.model.get_base_model().model.layers)
 
     out = io.StringIO()
-    monkeypatch.setattr("rich.console.Console", lambda **kwargs: Console(file=out, width=400))
+    monkeypatch.setattr("finsight.monitoring.Console", lambda **kwargs: Console(file=out, width=400))
     print_summary(trainer, module)
     row = next(line for line in out.getvalue().splitlines() if "gradient checkpointing" in line)
     assert "off (auto: CPU and the activations fit" in row
