@@ -16,8 +16,8 @@ plain transformers + PEFT with the adapter merged into the original weights.
    It reports tokens/s, the ratio to the 4-bit row, and whether the greedy tokens equal the 4-bit row's.
 2. Commands, in subprocesses (wall time including imports and loading): ``finsight chat --prompt`` with
    ``--max_new_tokens`` greedy, the same answer from a plain transformers + PEFT script, and (with
-   ``--checkpoint``) ``finsight test --compare_base true`` on ``--questions`` questions. ``--old`` adds the
-   same commands through the 4-bit layers (``--inference 4bit``, ``--model.eval_inference 4bit``).
+   ``--checkpoint``) ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old`` adds the
+   same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
 
 The machine's load average is printed before and after: on a shared machine compare the ratios of rows
 measured in the same run, not absolute numbers across runs.
@@ -165,12 +165,12 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
         eval_file.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
                                      for r in rows[-questions:]))
         test = [*finsight, "test", "--config", "configs/quickstart.yaml", "--ckpt_path", checkpoint,
-                "--compare_base", "true", f"--model.eval_file={eval_file}",
-                f"--model.eval_max_samples={questions}", f"--model.eval_max_new_tokens={max_new_tokens}",
+                "--eval.compare_base", "true", f"--eval.file={eval_file}",
+                f"--eval.max_samples={questions}", f"--eval.max_new_tokens={max_new_tokens}",
                 f"--trainer.logger.init_args.save_dir={folder}", "--trainer.enable_progress_bar=false"]
         runs.append(timed(test, f"finsight test, {questions} questions + 3 identity, base + tuned"))
         if old:
-            runs.append(timed([*test, "--model.eval_inference=4bit"], "finsight test --model.eval_inference 4bit"))
+            runs.append(timed([*test, "--eval.inference=4bit"], "finsight test --eval.inference 4bit"))
         for run in runs[-2 if old else -1:]:
             results = sorted(folder.rglob("eval_results.json"), key=lambda p: p.stat().st_mtime)[-1]
             run["generation_s"] = json.loads(results.read_text())["settings"]["generation_seconds"]

@@ -7,7 +7,8 @@ __all__ = ["FinSightDataModule", "FinSightModule", "SourceConfig"]
 
 
 def __getattr__(name: str):
-    # The model module imports transformers' model classes; load it only when asked for.
+    # Deferred on purpose (not a cycle): the model module imports transformers, PEFT and bitsandbytes'
+    # configuration, which ``FinSightDataModule`` users never need; load it only when asked for.
     if name == "FinSightModule":
         from finsight.module import FinSightModule
 

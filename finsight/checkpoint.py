@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +28,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
 from finsight.errors import FinSightError
 
@@ -41,6 +43,10 @@ TEMP_MARKER = ".tmp-"
 
 class CheckpointError(FinSightError, RuntimeError):
     """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
+
+
+class CheckpointContentError(FinSightError, ValueError):
+    """An intact checkpoint that is not a finsight training checkpoint (or not of this model)."""
 
 
 def temporary_path(path: Path) -> Path:
@@ -105,17 +111,41 @@ def read_checkpoint(path: _PATH) -> dict[str, Any]:
         except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as error:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
                                   "use an earlier checkpoint") from error
+    with tempfile.TemporaryDirectory() as scratch:
+        return _convert_deepspeed_folder(path, Path(scratch) / "checkpoint.pt")
+
+
+def _convert_deepspeed_folder(path: Path, target: Path) -> dict[str, Any]:
+    """Lightning's ZeRO → single-file conversion into ``target``, its failures as ``CheckpointError``."""
     if not is_deepspeed_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} is a folder without DeepSpeed's 'latest' file: not a checkpoint")
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):
         try:
-            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(scratch) / "checkpoint.pt")
+            return convert_zero_checkpoint_to_fp32_state_dict(path, target)
         except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile,
                 pickle.UnpicklingError) as error:
             raise CheckpointError(f"DeepSpeed checkpoint {path} is incomplete or corrupt ({error}); "
                                   "use an earlier checkpoint") from error
+
+
+@contextlib.contextmanager
+def loadable_checkpoint(path: str | os.PathLike) -> Iterator[Path]:
+    """A verified one-file checkpoint for ``path``, for ``LightningModule.load_from_checkpoint``.
+
+    A file is verified (``CheckpointError`` when damaged) and given as is; a DeepSpeed folder is converted
+    into a temporary file first (Lightning's own recipe for loading ZeRO checkpoints), removed afterwards.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        verify_checkpoint_file(path)
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch) / "checkpoint.pt"
+        _convert_deepspeed_folder(path, target)
+        yield target
 
 
 def verify_ckpt_path_argument(args: list[str]) -> None:

@@ -13,16 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from rich.console import Console
+from rich.logging import RichHandler
 
+from finsight.callbacks import reliability_callbacks
+from finsight.checkpoint import verify_ckpt_path_argument
 from finsight.data.module import FinSightDataModule
 from finsight.errors import FinSightError
+from finsight.evaluator import HeldOutEvaluator
+from finsight.export import AdapterExport, export_main
+from finsight.interactive import chat_main
 from finsight.module import FinSightModule
+from finsight.prediction import JsonlPredictionWriter
+from finsight.strategies import exit_if_strategy_unavailable, rank_zero_log_dir
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Send finsight's log messages through a Rich handler (once)."""
-    from rich.logging import RichHandler
-
     logger = logging.getLogger("finsight")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         handler = RichHandler(show_path=False, rich_tracebacks=False)
@@ -33,11 +40,17 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class FinSightCLI(LightningCLI):
-    """LightningCLI with the model name linked into the data module and validation counted in optimizer steps."""
+    """LightningCLI with the model name linked into the data module, validation counted in optimizer steps,
+    and two callbacks configured in their own sections: ``eval`` (:class:`~finsight.evaluator.HeldOutEvaluator`,
+    what ``test`` answers and scores) and ``adapter_export`` (:class:`~finsight.export.AdapterExport`, the
+    adapter ``fit`` writes)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One model reference serves the model and the data module's tokenizer and chat template.
         parser.link_arguments("model.model_name", "data.tokenizer")
+        # Always-present callbacks with their own config sections (`--eval.compare_base true`, `eval:` in YAML).
+        parser.add_lightning_class_args(HeldOutEvaluator, "eval")
+        parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_argument(
             "--val_every_n_optimizer_steps", type=int | None, default=None,
             help="Validate every N optimizer steps. Lightning's val_check_interval counts batches; this "
@@ -48,11 +61,6 @@ class FinSightCLI(LightningCLI):
             help="predict only: the JSON-lines file to write (one line per conversation: sample_id, source, "
                  "loss, trained_tokens); default predictions.jsonl in the run's log folder.",
         )
-        parser.add_argument(
-            "--compare_base", type=bool, default=False,
-            help="test only: also evaluate the base model with the adapter disabled on the same questions, "
-                 "and report both rows and their difference.",
-        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -62,19 +70,11 @@ class FinSightCLI(LightningCLI):
             config.trainer.val_check_interval = int(every) * int(accumulation)
         if config.get("ckpt_path") == "last":
             _resume_into_latest_version(config.trainer)
-        from finsight.strategies import exit_if_strategy_unavailable
-
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
 
-    def before_test(self) -> None:
-        """Hand ``--compare_base`` to the model (it is not a constructor argument: it only concerns test)."""
-        self.model.compare_base = bool(self.config[self.subcommand].get("compare_base"))
-
     def before_predict(self) -> None:
         """Point the prediction writer at ``--predictions_file`` when one is given."""
-        from finsight.prediction import JsonlPredictionWriter
-
         output = self.config[self.subcommand].get("predictions_file")
         for callback in self.trainer.callbacks:
             if isinstance(callback, JsonlPredictionWriter) and output:
@@ -82,15 +82,11 @@ class FinSightCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Tell the user where the run's outputs are."""
-        from rich.console import Console
-
-        from finsight.strategies import rank_zero_log_dir
-
-        trainer, model = self.trainer, self.model
+        trainer = self.trainer
         if not trainer.is_global_zero:
             return
         console = Console(stderr=True)
-        adapter = getattr(model, "exported_adapter", None)
+        adapter = next((c.path for c in trainer.callbacks if isinstance(c, AdapterExport)), None)
         if adapter is not None:
             console.print(f"[bold green]Adapter:[/] {Path(adapter).resolve()}")
         log_dir = rank_zero_log_dir(trainer)
@@ -120,20 +116,8 @@ def _resume_into_latest_version(trainer_config: Any) -> None:
         args["version"] = int(latest.name.split("_", 1)[1])
 
 
-def _export(args: list[str]):
-    from finsight.export import export_main
-
-    return export_main(args)
-
-
-def _chat(args: list[str]):
-    from finsight.interactive import chat_main
-
-    return chat_main(args)
-
-
 # Subcommands that are not Trainer methods get their own parsers.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export, "chat": _chat}
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, "chat": chat_main}
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
@@ -142,10 +126,6 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
-    from finsight.callbacks import reliability_callbacks
-    from finsight.checkpoint import verify_ckpt_path_argument
-    from finsight.prediction import JsonlPredictionWriter
-
     verify_ckpt_path_argument(argv)  # a damaged --ckpt_path file: one clear error, before LightningCLI reads it
     return FinSightCLI(
         FinSightModule,

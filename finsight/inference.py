@@ -19,7 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import dequantize_4bit
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +51,12 @@ class GenerationModel:
 
 def _bnb_4bit_layers(model: torch.nn.Module) -> dict[str, Any]:
     """Every bitsandbytes 4-bit linear layer by its module name."""
-    import bitsandbytes as bnb
 
     return {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 
 
 def _base_and_adapter(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The transformers model under a PEFT wrapper (or the model itself) and the active LoRA config."""
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         return model.get_base_model(), model.peft_config[model.active_adapter]
     return model, None
@@ -67,8 +68,6 @@ def _plain_state_dict(base: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     Names are the transformers model's own (PEFT's ``base_layer.`` infix and the LoRA tensors removed),
     so the result loads into a freshly built model of the same config.
     """
-    from bitsandbytes.functional import dequantize_4bit
-
     quantized = _bnb_4bit_layers(base)
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -113,9 +112,6 @@ def build_generation_model(model: torch.nn.Module, dtype: torch.dtype, *, merge_
 
 def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torch.dtype, merge_adapter: bool,
            device: torch.device | str | None) -> torch.nn.Module:
-    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
-
     state = _plain_state_dict(base, dtype)
     config = base.config
     device = torch.device(device) if device is not None else next(model.parameters()).device

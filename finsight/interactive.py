@@ -15,7 +15,6 @@ faster. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_pena
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import sys
@@ -23,11 +22,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from jsonargparse import auto_cli
+from peft import PeftModel
 
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.errors import FinSightError
-from finsight.inference import InferenceChoice, InferenceDtype
-from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind
+from finsight.generation import ChatSession, PromptTooLongError, chat_generation_config
+from finsight.inference import InferenceChoice, InferenceDtype, generation_model
+from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
+from finsight.module import FinSightModule
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +47,15 @@ def _default_compute_dtype() -> ComputeDtype:
 
 def load_base(model_name: str, quantization: QuantizationKind, compute_dtype: ComputeDtype,
               attn_implementation: AttentionChoice) -> tuple[Any, Any]:
-    """The base model, quantized as in training, and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from finsight.model import (
-        choose_attention,
-        load_tokenizer,
-        quantization_config,
-        resolve_model,
-        torch_dtype,
-    )
-
-    path = resolve_model(model_name)
-    attention, _ = choose_attention(attn_implementation, compute_dtype)
-    bnb = quantization_config(quantization, True, compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=bnb, dtype=torch_dtype(compute_dtype), attn_implementation=attention,
-        # 4-bit weights are placed on the GPU at load time, as in training.
-        device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
-    )
-    return model, load_tokenizer(path)
+    """The base model, quantized as in training (on the GPU when there is one), and its tokenizer."""
+    model, _, _ = load_base_model(model_name, quantization=quantization, compute_dtype=compute_dtype,
+                                  attn_implementation=attn_implementation, on_gpu=True)
+    return model, load_chat_tokenizer(model_name)
 
 
 def load_from_adapter(adapter: str, model_name: str | None, quantization: QuantizationKind,
                       compute_dtype: ComputeDtype, attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
     """Base model (named, or the one recorded in ``adapter_config.json``) with the PEFT adapter on it."""
-    from peft import PeftModel
-
     config_file = Path(adapter).expanduser() / "adapter_config.json"
     if not config_file.is_file():
         raise ChatLoadError(f"adapter folder {adapter!r} has no adapter_config.json (expected a PEFT adapter "
@@ -86,32 +72,16 @@ def load_from_adapter(adapter: str, model_name: str | None, quantization: Quanti
 def load_from_checkpoint(ckpt_path: str, model_name: str | None, quantization: QuantizationKind | None,
                          compute_dtype: ComputeDtype,
                          attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
-    """Rebuild the training module from the checkpoint's hyper-parameters and load its adapter weights."""
-    from finsight.model import load_tokenizer, resolve_model
-    from finsight.module import FinSightModule
-
-    if not Path(ckpt_path).expanduser().is_file():
-        raise ChatLoadError(f"checkpoint {ckpt_path!r} does not exist")
-    checkpoint = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=False)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if not model_name and not hparams.get("model_name"):
-        raise ChatLoadError(f"checkpoint {ckpt_path!r} has no hyper_parameters.model_name; give --model_name")
-    accepted = set(inspect.signature(FinSightModule.__init__).parameters) - {"self"}
-    hparams = {k: v for k, v in hparams.items() if k in accepted}
-    hparams.update(gradient_checkpointing=False, compute_dtype=compute_dtype, attn_implementation=attn_implementation)
+    """The training module of a checkpoint (verified first), with the chat's loading options on top."""
+    overrides: dict[str, Any] = {"gradient_checkpointing": False, "compute_dtype": compute_dtype,
+                                 "attn_implementation": attn_implementation}
     if model_name:
-        hparams["model_name"] = model_name
+        overrides["model_name"] = model_name
     if quantization:
-        hparams["quantization"] = quantization
-    module = FinSightModule(**hparams)
-    module.configure_model()
-    state = checkpoint.get("state_dict") or {}
-    result = module.load_state_dict(state, strict=False)
-    if not state or result.unexpected_keys:
-        raise ChatLoadError(f"checkpoint {ckpt_path!r} does not hold this model's adapter weights "
-                            f"({len(state)} tensors, {len(result.unexpected_keys)} unknown to the model)")
-    path = resolve_model(hparams["model_name"])
-    return module.model, load_tokenizer(path), f"{hparams['model_name']} + checkpoint {ckpt_path}"
+        overrides["quantization"] = quantization
+    module = FinSightModule.from_checkpoint(Path(ckpt_path).expanduser(), **overrides)
+    name = module.hparams.model_name
+    return module.model, load_chat_tokenizer(name), f"{name} + checkpoint {ckpt_path}"
 
 
 def chat(
@@ -166,19 +136,16 @@ def chat(
     Returns:
         The exit status: 0.
     """
-    from finsight.generation import ChatSession, chat_generation_config
-    from finsight.inference import generation_model
-
     output = sys.stdout
-    dtype = compute_dtype or _default_compute_dtype()
+    compute = compute_dtype or _default_compute_dtype()
     if ckpt_path:
-        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, quantization, dtype,
+        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, quantization, compute,
                                                            attn_implementation)
     elif adapter:
-        model, tokenizer, described = load_from_adapter(adapter, model_name, quantization or "nf4", dtype,
+        model, tokenizer, described = load_from_adapter(adapter, model_name, quantization or "nf4", compute,
                                                         attn_implementation)
     elif model_name:
-        model, tokenizer = load_base(model_name, quantization or "nf4", dtype, attn_implementation)
+        model, tokenizer = load_base(model_name, quantization or "nf4", compute, attn_implementation)
         described = f"{model_name} (base model, no adapter)"
     else:
         raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
@@ -196,8 +163,6 @@ def chat(
 
 def _interactive(session: Any, described: str, output: TextIO) -> int:
     """Read questions until ``/exit`` or end of input; answers stream as they are generated."""
-    from finsight.generation import PromptTooLongError
-
     output.write(f"FinSight chat with {described}\n"
                  "/reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops an answer.\n")
     while True:
@@ -233,11 +198,11 @@ def _interactive(session: Any, described: str, output: TextIO) -> int:
 
 
 def chat_main(args: list[str]) -> int:
-    """``finsight chat ...``: parse the options (typed, documented in ``--help``) and run :func:`chat`."""
-    from jsonargparse import auto_cli
+    """``finsight chat ...``: parse the options (typed, documented in ``--help``) and run :func:`chat`.
 
-    from finsight.generation import PromptTooLongError
-
+    Errors the user can fix (a missing adapter, a damaged checkpoint, a prompt too long) reach the entry
+    point, which prints them as one ``error:`` line.
+    """
     # Loading messages would mix with the answers on standard output (which scripts read): warnings only.
     quiet = [logging.getLogger(name) for name in ("finsight", "transformers")]
     levels = [logger.level for logger in quiet]
@@ -245,9 +210,6 @@ def chat_main(args: list[str]) -> int:
         logger.setLevel(logging.WARNING)
     try:
         return auto_cli(chat, args=args, as_positional=False, prog="finsight chat")
-    except (ChatLoadError, PromptTooLongError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)

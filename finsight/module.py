@@ -1,10 +1,14 @@
-"""``FinSightModule``: the 4-bit PEFT model, its loss, metrics, optimizer, schedule and adapter-only checkpoints."""
+"""``FinSightModule``: the 4-bit PEFT model, its loss, metrics, optimizer, schedule and adapter-only checkpoints.
+
+Test-time answer evaluation (:mod:`finsight.evaluator`) and the end-of-fit adapter export
+(:mod:`finsight.export`) are callbacks the command line adds; the module only computes losses.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +19,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from finsight.checkpoint import CheckpointContentError, loadable_checkpoint, read_checkpoint
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
-from finsight.inference import InferenceChoice
 from finsight.model import (
     DEFAULT_TARGET_MODULES,
     AttentionChoice,
@@ -26,18 +30,13 @@ from finsight.model import (
     GradientCheckpointing,
     QuantizationKind,
     load_peft_model,
-    load_tokenizer,
-    resolve_model,
 )
+from finsight.strategies import at_optimizer_step, trainable_gradients
 
 log = logging.getLogger(__name__)
 
 # Precisions that cast the whole module (``.to(dtype)``) would try to cast 4-bit weights.
 SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
-
-
-# Constructor arguments that only concern `finsight test` (see FinSightModule.__init__).
-EVAL_OPTIONS = ("eval_file", "eval_source", "eval_max_samples", "eval_max_new_tokens", "eval_inference")
 
 
 class PrecisionError(FinSightError, ValueError):
@@ -81,12 +80,6 @@ class FinSightModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         adapter_path: str | None = None,
-        export_dir: str | None = None,
-        eval_file: str | None = None,
-        eval_source: str = "company_qa",
-        eval_max_samples: int | None = 100,
-        eval_max_new_tokens: int = 128,
-        eval_inference: InferenceChoice = "auto",
     ) -> None:
         """
         Args:
@@ -108,25 +101,9 @@ class FinSightModule(L.LightningModule):
             weight_decay: AdamW weight decay (0 as in the methodology: LoRA weights start at zero anyway).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
             adapter_path: Start from an existing PEFT adapter folder instead of fresh LoRA weights.
-            export_dir: Where ``fit`` writes the best adapter; defaults to ``<log_dir>/adapter``.
-            eval_file: ``test``: answer the questions of this ``qa``-format file (``question``, ``answer``
-                columns) instead of the held-out rows of ``eval_source``.
-            eval_source: ``test``: the source whose validation rows are the held-out questions whose
-                generated answers are scored against their references (ROUGE-L, token F1, numbers).
-            eval_max_samples: ``test``: at most this many held-out questions are answered (generation is
-                the slow part of ``test``); None answers all.
-            eval_max_new_tokens: ``test``: longest generated answer in tokens.
-            eval_inference: ``test``: generate with the NF4 weights dequantized and the adapter merged
-                (``merged``; ``auto`` does so on a CPU, and on a GPU when they fit) or through the 4-bit
-                layers (``4bit``). Both are the same weights; greedy answers agree.
         """
         super().__init__()
-        # Test-time options stay out of the hyper-parameters: Lightning's CLI overrides the model's
-        # arguments with a checkpoint's hyper-parameters, which would silently undo `test --model.eval_*`.
-        self.save_hyperparameters(ignore=list(EVAL_OPTIONS))
-        self.eval_options = {"eval_file": eval_file, "eval_source": eval_source,
-                             "eval_max_samples": eval_max_samples, "eval_max_new_tokens": eval_max_new_tokens,
-                             "eval_inference": eval_inference}
+        self.save_hyperparameters()
         self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
         self.model: torch.nn.Module | None = None
         self.model_info = None
@@ -148,7 +125,7 @@ class FinSightModule(L.LightningModule):
             return
         hp = self.hparams
         self.model_info = load_peft_model(
-            resolve_model(hp.model_name),
+            hp.model_name,
             quantization=hp.quantization,
             double_quant=hp.double_quant,
             compute_dtype=hp.compute_dtype,
@@ -298,22 +275,17 @@ class FinSightModule(L.LightningModule):
         self.val_loss.reset()
         self.val_ppl.reset()
         for name, metric in self.val_source_loss.items():
-            if metric.update_count:
-                self.log(f"val/loss/{name}", metric.compute())
+            # compute() synchronizes across ranks, so every rank calls it, also one whose part of the split
+            # holds no row of this source; a source no rank saw comes back as NaN (0 / 0) and is not logged.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update",
+                                        category=UserWarning)
+                value = metric.compute()
+            if not torch.isnan(value):
+                self.log(f"val/loss/{name}", value)
             metric.reset()
 
     # ------------------------------------------------------------------------------------- test
-
-    compare_base: bool = False
-    """``test`` also evaluates the base model, adapter disabled, on the same set (``--compare_base true``)."""
-
-    def on_test_epoch_start(self) -> None:
-        """Fresh base-model metrics for ``compare_base``, and a warning when there is nothing fine-tuned."""
-        self._base_loss = MeanMetric().to(self.device)
-        self._base_ppl = Perplexity(ignore_index=IGNORE_INDEX).to(self.device)
-        if self.trainer.ckpt_path is None and self.hparams.adapter_path is None and self.trainer.global_step == 0:
-            log.warning("Testing fresh LoRA weights, which leave the base model unchanged: give --ckpt_path "
-                        "or --model.adapter_path to test a fine-tuned adapter")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-conversation loss on the assistant tokens: which samples the model finds hard."""
@@ -322,38 +294,17 @@ class FinSightModule(L.LightningModule):
                 "loss": loss_sum / n_tokens.clamp(min=1), "trained_tokens": n_tokens}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Held-out loss and perplexity (the same accounting as validation), also for the base model when
-        ``compare_base`` is set."""
+        """Held-out loss and perplexity, with the same accounting as validation."""
         self.validation_step(batch, batch_idx)
-        if self.compare_base:
-            with self.model.disable_adapter():
-                logits = self(batch["input_ids"], batch["attention_mask"])
-            loss_sum, n_tokens = token_losses(logits, batch["labels"])
-            keep = n_tokens > 0
-            self._base_loss.update(loss_sum[keep] / n_tokens[keep], n_tokens[keep])
-            self._base_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def on_test_epoch_end(self) -> None:
-        """Log loss and perplexity, then generate answers to the held-out questions and score them
-        (``finsight.evaluation.run_test_evaluation``): logged metrics, ``eval_results.json`` and ``.md``."""
-        from finsight.evaluation import BASE, FINE_TUNED, run_test_evaluation
-
-        loss, ppl = self.val_loss.compute(), self.val_ppl.compute()
-        self.log("test/loss", loss)
-        self.log("test/ppl", ppl)
-        rows = {FINE_TUNED: {"loss": float(loss), "ppl": float(ppl)}}
-        if self.compare_base:
-            base_loss, base_ppl = self._base_loss.compute(), self._base_ppl.compute()
-            self.log("test_base/loss", base_loss)
-            self.log("test_base/ppl", base_ppl)
-            rows[BASE] = {"loss": float(base_loss), "ppl": float(base_ppl)}
+        """Log ``test/loss`` and ``test/ppl`` (answer metrics come from ``finsight.evaluator``)."""
+        self.log("test/loss", self.val_loss.compute())
+        self.log("test/ppl", self.val_ppl.compute())
         self.val_loss.reset()
         self.val_ppl.reset()
-        self._base_loss.reset()
-        self._base_ppl.reset()
         for metric in self.val_source_loss.values():
             metric.reset()
-        self.test_results = run_test_evaluation(self, rows)
 
     # ------------------------------------------------------------------------------------- optimizer
 
@@ -381,8 +332,6 @@ class FinSightModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the step's loss (the mean over all its trained tokens) and its gradient norm before clipping."""
-        from finsight.strategies import at_optimizer_step, trainable_gradients
-
         if not at_optimizer_step(self.trainer):
             return
         # Every rank holds its own part of the step's token sum; the total is their sum over the step's tokens.
@@ -409,32 +358,37 @@ class FinSightModule(L.LightningModule):
         names = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
 
-    def export_adapter(self, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
-        """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
-        folder = Path(folder)
-        self.model.save_pretrained(str(folder))
-        tokenizer = tokenizer or load_tokenizer(resolve_model(self.hparams.model_name))
-        tokenizer.save_pretrained(str(folder))
-        return folder
+    # ------------------------------------------------------------------------------------- loading
 
-    def on_fit_end(self) -> None:
-        """Export the best adapter (by ``val/loss``) — or the last one when nothing was validated."""
-        trainer = self.trainer
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        if best and Path(best).exists():  # a file, or a folder under DeepSpeed
-            from finsight.checkpoint import read_checkpoint
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> FinSightModule:
+        """The module of a training checkpoint (a file, or a folder under DeepSpeed), in eval mode.
 
-            self.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)
-            log.info("Exporting the best adapter (%s)", Path(best).name)
-        if not trainer.is_global_zero:
-            return
-        from finsight.strategies import rank_zero_log_dir
-
-        target = Path(self.hparams.export_dir or Path(rank_zero_log_dir(trainer) or "lightning_logs") / "adapter")
-        datamodule = getattr(trainer, "datamodule", None)
-        self.export_adapter(target, getattr(datamodule, "tokenizer", None))
-        log.info("Adapter written to %s", target)
-        self.exported_adapter = target
+        The file is verified first (a damaged one raises ``CheckpointError`` naming it), then Lightning's
+        ``load_from_checkpoint`` rebuilds the module from its hyper-parameters with ``overrides`` on top
+        and loads the adapter weights it holds; the base model comes from the model reference.
+        """
+        with loadable_checkpoint(path) as file:
+            checkpoint = read_checkpoint(file)
+            state, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters")
+            if not state or hparams is None:
+                raise CheckpointContentError(f"{path} is not a finsight training checkpoint (no adapter weights "
+                                             "or no hyper_parameters)")
+            if not overrides.get("model_name") and not hparams.get("model_name"):
+                raise CheckpointContentError(f"checkpoint {path} names no base model (hyper_parameters.model_name); "
+                                             "give the model reference")
+            del checkpoint
+            # 4-bit weights are placed on the GPU at load time; the adapter must land beside them.
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            with warnings.catch_warnings():
+                # Lightning lists every base weight as missing from the checkpoint: adapter-only on purpose.
+                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+                module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=False,
+                                                  **overrides)
+        unknown = sorted(set(state) - set(module.state_dict()))
+        if unknown:
+            raise CheckpointContentError(f"{path} holds weights this model does not have: {unknown[:3]}")
+        return module.eval()
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

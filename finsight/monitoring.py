@@ -9,9 +9,13 @@ import time
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from finsight.data.chat import IGNORE_INDEX
+from finsight.strategies import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ def _peak_memory_gb() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"perf/cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
                 "perf/cuda_max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
-    import psutil
-
     return {"perf/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
@@ -114,11 +116,6 @@ class TrainingMonitor(L.Callback):
 
 def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     """One Rich panel with what a user checks before leaving a run alone for hours."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from finsight.strategies import rank_zero_log_dir
-
     hp = getattr(pl_module, "hparams", {})
     info = getattr(pl_module, "model_info", None)
     datamodule = getattr(trainer, "datamodule", None)

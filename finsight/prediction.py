@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from finsight.strategies import rank_zero_log_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -37,8 +39,6 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._handle = None
 
     def _target(self, trainer: L.Trainer) -> Path:
-        from finsight.strategies import rank_zero_log_dir
-
         path = self.output or Path(rank_zero_log_dir(trainer) or trainer.log_dir or ".") / "predictions.jsonl"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")

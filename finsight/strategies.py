@@ -27,6 +27,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -169,6 +170,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super().setup_environment()
             return
+        # deepspeed is an optional extra, imported only where a DeepSpeed strategy runs.
         from deepspeed.accelerator import get_accelerator, set_accelerator
         from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
@@ -320,8 +322,6 @@ def rank_zero_log_dir(trainer: Any) -> str | None:
     for the other ranks (Lightning's docstring says so), and a DDP run hangs. On rank 0 the value is the
     same without the broadcast: the first logger's folder, or ``default_root_dir`` without a logger.
     """
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     if trainer.loggers:
         logger = trainer.loggers[0]
         return logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir

@@ -47,7 +47,7 @@ import yaml
 from finsight import FinSightDataModule
 from finsight.data.chat import ChatTemplateError
 from finsight.data.sources import DataSourceError, SourceConfig
-from finsight.model import ModelReferenceError, resolve_model
+from finsight.references import ModelReferenceError, resolve_model
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

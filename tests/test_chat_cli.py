@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from test_generation import sampled_fit
 
-from finsight.cli import main
+from finsight.cli import entry, main
+from finsight.generation import PromptTooLongError
 
 QUESTION = "What is an expense ratio?"
 GREEDY = ("--temperature", "0", "--repetition_penalty", "1.0")
@@ -50,11 +51,9 @@ def test_one_shot_answer_from_adapter_and_from_checkpoint(tiny_model_dir, tmp_pa
     assert from_adapter and from_adapter == from_checkpoint
     # Greedy, the merged model the chat generates with answers as the 4-bit PEFT model does.
     assert from_adapter == _expected_answer(tiny_model_dir, run["adapter"], 6)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(PromptTooLongError, match=r"at most 56 fit \(max_length 64 - max_new_tokens 8\)"):
         main(["chat", "--adapter", str(run["adapter"]), "--prompt", "word " * 100, "--max_length", "64",
               "--max_new_tokens", "8"])
-    assert exit_info.value.code == 1
-    assert "at most 56 fit (max_length 64 - max_new_tokens 8)" in capsys.readouterr().err
 
 
 def test_interactive_chat_reads_until_exit(tiny_model_dir, tmp_path_factory, capsys, monkeypatch):
@@ -66,14 +65,13 @@ def test_interactive_chat_reads_until_exit(tiny_model_dir, tmp_path_factory, cap
     assert out.count("FinSight: ") == 2 and "(conversation cleared)" in out
 
 
-def test_chat_errors_name_the_problem(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["chat", "--adapter", str(tmp_path), "--prompt", "hi"])
-    assert exit_info.value.code == 1
-    assert "has no adapter_config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["chat", "--prompt", "hi"])
-    assert "needs --adapter, --ckpt_path or --model_name" in capsys.readouterr().err
+def test_chat_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    for args, expected in ((["--adapter", str(tmp_path), "--prompt", "hi"], "has no adapter_config.json"),
+                           (["--prompt", "hi"], "needs --adapter, --ckpt_path or --model_name")):
+        monkeypatch.setattr(sys, "argv", ["finsight", "chat", *args])
+        assert entry() == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -85,3 +83,22 @@ def test_chat_command_in_a_subprocess_exits_0(tiny_model_dir, tmp_path_factory):
                             capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == _expected_answer(tiny_model_dir, run["adapter"], 6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_damaged_checkpoint_is_one_error_line_in_export_and_chat(tiny_model_dir, tmp_path_factory, tmp_path,
+                                                                  capsys, monkeypatch, damage):
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    data = run["best"].read_bytes()
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"PK\x03\x04" + data[4:100])
+    commands = {"export": ["export", "--checkpoint", str(damaged), "--output", str(tmp_path / "out")],
+                "chat": ["chat", "--ckpt_path", str(damaged), "--prompt", QUESTION]}
+    for name, args in commands.items():
+        monkeypatch.setattr(sys, "argv", ["finsight", *args])
+        assert entry() == 1, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err[-2000:]
+        assert err.startswith(f"error: checkpoint {damaged} is truncated or corrupt"), err
+        assert err.endswith("use an earlier checkpoint"), err
+    assert not (tmp_path / "out").exists()

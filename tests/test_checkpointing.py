@@ -93,8 +93,7 @@ def test_loss_and_gradients_are_the_same_with_and_without_recomputation(tiny_mod
 
 def test_auto_turns_recomputation_off_on_a_cpu_with_room_and_the_summary_says_why(tiny_model_dir, datamodule,
                                                                                    tmp_path, monkeypatch):
-    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", gradient_checkpointing="auto",
-                            export_dir=str(tmp_path / "adapter"))
+    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", gradient_checkpointing="auto")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         default_root_dir=str(tmp_path))
@@ -106,7 +105,7 @@ def test_auto_turns_recomputation_off_on_a_cpu_with_room_and_the_summary_says_wh
     assert not any(layer.gradient_checkpointing for layer in module.model.get_base_model().model.layers)
 
     out = io.StringIO()
-    monkeypatch.setattr("rich.console.Console", lambda **kwargs: Console(file=out, width=400))
+    monkeypatch.setattr("finsight.monitoring.Console", lambda **kwargs: Console(file=out, width=400))
     print_summary(trainer, module)
     row = next(line for line in out.getvalue().splitlines() if "gradient checkpointing" in line)
     assert "off (auto: CPU and the activations fit" in row

@@ -77,9 +77,15 @@ def recorder_arg(out_dir: Path, tag: str) -> str:
 def run_finsight(args: list[str], cache: Path, timeout: float = DDP_TIMEOUT_S, expect_failure: bool = False) -> str:
     """Run ``python -m finsight`` in its own process group; fail (and kill every rank) on a hang, and on an error
     unless ``expect_failure`` (then on success)."""
+    return run_ranks(["-m", "finsight", *args], cache, timeout, expect_failure)
+
+
+def run_ranks(command: list[str], cache: Path, timeout: float = DDP_TIMEOUT_S, expect_failure: bool = False) -> str:
+    """Run ``python COMMAND`` (which starts the other ranks itself) in its own process group; fail and kill every
+    rank on a hang, and on an error unless ``expect_failure`` (then on success)."""
     env = dict(os.environ, FINSIGHT_CACHE=str(cache), COLUMNS="200",
                PYTHONPATH=os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    proc = subprocess.Popen([sys.executable, "-m", "finsight", *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -89,7 +95,7 @@ def run_finsight(args: list[str], cache: Path, timeout: float = DDP_TIMEOUT_S, e
         pytest.fail(f"the run did not finish in {timeout}s; a collective call made on one rank only "
                     f"(e.g. trainer.log_dir inside `if trainer.is_global_zero`) hangs the others:\n{output[-4000:]}")
     if (proc.returncode != 0) != expect_failure:
-        pytest.fail(f"finsight fit exited with {proc.returncode}:\n{output[-6000:]}")
+        pytest.fail(f"{' '.join(command[:2])} exited with {proc.returncode}:\n{output[-6000:]}")
     return output
 
 
@@ -232,3 +238,66 @@ def test_rank_zero_log_dir_matches_the_trainers_without_a_collective(logger, tmp
     assert rank_zero_log_dir(trainer) == {"tensorboard": str(tmp_path / "tb" / "version_0"),
                                           "csv": str(tmp_path / "csv" / "version_0"),
                                           "none": str(tmp_path / "root")}[logger]
+
+
+# Two sources; with the tiny tokenizer the validation split is 4 rows in length order [intro, intro, company_qa,
+# intro]: DDP gives rank 0 rows 0 and 2 and rank 1 rows 1 and 3, so rank 1 never sees company_qa.
+TWO_SOURCES = ('[{"name": "intro", "format": "intro", "rows": 30}, '
+               '{"name": "company_qa", "path": "bundled:company_qa", "format": "qa", "fraction": 0.08}]')
+TWO_SOURCE_DATA = {"sources": TWO_SOURCES, "batch_size": 2, "val_fraction": 0.1, "seed": SEED, "max_length": 512}
+FIT_VALIDATE_TEST_TIMEOUT_S = 300
+
+
+def test_fit_validate_test_on_two_ranks_when_one_rank_lacks_a_source(tiny_model_dir, tmp_path_factory, tmp_path):
+    """fit + validate + test under DDP (2 CPU processes, gloo) through the CLI's objects: every rank makes the same
+    collective calls (a hang fails after the timeout), per-source losses equal a single-process computation, and
+    rank 0 alone writes the results and the adapter."""
+    from finsight.data.module import FinSightDataModule
+    from finsight.evaluation import BASE, FINE_TUNED
+    from finsight.module import FinSightModule
+
+    cache = tmp_path_factory.getbasetemp() / "finsight-cache"
+    out = tmp_path / "out"
+    args = tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2",
+                         "--trainer.limit_val_batches=null", "--trainer.logger.init_args.version=ddp",
+                         "--model.lora_r=8", "--eval.compare_base=true", "--eval.max_samples=1",
+                         "--eval.max_new_tokens=4", *(f"--data.{k}={v}" for k, v in TWO_SOURCE_DATA.items()))[1:]
+    output = run_ranks([str(TESTS / "ddp_worker.py"), str(out), *args], cache, FIT_VALIDATE_TEST_TIMEOUT_S)
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    names = ranks[0]["source_names"]
+    assert names == ["intro", "company_qa"] and [r["world_size"] for r in ranks] == [2, 2]
+    # The situation under test: company_qa's only validation row is on rank 0.
+    for stage in ("fit", "validate"):
+        assert ranks[0]["val_sources"][stage] == [0, 1] and ranks[1]["val_sources"][stage] == [0], stage
+
+    # Both ranks log the same globally reduced values, in fit's validation and in validate.
+    for stage in ("fit", "validate"):
+        values = [{k: v for k, v in r[stage].items() if k.startswith("val/")} for r in ranks]
+        assert {"val/loss", "val/ppl", "val/loss/intro", "val/loss/company_qa"} <= set(values[0]), stage
+        assert values[0] == values[1], stage
+
+    # The same weights and rows in one process give the same per-source losses.
+    module = FinSightModule.from_checkpoint(out / "final.ckpt")
+    data = FinSightDataModule(tokenizer=str(tiny_model_dir), num_proc=1, **{**TWO_SOURCE_DATA, "sources":
+                                                                            json.loads(TWO_SOURCES)})
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path / "single")
+    single = trainer.validate(module, datamodule=data, verbose=False)[0]
+    for key in ("val/loss", "val/loss/intro", "val/loss/company_qa", "val/ppl"):
+        assert ranks[0]["validate"][key] == pytest.approx(single[key], rel=1e-4), key
+
+    # test: the same held-out rows, so the same loss; the base model row too; results written once, by rank 0.
+    for r in ranks:
+        assert r["test"]["test/loss"] == pytest.approx(single["val/loss"], rel=1e-4)
+        assert r["test"]["test_base/loss"] > 0 and "test/rouge_l" in r["test"]
+        assert r["test"]["test_base/loss"] == ranks[0]["test"]["test_base/loss"]
+    log_dir = Path(ranks[0]["log_dir"])
+    assert ranks[1]["log_dir"] == str(log_dir)
+    results = sorted(tmp_path.rglob("eval_results.json"))
+    assert results == [log_dir / "eval_results.json"]
+    written = json.loads(results[0].read_text())
+    assert set(written["rows"]) == {FINE_TUNED, BASE}
+    assert written["rows"][FINE_TUNED]["loss"] == pytest.approx(ranks[0]["test"]["test/loss"])
+    assert written["settings"]["questions"] == 1
+    assert output.count("Results:") == 1 and output.count("Adapter written to") == 1
+    assert (log_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -27,6 +27,7 @@ from finsight.evaluation import (
     words,
     write_results,
 )
+from finsight.evaluator import HeldOutEvaluator
 
 # ------------------------------------------------------------------------------------------ accuracy
 
@@ -189,8 +190,9 @@ def test_finsight_test_compare_base_writes_both_rows(tiny_model_dir, tmp_path_fa
     from finsight.cli import main
 
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
-    cli = main(tiny_test_args(tiny_model_dir, tmp_path, "--ckpt_path", str(run["best"]), "--compare_base=true"))
-    assert cli.model.compare_base
+    cli = main(tiny_test_args(tiny_model_dir, tmp_path, "--ckpt_path", str(run["best"]), "--eval.compare_base=true"))
+    evaluator = next(c for c in cli.trainer.callbacks if isinstance(c, HeldOutEvaluator))
+    assert evaluator.compare_base and evaluator.results[BASE]["loss"] > 0
     log_dir = Path(cli.trainer.log_dir)
     payload = json.loads((log_dir / "eval_results.json").read_text())
     rows = payload["rows"]
@@ -214,7 +216,7 @@ def test_finsight_test_compare_base_writes_both_rows(tiny_model_dir, tmp_path_fa
     # The answers came from the dequantized, merged model; through the 4-bit layers they are the same answers.
     assert payload["settings"]["generation_model"].startswith("NF4 weights dequantized to float32 with the adapter")
     four_bit = main(tiny_test_args(tiny_model_dir, tmp_path / "4bit", "--ckpt_path", str(run["best"]),
-                                   "--compare_base=true", "--model.eval_inference=4bit"))
+                                   "--eval.compare_base=true", "--eval.inference=4bit"))
     again = json.loads((Path(four_bit.trainer.log_dir) / "eval_results.json").read_text())
     assert again["settings"]["generation_model"].startswith("4-bit layers as trained")
     assert again["rows"] == rows and again["samples"] == payload["samples"]
@@ -231,7 +233,7 @@ def test_finsight_test_answers_the_questions_of_an_eval_file(tiny_model_dir, tmp
                                         "answer": f"Revenue was ${year - 2000}.5 billion in {year}."}) + "\n"
                             for year in (2019, 2020)))
     cli = main(tiny_test_args(tiny_model_dir, tmp_path, f"--model.adapter_path={run['adapter']}",
-                              f"--model.eval_file={path}", "--trainer.limit_test_batches=1"))
+                              f"--eval.file={path}", "--trainer.limit_test_batches=1"))
     payload = json.loads((Path(cli.trainer.log_dir) / "eval_results.json").read_text())
     assert set(payload["rows"]) == {FINE_TUNED}
     qa = [s for s in payload["samples"][FINE_TUNED] if s["kind"] == "qa"]

@@ -9,7 +9,7 @@ import torch
 from test_generation import sampled_fit
 
 from finsight.cli import main
-from finsight.export import module_from_checkpoint
+from finsight.module import FinSightModule
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200, 11, 60]])
 CONVERSATION = [{"role": "system", "content": "You are FinSight, a finance assistant."},
@@ -24,7 +24,7 @@ GGUF_TOLERANCE = {"f16": 0.005, "bf16": 0.02, "q8_0": 0.04}
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
-    module = module_from_checkpoint(run["best"], gradient_checkpointing=False)
+    module = FinSightModule.from_checkpoint(run["best"], gradient_checkpointing=False)
     with torch.no_grad():
         logits = module(IDS)
     return run, logits

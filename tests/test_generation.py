@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import exported_adapter
 
 from finsight.generation import (
     DEFAULT_SAMPLE_PROMPTS,
@@ -39,7 +40,7 @@ def tiny_fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
 def tiny_test_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
     """`finsight test` on two batches of the held-out split, with short answers."""
     return tiny_run_args("test", model_dir, root, "--trainer.limit_test_batches=2",
-                         "--model.eval_max_new_tokens=6", *extra)
+                         "--eval.max_new_tokens=6", *extra)
 
 
 SAMPLES_CALLBACK = ("--trainer.callbacks+=finsight.generation.GenerationSamples",
@@ -56,7 +57,7 @@ def sampled_fit(model_dir: Path, tmp_path_factory) -> dict:
         cli = main(tiny_fit_args(model_dir, root, *SAMPLES_CALLBACK))
         _RUNS["sampled"] = {
             "log_dir": Path(cli.trainer.log_dir),
-            "adapter": Path(cli.model.exported_adapter),
+            "adapter": exported_adapter(cli),
             "best": Path(cli.trainer.checkpoint_callback.best_model_path),
             "last": Path(cli.trainer.checkpoint_callback.last_model_path),
             "callback": next(c for c in cli.trainer.callbacks if type(c).__name__ == "GenerationSamples"),
@@ -186,7 +187,7 @@ def _plain_fit(model_dir: Path, root: Path, callbacks: list) -> dict[str, torch.
 
     L.seed_everything(7)
     module = FinSightModule(model_name=str(model_dir), compute_dtype="float32", lora_r=8, lora_dropout=0.1,
-                            learning_rate=1e-2, export_dir=str(root / "adapter"))
+                            learning_rate=1e-2)
     # The quickstart's data settings: the prepared data is shared with the CLI runs through the cache.
     data = FinSightDataModule(sources=sample_sources(intro_rows=60), tokenizer=str(model_dir), max_length=512,
                               batch_size=2, num_proc=1)

@@ -170,7 +170,7 @@ def test_checkpoint_size_is_near_the_adapter_and_resume_restores_everything(tiny
 
 def test_exported_adapter_gives_the_same_logits_with_plain_peft(tiny_model_dir, tmp_path):
     from peft import PeftModel
-    from test_cli import tiny_fit_args
+    from test_cli import exported_adapter, tiny_fit_args
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cli = main(tiny_fit_args(tiny_model_dir, tmp_path))
@@ -181,7 +181,7 @@ def test_exported_adapter_gives_the_same_logits_with_plain_peft(tiny_model_dir, 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, dtype=torch.float32)
-    plain = PeftModel.from_pretrained(base, cli.model.exported_adapter).eval()
+    plain = PeftModel.from_pretrained(base, exported_adapter(cli)).eval()
     with torch.no_grad():
         theirs = plain(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -103,7 +103,6 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
         lora_dropout=0.0 if parity else settings.lora_dropout, target_modules=list(settings.target_modules),
         gradient_checkpointing=settings.gradient_checkpointing, learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
-        export_dir=str(run_dir / "fit-export"),
     )
     L.seed_everything(settings.seed, verbose=False)
     trainer = L.Trainer(

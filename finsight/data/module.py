@@ -18,7 +18,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from finsight.data import quality
 from finsight.data.batching import (
@@ -42,6 +44,8 @@ from finsight.data.sources import (
 )
 from finsight.data.split import split_by_groups
 from finsight.data.tokenizer import load_tokenizer_reference
+from finsight.references import cache_root
+from finsight.strategies import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,8 @@ class FinSightDataModule(L.LightningDataModule):
     def fingerprint(self) -> str:
         """Hash of everything that changes the prepared data: sources and their files, tokenizer,
         template, length and split settings (computed once per data module)."""
+        # `datasets` is imported where it is used, here and below: it loads pyarrow and pandas, which importing
+        # the package or parsing a config never needs.
         from datasets.fingerprint import Hasher
 
         if self._fingerprint is not None:
@@ -175,8 +181,6 @@ class FinSightDataModule(L.LightningDataModule):
         return self._fingerprint
 
     def _cache_path(self) -> Path:
-        from finsight.model import cache_root
-
         root = Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "data"
         return root / self.fingerprint()
 
@@ -366,8 +370,6 @@ class FinSightDataModule(L.LightningDataModule):
 
     def _publish_report(self) -> None:
         """Print the report once, and save and log it beside the run's logs when a Trainer is attached."""
-        from finsight.strategies import rank_zero_log_dir
-
         if self._report_logged or self.report is None:
             return
         trainer = self.trainer
@@ -409,8 +411,6 @@ class FinSightDataModule(L.LightningDataModule):
                             "%d, an optimizer step that spans two epochs is normalised by the tokens of its "
                             "first part only", batches, accumulation)
         if trainer is not None and trainer.distributed_sampler_kwargs is not None:
-            from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-
             # Lightning would wrap the sampler itself (under any distributed strategy, DeepSpeed on one device
             # too), but with shuffle=True, which reshuffles single samples and undoes the length grouping and
             # the step totals; sharding the order in place keeps neighbours (similar lengths) together.
@@ -423,8 +423,6 @@ class FinSightDataModule(L.LightningDataModule):
         Its ``state_dict`` holds the sampler's epoch and position, so ``load_state_dict`` on a fresh loader
         continues the same epoch's order without repeating or skipping a sample.
         """
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         if self.train_dataset is None:
             self.setup("fit")
 

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 # Drop reasons, as they appear in the report.
 MISSING_FIELD = "missing_or_non_text_field"
 EMPTY_TURN = "empty_turn"
@@ -204,8 +207,6 @@ class DataReport:
 
     def table(self):
         """The report as a Rich table, one row per source plus a total."""
-        from rich.table import Table
-
         table = Table(title="FinSight data report", show_lines=False)
         for column in ("source", "read", "dropped (by reason, thresholds)", "valid", "after fraction",
                        "answer groups", "train", "val", "tokens", "trained", "len mean/med/max"):
@@ -230,8 +231,6 @@ class DataReport:
 
     def print(self) -> None:
         """Print the Rich table to the terminal."""
-        from rich.console import Console
-
         console = Console(stderr=True)
         if not console.is_terminal:
             console.width = max(console.width, 160)  # logs and CI: do not squeeze the table to 80 columns

@@ -10,6 +10,7 @@ is used as it is, never rewritten.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 import re
@@ -534,8 +535,6 @@ def check_columns(source: SourceConfig, raw: RawRows) -> None:
 
 def _suggested_mapping(missing: list[str], found: set) -> str:
     """``columns: {field: column}`` for the missing fields, with the found column that looks like each."""
-    import difflib
-
     names = {str(column).casefold(): str(column) for column in found}
     pairs = []
     for name in missing:

