@@ -166,8 +166,6 @@ def load_peft_model(
     ``micro_batch`` (batch size, maximum length) lets ``gradient_checkpointing="auto"`` estimate the
     activation memory of a training step.
     """
-    # Before the weights are loaded: loading and every training step free large blocks (see there).
-    return_freed_memory_to_the_os()
     model, attention, reason = load_base_model(reference, quantization=quantization, double_quant=double_quant,
                                                compute_dtype=compute_dtype, attn_implementation=attn_implementation)
     log.info("Attention: %s (%s)", attention, reason)
@@ -176,6 +174,10 @@ def load_peft_model(
         gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     if checkpointing:
+        # Recomputation is chosen where memory is the constraint, so freed activations go back to the OS;
+        # without it there is room, and glibc's reuse of freed blocks keeps the steps fast (see there).
+        if return_freed_memory_to_the_os():
+            log.info("Freed blocks of 1 MiB or more go back to the OS (gradient checkpointing is on)")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()

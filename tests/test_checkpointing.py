@@ -109,3 +109,18 @@ def test_auto_turns_recomputation_off_on_a_cpu_with_room_and_the_summary_says_wh
     print_summary(trainer, module)
     row = next(line for line in out.getvalue().splitlines() if "gradient checkpointing" in line)
     assert "off (auto: CPU and the activations fit" in row
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_freed_memory_goes_back_to_the_os_only_with_recomputation(tiny_model_dir, monkeypatch, recompute):
+    # The allocator setting trades step speed for peak memory; it belongs to the memory-bound choice only.
+    import finsight.model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "return_freed_memory_to_the_os", lambda: calls.append(True) or True)
+    loaded = model_module.load_peft_model(
+        str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
+        attn_implementation="sdpa", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        target_modules=list(model_module.DEFAULT_TARGET_MODULES), gradient_checkpointing=recompute)
+    assert loaded.gradient_checkpointing is recompute
+    assert calls == ([True] if recompute else [])
