@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 
@@ -169,25 +170,9 @@ class ExactResume(Callback):
                 trainer.callback_metrics.setdefault(
                     name, value.to(device) if isinstance(value, torch.Tensor) else value)
             self._metrics = {}
-        self._run_pending_validation(trainer)
+        if compat.validation_skipped_at_resume(trainer):
+            compat.run_skipped_validation_first(trainer)
 
-    @staticmethod
-    def _run_pending_validation(trainer: L.Trainer) -> None:
-        from lightning.pytorch.loops.evaluation_loop import RestartStage
-
-        epoch_loop = trainer.fit_loop.epoch_loop
-        val_loop = epoch_loop.val_loop
-        if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end
-                and not val_loop.restarted_mid_evaluation
-                and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
-            return
-        # Resume as from a validation that had not started: Lightning then validates before the next batch
-        # (instead of fast-forwarding past it) with the same progress counters as the uninterrupted run.
-        val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
-        val_loop.batch_progress.current.reset()
-        if not epoch_loop._should_accumulate():
-            # Both the restart and the validation's step end count this batch as stepped; count it once.
-            epoch_loop._batches_that_stepped -= 1
 
 
 def reliability_callbacks() -> list[Callback]:

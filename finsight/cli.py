@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from finsight import compat
 from finsight.data.module import FinSightDataModule
 from finsight.errors import FinSightError
 from finsight.module import FinSightModule
@@ -139,6 +140,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": _export, "cha
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
     """Entry point of ``finsight`` and ``python -m finsight``; ``run=False`` only builds the objects."""
     setup_logging()
+    compat.quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])

@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def load_peft_model(
         gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_activation_checkpointing(model)
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()
     if adapter_path is not None:
