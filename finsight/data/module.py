@@ -301,9 +301,10 @@ class FinSightDataModule(L.LightningDataModule):
                 keep = keep[stratified_validation_order(columns["source_index"][keep].tolist(),
                                                         columns["length"][keep].tolist(), self.batch_size,
                                                         self.seed)]
-            if len(keep) < len(ds) or split == "val":
-                ds = ds.select(keep)
-            splits[split] = ds.add_column("sample_id", list(range(len(ds))))
+            with _no_progress_bars():  # some datasets versions flatten the selection here, with a bar
+                if len(keep) < len(ds) or split == "val":
+                    ds = ds.select(keep)
+                splits[split] = ds.add_column("sample_id", list(range(len(ds))))
             stats[split] = {key: values[keep] for key, values in columns.items()}
 
         for index, report in enumerate(reports):
