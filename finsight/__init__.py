@@ -1,14 +1,20 @@
 """finsight: fine-tune instruction-following LLMs into a finance assistant with QLoRA, as Lightning modules."""
 
-from finsight.data.module import FinSightDataModule
-from finsight.data.sources import SourceConfig
-
 __all__ = ["FinSightDataModule", "FinSightModule", "SourceConfig"]
 
 
 def __getattr__(name: str):
-    # Deferred on purpose (not a cycle): the model module imports transformers, PEFT and bitsandbytes'
-    # configuration, which ``FinSightDataModule`` users never need; load it only when asked for.
+    # Loaded when first asked for: importing the package alone (as the ``finsight`` command does before it
+    # can report a bad installation in one line) loads none of the heavy libraries, and ``FinSightModule``
+    # pulls in transformers' model classes.
+    if name == "FinSightDataModule":
+        from finsight.data.module import FinSightDataModule
+
+        return FinSightDataModule
+    if name == "SourceConfig":
+        from finsight.data.sources import SourceConfig
+
+        return SourceConfig
     if name == "FinSightModule":
         from finsight.module import FinSightModule
 

@@ -1,7 +1,24 @@
-"""``python -m finsight``: the same command as ``finsight``."""
+"""The ``finsight`` command and ``python -m finsight``."""
 
 import sys
 
-from finsight.cli import entry
 
-sys.exit(entry())
+def entry() -> int:
+    """Run the command, with importing it inside the one-line error handling too.
+
+    finsight's modules check the installed library versions when they are imported
+    (:mod:`finsight.compat`); an unsupported version then ends the command with one ``error:`` line and exit
+    status 1, like every other user-fixable error (see :func:`finsight.cli.entry`), not with a traceback.
+    """
+    from finsight.errors import FinSightError
+
+    try:
+        from finsight.cli import entry as run
+    except FinSightError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

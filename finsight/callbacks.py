@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 
@@ -128,12 +129,6 @@ class StepSeededRNG(Callback):
 class ExactResume(Callback):
     """Restore what Lightning's resume leaves out, so a resumed run continues exactly.
 
-    - The training loader's position. Lightning saves a ``StatefulDataLoader``'s state in checkpoints but
-      drops it on resume when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
-      ``FinSightModule`` does for its schedule): that builds the loader before the checkpoint is restored,
-      and the saved state is never applied (Lightning issue #20550), so the resumed run would start the
-      epoch over and train on samples twice. The pending state is applied at ``on_train_start`` and the
-      loader's iterator restarted, with the sampler's epoch set first since the order depends on it.
     - The last logged metrics (``trainer.callback_metrics``). ``ModelCheckpoint(every_n_train_steps=…)``
       and ``EarlyStopping`` compare against the latest ``val/loss``; a resumed run starts without one, so
       its first step checkpoint would be postponed to the next validation and a different file would
@@ -143,9 +138,13 @@ class ExactResume(Callback):
       the validation, so early stopping would miss one count and the best-checkpoint record one score.
       The resumed run runs it first, as the uninterrupted run did.
 
-    Each part does nothing when there is nothing to restore (or Lightning already restored it). They use
-    Lightning's loop internals (checked with lightning 2.6); ``tests/test_reliability.py`` compares a
-    killed-and-resumed run with an uninterrupted one and fails if any part stops working.
+    The training loader's position needs nothing here: Lightning saves the ``StatefulDataLoader``'s state
+    and loads it into the loader it builds after the restore (``FinSightModule`` sizes its schedule without
+    building that loader early, see :func:`finsight.module.planned_optimizer_steps`).
+
+    Each part does nothing when there is nothing to restore. The validation part uses Lightning loop
+    internals, through :mod:`finsight.compat`; ``tests/test_reliability.py`` compares a killed-and-resumed
+    run with an uninterrupted one and fails if any part stops working.
     """
 
     def __init__(self) -> None:
@@ -171,41 +170,9 @@ class ExactResume(Callback):
                 trainer.callback_metrics.setdefault(
                     name, value.to(device) if isinstance(value, torch.Tensor) else value)
             self._metrics = {}
-        self._restore_loader_position(trainer)
-        self._run_pending_validation(trainer)
+        if compat.validation_skipped_at_resume(trainer):
+            compat.run_skipped_validation_first(trainer)
 
-    @staticmethod
-    def _restore_loader_position(trainer: L.Trainer) -> None:
-        from lightning.fabric.utilities.data import _set_sampler_epoch
-
-        fit_loop = trainer.fit_loop
-        states = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
-        if not states or loader is None or fetcher is None:
-            return
-        for dataloader in loader.flattened:
-            _set_sampler_epoch(dataloader, fit_loop.epoch_progress.current.processed)
-        loader._load_state_dicts(states)
-        fit_loop._combined_loader_states_to_load = []
-        iter(fetcher)  # a new iterator starts from the loaded state; the old one was made before it
-
-    @staticmethod
-    def _run_pending_validation(trainer: L.Trainer) -> None:
-        from lightning.pytorch.loops.evaluation_loop import RestartStage
-
-        epoch_loop = trainer.fit_loop.epoch_loop
-        val_loop = epoch_loop.val_loop
-        if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end
-                and not val_loop.restarted_mid_evaluation
-                and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
-            return
-        # Resume as from a validation that had not started: Lightning then validates before the next batch
-        # (instead of fast-forwarding past it) with the same progress counters as the uninterrupted run.
-        val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
-        val_loop.batch_progress.current.reset()
-        if not epoch_loop._should_accumulate():
-            # Both the restart and the validation's step end count this batch as stepped; count it once.
-            epoch_loop._batches_that_stepped -= 1
 
 
 def reliability_callbacks() -> list[Callback]:

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
+from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -49,6 +48,11 @@ class CheckpointContentError(FinSightError, ValueError):
     """An intact checkpoint that is not a finsight training checkpoint (or not of this model)."""
 
 
+def _is_local(path: str | Path) -> bool:
+    """Whether a checkpoint path is a local file (not ``s3://``, ``gs://``, ...), as Lightning decides it."""
+    return get_protocol(str(path)) == "file"
+
+
 def temporary_path(path: Path) -> Path:
     """The hidden temporary a checkpoint is written to; its name never matches ``last*.ckpt`` or ``*.ckpt``,
     so Lightning's ``ckpt_path="last"`` lookup and top-k bookkeeping never pick up a partial file."""
@@ -60,7 +64,7 @@ def stale_temporaries(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}{TEMP_MARKER}*"))
 
 
-def verify_checkpoint_file(path: _PATH) -> None:
+def verify_checkpoint_file(path: str | Path) -> None:
     """Raise ``CheckpointError`` unless ``path`` is a complete, intact ``torch.save`` archive.
 
     Every member's CRC is checked (``torch.load`` checks none), so a truncated file and a file with
@@ -87,12 +91,12 @@ def verify_checkpoint_file(path: _PATH) -> None:
                               "use an earlier checkpoint")
 
 
-def is_deepspeed_checkpoint(path: _PATH) -> bool:
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a checkpoint folder written by DeepSpeed (Lightning names it like a file: ``last.ckpt``)."""
     return Path(path).is_dir() and (Path(path) / "latest").is_file()
 
 
-def read_checkpoint(path: _PATH) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint as one dictionary, from a ``torch.save`` file or a DeepSpeed ZeRO folder.
 
     Files are verified first (``CheckpointError`` when damaged). A DeepSpeed folder goes through Lightning's
@@ -161,7 +165,7 @@ def verify_ckpt_path_argument(args: list[str]) -> None:
             path = arg.split("=", 1)[1]
         elif arg == "--ckpt_path" and i + 1 < len(args):
             path = args[i + 1]
-    if path and _is_local_file_protocol(path) and Path(path).is_file():
+    if path and _is_local(path) and Path(path).is_file():
         verify_checkpoint_file(path)
 
 
@@ -219,10 +223,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     that write checkpoint folders themselves (DeepSpeed, sharded FSDP) do not use a ``CheckpointIO``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
         """Write to a temporary beside ``path``, fsync it, then ``os.replace`` it onto ``path``."""
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
@@ -242,11 +246,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         _fsync_directory(path.parent)
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Load ``path``; a truncated or corrupt file raises ``CheckpointError`` naming it, not a pickle or
         zip traceback."""
-        if _is_local_file_protocol(path):
+        if _is_local(path):
             if not Path(path).is_file():
                 raise CheckpointError(f"checkpoint {path} does not exist")
             verify_checkpoint_file(path)

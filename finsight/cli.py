@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.logging import RichHandler
 
+from finsight import compat
 from finsight.callbacks import reliability_callbacks
 from finsight.checkpoint import verify_ckpt_path_argument
 from finsight.data.module import FinSightDataModule
@@ -123,6 +124,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, 
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
     """Entry point of ``finsight`` and ``python -m finsight``; ``run=False`` only builds the objects."""
     setup_logging()
+    compat.quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])

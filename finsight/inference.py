@@ -25,6 +25,8 @@ from bitsandbytes.functional import dequantize_4bit
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from finsight import compat
+
 log = logging.getLogger(__name__)
 
 InferenceChoice = Literal["auto", "merged", "4bit"]
@@ -88,10 +90,8 @@ def _plain_state_dict(base: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
 @contextmanager
 def _no_weight_init():
     """Build a model without random initialisation: every weight is replaced right after."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
+
     with no_init_weights():
         yield
 
@@ -117,14 +117,11 @@ def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torc
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with _no_weight_init():
         dense = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 attn_implementation=config._attn_implementation)
-    # Drop the quantization settings: this model is dense and saves as a plain checkpoint.
-    for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(dense.config, attribute):
-            delattr(dense.config, attribute)
+                                                 attn_implementation=compat.attention_implementation(config))
+    compat.drop_quantization_settings(dense.config)  # this model is dense and saves as a plain checkpoint
     missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
     # Tied output embeddings are not separate tensors in the state dict of some versions.
-    missing = [name for name in missing if name not in _tied_names(dense)]
+    missing = [name for name in missing if name not in compat.tied_weight_names(dense)]
     if missing or unexpected:
         raise RuntimeError(f"dequantized weights do not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
@@ -138,11 +135,6 @@ def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torc
     dense.config.use_cache = True
     dense.requires_grad_(False)
     return dense.eval()
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    return set(tied if isinstance(tied, (list, tuple, set)) else tied.keys())
 
 
 def _dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:

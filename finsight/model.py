@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.monitoring import return_freed_memory_to_the_os
 from finsight.references import resolve_model
@@ -178,7 +179,7 @@ def load_peft_model(
         # without it there is room, and glibc's reuse of freed blocks keeps the steps fast (see there).
         if return_freed_memory_to_the_os():
             log.info("Freed blocks of 1 MiB or more go back to the OS (gradient checkpointing is on)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compat.enable_activation_checkpointing(model)
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()
     if adapter_path is not None:

@@ -325,7 +325,7 @@ class FinSightModule(L.LightningModule):
         else:
             optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate,
                                           weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(planned_optimizer_steps(self.trainer)))
         warmup = warmup_steps(total, self.hparams.warmup_ratio)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -389,6 +389,24 @@ class FinSightModule(L.LightningModule):
         if unknown:
             raise CheckpointContentError(f"{path} holds weights this model does not have: {unknown[:3]}")
         return module.eval()
+
+
+def planned_optimizer_steps(trainer: L.Trainer) -> int | float:
+    """``trainer.estimated_stepping_batches``, counted on a loader of the data module's own.
+
+    Read in ``configure_optimizers``, the trainer's property builds the trainer's training loader before a
+    resumed run's checkpoint is restored, and Lightning then never loads the saved loader position into it
+    (a resumed run would start its epoch over). A separate loader of the same data has the same length and
+    starts nothing (no workers, no iterator); the trainer builds its own after the restore, with the position.
+    """
+    datamodule = trainer.datamodule
+    if trainer.max_epochs == -1 or datamodule is None or trainer.train_dataloader is not None:
+        return trainer.estimated_stepping_batches
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches  # Lightning's meaning: a count (int) or a fraction (float)
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

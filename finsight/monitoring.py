@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
 from finsight.strategies import rank_zero_log_dir
 
@@ -154,7 +155,7 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     else:
         table.add_row("validation", f"every {interval} of an epoch")
     for callback in trainer.checkpoint_callbacks:
-        every = callback._every_n_train_steps
+        every = compat.checkpoint_every_n_train_steps(callback)
         cadence = f"every {every} optimizer steps" if every else "after each validation"
         table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))

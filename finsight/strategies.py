@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 log = logging.getLogger(__name__)
@@ -185,15 +186,12 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
             return
         reset_seed()
         self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        compat.init_deepspeed_distributed(self)
 
-    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
+    def init_deepspeed(self) -> None:
+        """Lightning's, with the process's local rank as DeepSpeed's device on the CPU (training and inference)."""
         with self._device_rank_for_cpu():
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-
-    def _initialize_deepspeed_inference(self, model: Any) -> None:
-        with self._device_rank_for_cpu():
-            super()._initialize_deepspeed_inference(model)
+            super().init_deepspeed()
 
     @contextlib.contextmanager
     def _device_rank_for_cpu(self) -> Iterator[None]:

@@ -11,7 +11,7 @@ from conftest import sample_sources
 
 from finsight import FinSightDataModule, FinSightModule
 from finsight.cli import main
-from finsight.module import PrecisionError, token_losses, warmup_steps
+from finsight.module import PrecisionError, planned_optimizer_steps, token_losses, warmup_steps
 
 
 @pytest.fixture()
@@ -138,6 +138,42 @@ def test_learning_rate_follows_linear_warmup_and_decay(tiny_model_dir, datamodul
     expected = [lr * s / warmup if s < warmup else lr * (steps - s) / (steps - warmup) for s in range(steps)]
     # One value per optimizer step (every `accumulation` batches), stepped once per optimizer step.
     assert rates.values == pytest.approx(expected)
+
+
+class StepCounts(L.LightningModule):
+    """A one-weight module that records, in ``configure_optimizers``, the schedule length finsight plans and
+    Lightning's own estimate (read second: it builds the trainer's loader, which the first must not need)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.counts: tuple = ()
+
+    def training_step(self, batch, batch_idx):
+        return self.weight * batch["input_ids"].float().mean()
+
+    def configure_optimizers(self):
+        planned = planned_optimizer_steps(self.trainer)
+        built_before = self.trainer.train_dataloader is not None
+        self.counts = (planned, built_before, self.trainer.estimated_stepping_batches)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_steps=-1, max_epochs=2, accumulate_grad_batches=3),
+    dict(max_steps=5, max_epochs=1),
+    dict(max_steps=-1, max_epochs=1, limit_train_batches=7, accumulate_grad_batches=2),
+    dict(max_steps=-1, max_epochs=3, limit_train_batches=0.25),
+])
+def test_schedule_length_is_lightnings_estimate_without_building_the_trainers_loader(
+        datamodule, tmp_path, settings):
+    module = StepCounts()
+    trainer = make_trainer(tmp_path, limit_val_batches=0, **settings)
+    trainer.fit(module, datamodule=datamodule)
+    planned, built_before, estimated = module.counts
+    assert not built_before
+    assert planned == estimated
+    assert planned > 1
 
 
 def test_checkpoint_size_is_near_the_adapter_and_resume_restores_everything(tiny_model_dir, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from finsight.data.chat import IGNORE_INDEX
 
@@ -120,15 +120,17 @@ class _ResumableEpochOrder:
         self._resume_at = int(state["drawn"])
 
 
-class EpochLengthGroupedSampler(_ResumableEpochOrder, LengthGroupedSampler):
-    """``transformers``' length-grouped sampler (shuffled mega-batches sorted by length), seeded per epoch.
+class EpochLengthGroupedSampler(_ResumableEpochOrder, Sampler[int]):
+    """``transformers``' length-grouped order (shuffled mega-batches sorted by length), seeded per epoch.
 
+    The order is the one ``transformers``' ``LengthGroupedSampler`` draws (its ``get_length_grouped_indices``).
     The longest sample is moved into the first batch, so a run that would run out of memory does so at
     its first step.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        super().__init__(batch_size=batch_size, lengths=list(lengths))
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
 
@@ -136,8 +138,7 @@ class EpochLengthGroupedSampler(_ResumableEpochOrder, LengthGroupedSampler):
         return len(self.lengths)
 
     def _order(self, generator: torch.Generator) -> list[int]:
-        self.generator = generator
-        return list(LengthGroupedSampler.__iter__(self))
+        return list(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class EpochRandomSampler(_ResumableEpochOrder, Sampler[int]):

@@ -19,6 +19,7 @@ import os
 from bisect import bisect_left
 from typing import Any
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 IGNORE_INDEX = -100
@@ -232,9 +233,7 @@ def _direct_renderer(tokenizer: Any, accepts_system: bool):
     template or a transformers version where they differ keeps the public path.
     """
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        template = _compile_jinja_template(tokenizer.get_chat_template())
+        template = compat.compiled_chat_template(tokenizer.get_chat_template())
         special = dict(tokenizer.special_tokens_map)
     except Exception:  # noqa: BLE001 - any change in those internals means: use the public path
         return None

@@ -4,6 +4,7 @@ groups → chat template with assistant-only labels → cached ``datasets`` → 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -12,6 +13,7 @@ import shutil
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +305,10 @@ class FinSightDataModule(L.LightningDataModule):
                 keep = keep[stratified_validation_order(columns["source_index"][keep].tolist(),
                                                         columns["length"][keep].tolist(), self.batch_size,
                                                         self.seed)]
-            if len(keep) < len(ds) or split == "val":
-                ds = ds.select(keep)
-            splits[split] = ds.add_column("sample_id", list(range(len(ds))))
+            with _no_progress_bars():  # some datasets versions flatten the selection here, with a bar
+                if len(keep) < len(ds) or split == "val":
+                    ds = ds.select(keep)
+                splits[split] = ds.add_column("sample_id", list(range(len(ds))))
             stats[split] = {key: values[keep] for key, values in columns.items()}
 
         for index, report in enumerate(reports):
@@ -341,8 +344,9 @@ class FinSightDataModule(L.LightningDataModule):
         )
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        for split, ds in splits.items():
-            ds.save_to_disk(str(tmp / split))  # no folder for a split without rows (datasets cannot load one)
+        with _no_progress_bars():  # saving takes a moment; its bars ("Flattening the indices", ...) are noise
+            for split, ds in splits.items():
+                ds.save_to_disk(str(tmp / split))  # no folder for a split without rows (datasets cannot load one)
         report.save(tmp / "report.json")  # written last: its presence marks a complete cache
         try:
             tmp.replace(target)
@@ -464,6 +468,20 @@ class FinSightDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The held-out rows, scored one by one by ``finsight predict``."""
         return self.val_dataloader()
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Switch ``datasets``' progress bars off for a block (and back on unless they were off already)."""
+    import datasets
+
+    already_off = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not already_off:
+            datasets.enable_progress_bars()
 
 
 def _counts(dropped: dict[str, int]) -> str:
