@@ -13,6 +13,9 @@ def entry() -> int:
     from finsight.errors import FinSightError
 
     try:
+        from finsight import compat
+
+        compat.quiet_known_noise()  # before the CLI's imports: some of the noise is raised while importing
         from finsight.cli import entry as run
     except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -145,8 +145,10 @@ def enable_activation_checkpointing(model: Any) -> None:
 # (message regex, module regex, category) of warnings the tested versions raise on every run from code that
 # is not finsight's: PEFT reads transformers' deprecated ``is_gradient_checkpointing`` while wrapping a model,
 # torchdata's ``StatefulDataLoader`` calls torch's deprecated ``set_vital``, Lightning's pytree helper builds
-# torch's deprecated ``LeafSpec``.
+# torch's deprecated ``LeafSpec``, bitsandbytes' import decorates with torch's deprecated
+# ``torch.jit.script_method``.
 KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = (
+    (r"`torch\.jit\.script_method` is deprecated", r"torch\.jit\._script", DeprecationWarning),
     (r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils", FutureWarning),
     (r"'set_vital' is deprecated", r"torchdata\.stateful_dataloader", UserWarning),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree", FutureWarning),
