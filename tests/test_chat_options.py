@@ -21,6 +21,9 @@ def chat_model(tiny_model_dir):
     """The tiny model as the chat runs it (dequantized, merged), with a non-zero adapter."""
     from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model, load_tokenizer
 
+    # PEFT draws LoRA A from the global generator: seeded, the model (and so its greedy answer) does not
+    # depend on which tests ran before.
+    torch.manual_seed(0)
     loaded = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
                              attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.0,
                              target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False)
