@@ -28,7 +28,7 @@ from finsight.errors import FinSightError
 
 TESTED: dict[str, str] = {
     "lightning": ">=2.6,<2.7",
-    "transformers": ">=5.0,<6",
+    "transformers": ">=5.17,<6",
     "torchdata": ">=0.10,<0.12",
 }
 """Version ranges of the libraries whose internals finsight uses; ``pyproject.toml`` declares the same ones."""
