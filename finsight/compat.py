@@ -127,17 +127,25 @@ def tied_weight_names(model: Any) -> set[str]:
     return set(tied if isinstance(tied, list | tuple | set) else tied.keys())
 
 
-def enable_activation_checkpointing(model: Any) -> None:
+def enable_activation_checkpointing(model: Any, layers: int | None = None) -> None:
     """Recompute activations in backward, with the non-reentrant checkpoint (needed for frozen inputs).
 
     transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
-    deprecated the old name; the new one is used where it exists.
+    deprecated the old name; the new one is used where it exists. ``layers``: only the first ``layers``
+    decoder layers recompute; transformers enables all of them and reads each layer's
+    ``gradient_checkpointing`` flag at every forward, so the others get the flag turned off.
     """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if layers is not None:
+        decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(decoder_layers):
+            layer.gradient_checkpointing = index < layers
 
 
 # ------------------------------------------------------------------------------------------------ noise

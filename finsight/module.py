@@ -29,6 +29,7 @@ from finsight.model import (
     ComputeDtype,
     GradientCheckpointing,
     QuantizationKind,
+    ReleaseFreedMemory,
     load_peft_model,
 )
 from finsight.strategies import at_optimizer_step, trainable_gradients
@@ -76,6 +77,8 @@ class FinSightModule(L.LightningModule):
         lora_dropout: float = 0.1,
         target_modules: list[str] | None = None,
         gradient_checkpointing: GradientCheckpointing = True,
+        release_freed_memory: ReleaseFreedMemory = "auto",
+        activation_budget_gib: float | None = None,
         learning_rate: float = 6e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -97,6 +100,12 @@ class FinSightModule(L.LightningModule):
             gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
                 ``auto``: on with CUDA; on the CPU off when one micro-batch's estimated activations fit
                 comfortably in the available RAM, else on (the choice and its reason are in the summary).
+            release_freed_memory: Give freed activations back to the OS (glibc, CPU): lower peak RSS, but
+                every large tensor is then page-faulted in afresh, ~30% slower CPU steps. ``auto``: on
+                exactly when gradient checkpointing recomputes every layer.
+            activation_budget_gib: With gradient checkpointing on (or chosen by ``auto``): keep the
+                activations of as many decoder layers as fit in this many GiB per micro-batch (from the
+                same estimate as ``auto``) and recompute only the others. None: every layer recomputes.
             learning_rate: AdamW peak learning rate.
             weight_decay: AdamW weight decay (0 as in the methodology: LoRA weights start at zero anyway).
             warmup_ratio: Share of the optimizer steps spent warming the learning rate up linearly.
@@ -135,6 +144,8 @@ class FinSightModule(L.LightningModule):
             lora_dropout=hp.lora_dropout,
             target_modules=self.target_modules,
             gradient_checkpointing=hp.gradient_checkpointing,
+            release_freed_memory=hp.get("release_freed_memory", "auto"),
+            activation_budget_gib=hp.get("activation_budget_gib"),
             adapter_path=hp.adapter_path,
             micro_batch=self._micro_batch(),
         )

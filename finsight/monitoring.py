@@ -45,8 +45,9 @@ def return_freed_memory_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -
     The price is speed: each such block is mapped afresh and page-faulted in at every allocation instead
     of reusing heap memory. On SmolLM2-135M (4 x 256 tokens, 2 cores, a VM where page faults are dear) a
     step took 1.5x as long with recomputation on (27.2 s against 18.3 s) and 1.6x with it off (19.2 against
-    11.7 s). So the model loader sets it only when gradient checkpointing is on, the setting chosen where
-    memory is the constraint. Process-wide and idempotent; Linux with glibc only, elsewhere nothing changes
+    11.7 s). So the model loader sets it by default only when gradient checkpointing is on, the setting
+    chosen where memory is the constraint (the model option ``release_freed_memory``). Process-wide and
+    idempotent; Linux with glibc only, elsewhere nothing changes
     (returns False).
     """
     if not sys.platform.startswith("linux"):
@@ -139,6 +140,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table.add_row("attention", f"{info.attention} ({info.attention_reason})")
         table.add_row("gradient checkpointing", f"{'on' if info.gradient_checkpointing else 'off'} "
                                                 f"({info.gradient_checkpointing_reason})")
+        table.add_row("freed memory to the OS", f"{'yes' if info.release_freed_memory else 'no'} "
+                                                f"({info.release_freed_memory_reason})")
         table.add_row("trainable parameters", f"{info.trainable_parameters:,} of {info.total_parameters:,} "
                                               f"({100 * info.trainable_parameters / info.total_parameters:.2f}%)")
     table.add_row("LoRA", f"r={hp.get('lora_r')} alpha={hp.get('lora_alpha')} dropout={hp.get('lora_dropout')}")

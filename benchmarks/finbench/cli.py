@@ -139,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--gradient-checkpointing", choices=("true", "false", "auto"), default="true",
                         help="both stacks; auto: finsight's model option decides, TRL keeps its default (on)")
+    parser.add_argument("--release-freed-memory", choices=("true", "false", "auto"), default="auto",
+                        help="finsight's release_freed_memory option (freed activations back to the OS: lower "
+                             "peak RSS, slower CPU steps); auto: when its gradient checkpointing is on")
+    parser.add_argument("--activation-budget-gib", type=float, default=None,
+                        help="finsight's activation_budget_gib option: with checkpointing on, only the layers "
+                             "whose activations do not fit in this budget recompute")
     parser.add_argument("--trl-sampling", choices=("random", "group_by_length"), default="random",
                         help="TRL's train_sampling_strategy (random is its default)")
     parser.add_argument("--trl-presets", default="tuned",
@@ -201,6 +207,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         gradient_checkpointing={"true": True, "false": False}.get(args.gradient_checkpointing, "auto"),
+        release_freed_memory={"true": True, "false": False}.get(args.release_freed_memory, "auto"),
+        activation_budget_gib=args.activation_budget_gib,
         trl_sampling=args.trl_sampling, trl_presets=trl_presets,
         trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda,

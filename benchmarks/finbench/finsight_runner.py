@@ -102,6 +102,7 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
         attn_implementation="sdpa", lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=0.0 if parity else settings.lora_dropout, target_modules=list(settings.target_modules),
         gradient_checkpointing=settings.gradient_checkpointing, learning_rate=settings.learning_rate,
+        release_freed_memory=settings.release_freed_memory, activation_budget_gib=settings.activation_budget_gib,
         weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
     )
     L.seed_everything(settings.seed, verbose=False)
@@ -125,6 +126,8 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
     result["trainable_parameters"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     result["gradient_checkpointing"] = [module.model_info.gradient_checkpointing,
                                         module.model_info.gradient_checkpointing_reason]
+    result["release_freed_memory"] = [module.model_info.release_freed_memory,
+                                      module.model_info.release_freed_memory_reason]
     # The training split's folder, for the sample-by-sample comparison with TRL's prepared data.
     result["prepared_dir"] = str(Path(dm.train_dataset.cache_files[0]["filename"]).parent)
     if not parity:

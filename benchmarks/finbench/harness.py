@@ -77,6 +77,8 @@ class Settings:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     gradient_checkpointing: bool | str = True  # "auto": finsight decides (model option), TRL keeps its default (on)
+    release_freed_memory: bool | str = "auto"  # finsight's model option of that name
+    activation_budget_gib: float | None = None  # finsight's model option of that name
     seed: int = 42
     trl_sampling: str = "random"
     trl_presets: tuple[str, ...] = ("tuned",)

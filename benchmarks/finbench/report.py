@@ -158,6 +158,8 @@ def markdown(report: dict) -> str:
         f"dropout={s['lora_dropout']} on {', '.join(s['target_modules'])}; AdamW lr={s['learning_rate']} "
         f"wd={s['weight_decay']}, linear schedule, {report['warmup_schedule_steps']} warmup step(s); "
         f"gradient checkpointing {checkpointing_text(s['gradient_checkpointing'])}; "
+        f"finsight release_freed_memory {str(s.get('release_freed_memory', 'auto')).lower()}, "
+        f"activation_budget_gib {s.get('activation_budget_gib')}; "
         f"{'bf16 autocast' if s['cuda'] else 'float32'}; finsight length-grouped batches (pad to ×8), "
         f"TRL `train_sampling_strategy={s['trl_sampling']!r}` (pad to longest).", "",
     ]
