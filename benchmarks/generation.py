@@ -60,7 +60,7 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
 
 def time_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list]:
     """Tokens/s over the prompts, one at a time, and the generated tokens (a warm-up of 4 tokens first)."""
-    from finsight.generation import generate
+    from finsight.decoding import generate
 
     generate(model, tokenizer, prompts[:1], max_new_tokens=4, stop_ids=[-1])
     started = time.perf_counter()

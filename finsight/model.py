@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
-from finsight.monitoring import return_freed_memory_to_the_os
 from finsight.references import resolve_model
 
 log = logging.getLogger(__name__)
@@ -177,6 +176,9 @@ def load_peft_model(
     if checkpointing:
         # Recomputation is chosen where memory is the constraint, so freed activations go back to the OS;
         # without it there is room, and glibc's reuse of freed blocks keeps the steps fast (see there).
+        # Imported here: the monitoring module brings Lightning, which generation-only users never need.
+        from finsight.monitoring import return_freed_memory_to_the_os
+
         if return_freed_memory_to_the_os():
             log.info("Freed blocks of 1 MiB or more go back to the OS (gradient checkpointing is on)")
         compat.enable_activation_checkpointing(model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_generation import sampled_fit
 
-from finsight.generation import ChatSession, chat_generation_config
+from finsight.decoding import ChatSession, chat_generation_config
 from finsight.inference import build_generation_model
 
 QUESTION = "What is an expense ratio?"
