@@ -96,16 +96,22 @@ class StopOnEvent(StoppingCriteria):
 
 
 def chat_generation_config(temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.1,
-                           no_repeat_ngram_size: int = 0) -> GenerationConfig:
+                           no_repeat_ngram_size: int = 0, prompt_lookup_tokens: int = 0) -> GenerationConfig:
     """Decoding for conversation: sampling at ``temperature`` from the ``top_p`` nucleus, repeats penalised.
 
     ``temperature`` 0 decodes greedily (the other options still apply). The defaults are the common
     settings for chat models of this size: greedy answers of small models tend to loop on one sentence.
+    ``prompt_lookup_tokens`` > 0 turns on transformers' prompt-lookup decoding: up to that many tokens that
+    followed the last n-gram earlier in the conversation are proposed and checked in one forward pass, so
+    several tokens can cost one read of the weights (what limits decoding on a CPU). Every kept token is
+    the one the model itself picks (greedy) or samples, so answers are distributed as without it; greedy
+    answers are the same tokens. Generation with it runs one conversation at a time.
     """
     sampling = temperature > 0
     return GenerationConfig(do_sample=sampling, temperature=temperature if sampling else None,
                             top_p=top_p if sampling else None, top_k=None,
-                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                            prompt_lookup_num_tokens=prompt_lookup_tokens or None)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -116,6 +116,7 @@ def chat(
     top_p: float = 0.9,
     repetition_penalty: float = 1.1,
     no_repeat_ngram_size: int = 0,
+    prompt_lookup_tokens: int = 3,
     seed: int | None = None,
 ) -> int:
     """Chat with the fine-tuned model: interactively, or one question with ``--prompt``.
@@ -146,6 +147,9 @@ def chat(
             the loops small models fall into.
         no_repeat_ngram_size: Never repeat an n-gram of this size (0: off); a hard block, use with care
             for figures and names that legitimately recur.
+        prompt_lookup_tokens: Prompt-lookup decoding: propose up to this many tokens copied from earlier in
+            the conversation and check them in one step (0: off). Faster where answers reuse the question's
+            or their own wording; greedy answers are the same tokens either way.
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
 
     Returns:
@@ -167,7 +171,8 @@ def chat(
         described = f"{reference} + adapter {adapter}" if adapter else f"{reference} (base model, no adapter)"
     # Standard output carries only the answers (scripts read it); the one line about the model goes to stderr.
     print(f"Generation model: {generator.described}", file=sys.stderr)
-    decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size)
+    decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size,
+                                      prompt_lookup_tokens)
     session = ChatSession(generator.model, tokenizer, system_prompt=system_prompt, max_length=max_length,
                           max_new_tokens=max_new_tokens, decoding=decoding, seed=seed)
     if prompt is not None:
