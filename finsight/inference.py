@@ -42,10 +42,9 @@ from finsight.model import (
     AttentionChoice,
     ComputeDtype,
     QuantizationKind,
-    choose_attention,
+    load_base_model,
     quantization_config,
 )
-from finsight.references import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +201,9 @@ def load_generation_model(reference: str, *, adapter: str | None, quantization: 
     started = time.perf_counter()
     compute = getattr(torch, compute_dtype)
     target = compute if dtype == "auto" else getattr(torch, dtype)
-    attention, _ = choose_attention(attn_implementation, compute_dtype)
-    dense = AutoModelForCausalLM.from_pretrained(resolve_model(reference), dtype=compute,
-                                                 attn_implementation=attention)
+    # The base unquantized, in the compute dtype: the values the 4-bit loader would quantize.
+    dense, _, _ = load_base_model(reference, quantization="none", compute_dtype=compute_dtype,
+                                  attn_implementation=attn_implementation, on_gpu=False)
     quantized = nf4_round_trip(dense, quantization, double_quant, compute)
     with torch.no_grad():
         # Parameters only, as loading in ``target`` would give: transformers keeps buffers such as RoPE's

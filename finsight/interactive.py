@@ -116,7 +116,7 @@ def chat(
     top_p: float = 0.9,
     repetition_penalty: float = 1.1,
     no_repeat_ngram_size: int = 0,
-    prompt_lookup_tokens: int = 3,
+    prompt_lookup_tokens: int = 0,
     seed: int | None = None,
 ) -> int:
     """Chat with the fine-tuned model: interactively, or one question with ``--prompt``.
@@ -148,8 +148,9 @@ def chat(
         no_repeat_ngram_size: Never repeat an n-gram of this size (0: off); a hard block, use with care
             for figures and names that legitimately recur.
         prompt_lookup_tokens: Prompt-lookup decoding: propose up to this many tokens copied from earlier in
-            the conversation and check them in one step (0: off). Faster where answers reuse the question's
-            or their own wording; greedy answers are the same tokens either way.
+            the conversation and check them in one step (0: off, the default). Faster only where answers
+            reuse the question's or their own wording (on the quickstart model: +2% float32, -9% bfloat16);
+            greedy answers are the same tokens either way.
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
 
     Returns:
