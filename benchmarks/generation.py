@@ -1,5 +1,6 @@
-"""Generation speed side by side, in one run: the 4-bit path, the merged path (float32 and bfloat16), and
-plain transformers + PEFT with the adapter merged into the original weights.
+"""Generation speed side by side, in one run: the 4-bit path, the merged path (float32 and bfloat16, with
+and without prompt-lookup decoding), and plain transformers + PEFT with the adapter merged into the original
+weights.
 
     python benchmarks/generation.py --adapter lightning_logs/quickstart/version_0/adapter \\
         --checkpoint lightning_logs/quickstart/version_0/checkpoints/last.ckpt --json gen.json
@@ -8,8 +9,12 @@ plain transformers + PEFT with the adapter merged into the original weights.
    generates the same number of tokens), one prompt at a time (as the chat does):
 
    * ``4-bit (training layers)``: the base loaded 4-bit NF4 as in training, the PEFT adapter unmerged;
-   * ``merged float32`` / ``merged bfloat16``: ``finsight.inference.build_generation_model``: the NF4 weights
-     dequantized with bitsandbytes, the adapter merged with PEFT;
+   * ``merged float32 (from the 4-bit model)``: ``finsight.inference.build_generation_model`` (what
+     ``finsight test`` and the training samples use): the NF4 weights dequantized with bitsandbytes, the
+     adapter merged with PEFT;
+   * ``merged float32`` / ``bfloat16 (from the files)``: ``finsight.inference.load_generation_model`` (what
+     ``finsight chat`` uses on a CPU): the same tensors, built without 4-bit layers; ``+ prompt lookup 3``:
+     the same model with ``prompt_lookup_num_tokens=3`` (``finsight chat --prompt_lookup_tokens 3``);
    * ``transformers + PEFT merged float32`` / ``bfloat16``: ``AutoModelForCausalLM`` in that dtype,
      ``PeftModel.from_pretrained(...).merge_and_unload()``, no finsight code.
 
@@ -58,13 +63,17 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def time_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list]:
+def time_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    lookup: int = 0) -> tuple[float, list]:
     """Tokens/s over the prompts, one at a time, and the generated tokens (a warm-up of 4 tokens first)."""
-    from finsight.generation import generate
+    from finsight.decoding import chat_generation_config, generate
 
-    generate(model, tokenizer, prompts[:1], max_new_tokens=4, stop_ids=[-1])
+    # Greedy, as the chat's --temperature 0 --repetition_penalty 1.0 decodes.
+    decoding = chat_generation_config(temperature=0, repetition_penalty=1.0, prompt_lookup_tokens=lookup)
+    generate(model, tokenizer, prompts[:1], max_new_tokens=4, stop_ids=[-1], decoding=decoding)
     started = time.perf_counter()
-    outputs = [generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, stop_ids=[-1])[0] for p in prompts]
+    outputs = [generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, stop_ids=[-1], decoding=decoding)[0]
+               for p in prompts]
     seconds = time.perf_counter() - started
     return sum(len(o.token_ids) for o in outputs) / seconds, [o.token_ids for o in outputs]
 
@@ -73,8 +82,8 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finsight.inference import build_generation_model
-    from finsight.interactive import load_from_adapter
+    from finsight.inference import build_generation_model, load_generation_model
+    from finsight.interactive import adapter_base_model, load_from_adapter
 
     torch.manual_seed(0)
     quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
@@ -82,21 +91,26 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
     rows: list[dict] = []
 
-    def measure(name: str, model) -> None:
+    def measure(name: str, model, build_s: float | None = None, lookup: int = 0) -> None:
         print(f"[{load_average()}] {name} ...", file=sys.stderr, flush=True)
-        speed, tokens = time_generation(model, tokenizer, prompts, max_new_tokens)
-        rows.append({"path": name, "tokens_per_s": speed, "tokens": tokens})
+        speed, tokens = time_generation(model, tokenizer, prompts, max_new_tokens, lookup)
+        rows.append({"path": name, "tokens_per_s": speed, "tokens": tokens, "load_average": load_average()})
+        if build_s is not None:
+            rows[-1]["build_s"] = build_s
         print(f"[{load_average()}] {name}: {speed:.2f} tokens/s", file=sys.stderr, flush=True)
 
     measure("4-bit (training layers), adapter unmerged", quantized)
-    for dtype in (torch.float32, torch.bfloat16):
+    started = time.perf_counter()
+    merged = build_generation_model(quantized, torch.float32)
+    measure("finsight merged float32, from the 4-bit model (test, samples)", merged, time.perf_counter() - started)
+    del merged, quantized
+    folder, reference = adapter_base_model(adapter, None)
+    for dtype in ("float32", "bfloat16"):
         started = time.perf_counter()
-        merged = build_generation_model(quantized, dtype)
-        build = time.perf_counter() - started
-        measure(f"finsight merged {str(dtype)[6:]} (NF4 dequantized)", merged)
-        rows[-1]["build_s"] = build
+        merged = load_generation_model(reference, adapter=folder, dtype=dtype, attn_implementation="sdpa").model
+        measure(f"finsight merged {dtype}, from the files (chat)", merged, time.perf_counter() - started)
+        measure(f"finsight merged {dtype}, from the files + prompt lookup 3", merged, lookup=3)
         del merged
-    del quantized
     for dtype in (torch.float32, torch.bfloat16):
         plain = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         plain = PeftModel.from_pretrained(plain, adapter).merge_and_unload().eval()
@@ -136,7 +150,8 @@ def timed(command: list[str], label: str) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{label} failed:\n{result.stderr[-3000:]}")
     print(f"[{load_average()}] {label}: {seconds:.1f} s", file=sys.stderr, flush=True)
-    return {"command": label, "wall_s": seconds, "stdout": result.stdout, "stderr": result.stderr}
+    return {"command": label, "wall_s": seconds, "stdout": result.stdout, "stderr": result.stderr,
+            "load_average": load_average()}
 
 
 def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, questions: int, old: bool) -> list[dict]:
@@ -151,7 +166,9 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     chat = [*finsight, "chat", "--adapter", adapter, "--prompt", question, "--max_new_tokens", str(max_new_tokens),
             "--temperature", "0", "--repetition_penalty", "1.0"]
-    runs = [timed(chat, "finsight chat --prompt (merged float32)"),
+    runs = [timed(chat, "finsight chat --prompt (merged float32 from the files: the default)"),
+            timed([*chat, "--prompt_lookup_tokens", "3"], "finsight chat --prompt --prompt_lookup_tokens 3"),
+            timed([*chat, "--dtype", "bfloat16"], "finsight chat --prompt --dtype bfloat16"),
             timed([sys.executable, "-c", PLAIN_CHAT, adapter, base_path, question, str(max_new_tokens)],
                   "transformers + PEFT merged float32 script")]
     if old:
@@ -186,24 +203,27 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=20, help="finsight test: held-out-style questions")
     parser.add_argument("--old", action="store_true", help="also time the commands through the 4-bit layers")
     parser.add_argument("--skip_commands", action="store_true")
+    parser.add_argument("--skip_in_process", action="store_true", help="only the command timings")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     started_load = load_average()
-    rows = in_process(args.adapter, args.prompts, args.max_new_tokens)
+    rows = [] if args.skip_in_process else in_process(args.adapter, args.prompts, args.max_new_tokens)
     runs = [] if args.skip_commands else commands(args.adapter, args.checkpoint, args.max_new_tokens,
                                                   args.questions, args.old)
     print(f"\nload average (1, 5, 15 min) at start: {started_load}, at end: {load_average()}; "
           f"threads: {torch.get_num_threads()}")
-    print("\n| path | tokens/s | × 4-bit | same greedy tokens as 4-bit | build s |\n|---|---:|---:|---|---:|")
+    if rows:
+        print("\n| path | tokens/s | × 4-bit | same greedy tokens as 4-bit | build s | load average |\n"
+              "|---|---:|---:|---|---:|---|")
     for row in rows:
         build = f"{row['build_s']:.1f}" if "build_s" in row else ""
         print(f"| {row['path']} | {row['tokens_per_s']:.2f} | {row['ratio']:.2f} | "
-              f"{'yes' if row['same_greedy_tokens'] else 'no'} | {build} |")
+              f"{'yes' if row['same_greedy_tokens'] else 'no'} | {build} | {row['load_average']} |")
     if runs:
-        print("\n| command | wall s | answer tokens | generation s |\n|---|---:|---:|---:|")
+        print("\n| command | wall s | answer tokens | generation s | load average |\n|---|---:|---:|---:|---|")
         for run in runs:
             print(f"| {run['command']} | {run['wall_s']:.1f} | {run.get('answer_tokens', '')} | "
-                  f"{run.get('generation_s', '')} |")
+                  f"{run.get('generation_s', '')} | {run['load_average']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"load_average_start": started_load, "load_average_end": load_average(),
                                                "rows": rows, "commands": [{k: v for k, v in r.items()

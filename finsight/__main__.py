@@ -16,6 +16,12 @@ def entry() -> int:
         from finsight import compat
 
         compat.quiet_known_noise()  # before the CLI's imports: some of the noise is raised while importing
+        if sys.argv[1:2] == ["chat"]:
+            # The chat needs neither Lightning nor the training stack that the CLI module imports: it starts
+            # seconds sooner without them.
+            from finsight.interactive import chat_main
+
+            return chat_main(sys.argv[2:])
         from finsight.cli import entry as run
     except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -121,6 +121,22 @@ def drop_quantization_settings(config: Any) -> None:
             delattr(config, attribute)
 
 
+def bnb_quantized_layer_names(model: Any, config: Any) -> list[str]:
+    """The linear layers transformers replaces by bitsandbytes layers when it loads ``model`` with ``config``.
+
+    The same rule as transformers' bitsandbytes quantizer: every ``nn.Linear`` except the modules it keeps
+    unquantized (the output head and tied weights, ``llm_int8_skip_modules``, ``_keep_in_fp32_modules``).
+    """
+    import torch
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    keep = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules,
+                                                  getattr(model, "_keep_in_fp32_modules", None))
+    return [name for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and should_convert_module(name, keep)]
+
+
 def tied_weight_names(model: Any) -> set[str]:
     """Parameter names that share storage with another one (e.g. output and input embeddings)."""
     tied = getattr(model, "_tied_weights_keys", None) or []

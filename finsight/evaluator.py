@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
+from finsight.decoding import stop_token_ids
 from finsight.evaluation import (
     BASE,
     COUNTS,
@@ -37,7 +38,7 @@ from finsight.evaluation import (
     rich_table,
     write_results,
 )
-from finsight.generation import evaluate_answers, run_tokenizer, stop_token_ids
+from finsight.generation import evaluate_answers, run_tokenizer
 from finsight.inference import InferenceChoice, generation_model
 from finsight.module import token_losses
 

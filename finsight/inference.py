@@ -9,6 +9,12 @@ is an ordinary ``transformers`` model: the model that was trained and evaluated,
 
 :func:`generation_model` decides when to do this (always on a CPU; on a GPU when the dense model fits)
 and says what it chose in one log line. The training model is never modified.
+
+:func:`load_generation_model` builds the same model straight from the files when there is no training
+model to start from (``finsight chat`` on a CPU): the base is loaded dense, exactly the weights that
+loading in 4-bit would quantize go through bitsandbytes' own ``quantize_4bit``/``dequantize_4bit`` with
+the 4-bit layer's settings, and PEFT merges the adapter. Same values, without building 4-bit layers and
+a LoRA model over them only to dequantize them again.
 """
 
 from __future__ import annotations
@@ -21,11 +27,24 @@ from typing import Any, Literal
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import dequantize_4bit
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+from peft import (
+    PeftConfig,
+    PeftModel,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from transformers import AutoModelForCausalLM
 
 from finsight import compat
+from finsight.model import (
+    AttentionChoice,
+    ComputeDtype,
+    QuantizationKind,
+    load_base_model,
+    quantization_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +147,80 @@ def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torc
     dense.tie_weights()
     dense.generation_config = base.generation_config
     dense.to(device).eval()
-    if merge_adapter and lora is not None:
+    return _merged(dense, lora, get_peft_model_state_dict(model) if merge_adapter and lora is not None else None)
+
+
+def _merged(dense: torch.nn.Module, lora: Any, adapter_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """``dense`` with the adapter (config and weights) merged by PEFT, ready to generate."""
+    if adapter_state is not None:
         wrapped = PeftModel(dense, lora)
-        set_peft_model_state_dict(wrapped, get_peft_model_state_dict(model))
-        dense = wrapped.merge_and_unload()  # PEFT's merge: W + scaling * B @ A, in ``dtype``
+        set_peft_model_state_dict(wrapped, adapter_state)
+        dense = wrapped.merge_and_unload()  # PEFT's merge: W + scaling * B @ A, in the model's dtype
     dense.config.use_cache = True
     dense.requires_grad_(False)
     return dense.eval()
+
+
+def nf4_round_trip(model: torch.nn.Module, kind: QuantizationKind, double_quant: bool,
+                   compute_dtype: torch.dtype) -> int:
+    """Replace every weight that loading in 4-bit would quantize by its quantized-then-dequantized value.
+
+    Which layers: the ones transformers replaces by bitsandbytes layers (``compat.bnb_quantized_layer_names``).
+    How: bitsandbytes' ``quantize_4bit`` with the settings of the ``Linear4bit`` layer transformers builds
+    (blocksize, double quantization, quant type, storage), then ``dequantize_4bit``: bit for bit the
+    weights the 4-bit layers compute with. Returns the number of layers changed.
+    """
+    config = quantization_config(kind, double_quant, str(compute_dtype).removeprefix("torch."))  # type: ignore[arg-type]
+    if config is None:
+        return 0
+    settings = bnb.nn.Linear4bit(1, 1, bias=False, compute_dtype=compute_dtype,
+                                 compress_statistics=config.bnb_4bit_use_double_quant,
+                                 quant_type=config.bnb_4bit_quant_type,
+                                 quant_storage=config.bnb_4bit_quant_storage, device="meta").weight
+    names = compat.bnb_quantized_layer_names(model, config)
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            packed, state = quantize_4bit(weight.data.contiguous(), blocksize=settings.blocksize,
+                                          compress_statistics=settings.compress_statistics,
+                                          quant_type=settings.quant_type, quant_storage=settings.quant_storage)
+            weight.data = dequantize_4bit(packed, state)
+    return len(names)
+
+
+def load_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
+                          double_quant: bool = True, compute_dtype: ComputeDtype = "float32",
+                          dtype: InferenceDtype = "auto",
+                          attn_implementation: AttentionChoice = "auto") -> GenerationModel:
+    """The merged generation model of a base reference and a PEFT adapter folder, built from the files on the CPU.
+
+    Equal, tensor for tensor, to :func:`build_generation_model` of the training model loaded with the same
+    settings (``quantization``, ``double_quant``, ``compute_dtype``), and cheaper: no 4-bit layers, no LoRA
+    layers over them. ``adapter=None`` gives the base alone.
+    """
+    started = time.perf_counter()
+    compute = getattr(torch, compute_dtype)
+    target = compute if dtype == "auto" else getattr(torch, dtype)
+    # The base unquantized, in the compute dtype: the values the 4-bit loader would quantize.
+    dense, _, _ = load_base_model(reference, quantization="none", compute_dtype=compute_dtype,
+                                  attn_implementation=attn_implementation, on_gpu=False)
+    quantized = nf4_round_trip(dense, quantization, double_quant, compute)
+    with torch.no_grad():
+        # Parameters only, as loading in ``target`` would give: transformers keeps buffers such as RoPE's
+        # frequencies in float32 whatever the model's dtype (``model.to(bfloat16)`` would round them too).
+        for parameter in dense.parameters():
+            parameter.data = parameter.data.to(target)
+    lora = PeftConfig.from_pretrained(adapter) if adapter else None
+    state = load_peft_weights(adapter, device="cpu") if adapter else None
+    # PEFT initialises LoRA weights (drawing random numbers) before they are overwritten: keep the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        merged = _merged(dense, lora, state)
+    weights = f"{quantization.upper()} weights dequantized" if quantized else "weights"
+    with_adapter = "with the adapter merged" if adapter else "without adapter"
+    described = (f"{weights} to {str(target).removeprefix('torch.')} {with_adapter}, on cpu "
+                 f"(CPU; loaded and built in {time.perf_counter() - started:.1f}s)")
+    log.info("Generation model: %s", described)
+    return GenerationModel(merged, "merged", described)
 
 
 def _dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.lora_dropout import fuse_lora_dropout
-from finsight.monitoring import return_freed_memory_to_the_os
 from finsight.references import resolve_model
 
 log = logging.getLogger(__name__)
@@ -229,6 +228,9 @@ def load_peft_model(
         checkpointing = recomputed > 0
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers)
+    # Imported here: the monitoring module brings Lightning, which generation-only users never need.
+    from finsight.monitoring import return_freed_memory_to_the_os
+
     if release and not return_freed_memory_to_the_os():
         release, release_reason = False, "not available: needs glibc's malloc (Linux)"
     if release:

@@ -12,7 +12,7 @@ import pytest
 from test_generation import sampled_fit
 
 from finsight.cli import entry, main
-from finsight.generation import PromptTooLongError
+from finsight.decoding import PromptTooLongError
 
 QUESTION = "What is an expense ratio?"
 GREEDY = ("--temperature", "0", "--repetition_penalty", "1.0")

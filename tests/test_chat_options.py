@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_generation import sampled_fit
 
-from finsight.generation import ChatSession, chat_generation_config
+from finsight.decoding import ChatSession, chat_generation_config
 from finsight.inference import build_generation_model
 
 QUESTION = "What is an expense ratio?"
@@ -79,16 +79,18 @@ def test_chat_options_reach_generate(tiny_model_dir, tmp_path_factory, capsys, m
     monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
     assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "4",
                  "--temperature", "0.5", "--top_p", "0.8", "--repetition_penalty", "1.3",
-                 "--no_repeat_ngram_size", "3", "--seed", "11"]) == 0
+                 "--no_repeat_ngram_size", "3", "--prompt_lookup_tokens", "5", "--seed", "11"]) == 0
     config = seen[-1]
     assert (config.do_sample, config.temperature, config.top_p) == (True, 0.5, 0.8)
     assert (config.repetition_penalty, config.no_repeat_ngram_size, config.max_new_tokens) == (1.3, 3, 4)
+    assert config.prompt_lookup_num_tokens == 5
     captured = capsys.readouterr()
     assert captured.err.count("Generation model: NF4 weights dequantized to float32 with the adapter merged") == 1
     # The documented defaults: sampling at 0.7 from the 0.9 nucleus, repetitions penalised by 1.1.
     assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "2"]) == 0
     assert (seen[-1].do_sample, seen[-1].temperature, seen[-1].top_p, seen[-1].repetition_penalty) == (
         True, 0.7, 0.9, 1.1)
+    assert seen[-1].prompt_lookup_num_tokens is None  # prompt lookup is off unless asked for
 
 
 class InterruptingStream(io.StringIO):
@@ -127,3 +129,29 @@ def test_reset_clears_the_history(chat_model, monkeypatch):
     assert _interactive(session, "tiny", output) == 0
     assert seen == [4] and session.history == []
     assert "(conversation cleared)" in output.getvalue()
+
+
+def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_steps(chat_model):
+    from test_inference import PROMPTS
+
+    model, tokenizer = chat_model
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for question in PROMPTS:
+            answers = {}
+            for lookup in (0, 3):
+                decoding = chat_generation_config(temperature=0, repetition_penalty=1.0, prompt_lookup_tokens=lookup)
+                session = ChatSession(model, tokenizer, max_new_tokens=24, decoding=decoding, seed=0)
+                session.stop_ids = [-1]  # every answer runs the full length
+                calls.clear()
+                answers[lookup] = (session.ask(question).token_ids, len(calls))
+            assert answers[3][0] == answers[0][0]
+            assert answers[0][1] == 24
+        # The random model loops when greedy, so proposals from its own earlier words get accepted:
+        # the last answer took fewer forward passes than tokens.
+        assert answers[3][1] < 24
+    finally:
+        hook.remove()
+    # Sampling with lookup stays reproducible by seed.
+    assert _answer(chat_model, seed=3, prompt_lookup_tokens=3) == _answer(chat_model, seed=3, prompt_lookup_tokens=3)

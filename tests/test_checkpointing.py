@@ -124,7 +124,7 @@ def test_freed_memory_goes_back_to_the_os_with_recomputation_or_when_asked(tiny_
     import finsight.model as model_module
 
     calls = []
-    monkeypatch.setattr(model_module, "return_freed_memory_to_the_os", lambda: calls.append(True) or True)
+    monkeypatch.setattr("finsight.monitoring.return_freed_memory_to_the_os", lambda: calls.append(True) or True)
     loaded = model_module.load_peft_model(
         str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
         attn_implementation="sdpa", lora_r=4, lora_alpha=8, lora_dropout=0.0,

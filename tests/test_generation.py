@@ -9,14 +9,8 @@ import pytest
 import torch
 from test_cli import exported_adapter
 
-from finsight.generation import (
-    DEFAULT_SAMPLE_PROMPTS,
-    ChatSession,
-    PromptTooLongError,
-    generate,
-    generation_mode,
-    stop_token_ids,
-)
+from finsight.decoding import ChatSession, PromptTooLongError, generate, generation_mode, stop_token_ids
+from finsight.generation import DEFAULT_SAMPLE_PROMPTS
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -70,10 +70,22 @@ def test_the_data_package_does_not_import_the_model_stack():
         if name not in reached:
             reached.add(name)
             todo.extend(graph[name])
-    assert not reached & {"finsight.model", "finsight.module", "finsight.inference", "finsight.generation"}
+    assert not reached & {"finsight.model", "finsight.module", "finsight.inference", "finsight.generation",
+                           "finsight.decoding"}
 
 
 @pytest.mark.parametrize("name", [name for name in MODULES if name != "finsight.__main__"])  # that one runs
 def test_every_module_imports(name):
     module = importlib.import_module(name)
     assert module.__doc__, f"{name} has no docstring saying what it owns"
+
+
+def test_the_chat_starts_without_the_training_stack():
+    # `finsight chat` only generates: Lightning and torchmetrics (seconds of imports) must stay out of it.
+    import subprocess
+    import sys
+
+    code = ("import sys; import finsight.interactive; "
+            "print(sorted({'lightning', 'torchmetrics', 'finsight.module', 'finsight.cli'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

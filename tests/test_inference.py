@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_generation import _prompt
 
-from finsight.generation import generate
+from finsight.decoding import generate
 from finsight.inference import build_generation_model, generation_model
 
 PROMPTS = ("What is an expense ratio?", "Hi", "Explain compound interest with an example, please.",
@@ -87,3 +87,63 @@ def test_choice_is_logged_in_one_line(trained_like, caplog):
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     assert lines[0].startswith("Generation model: NF4 weights dequantized to float32 with the adapter merged, on cpu")
     assert lines[1].startswith("Generation model: 4-bit layers as trained")
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_model_built_from_the_files_equals_the_dequantized_training_model(tiny_model_dir, tmp_path, saved_dtype):
+    # finsight chat builds its model from the base and adapter files, without 4-bit layers: it must be the
+    # dequantized training model tensor for tensor, whatever dtype the base was saved in.
+    from transformers import AutoModelForCausalLM
+
+    from finsight.inference import load_generation_model
+    from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model
+
+    base_dir = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=saved_dtype).save_pretrained(base_dir)
+    training = load_peft_model(str(base_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
+                               attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
+                               target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in training.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    training.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200]])
+    original = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = build_generation_model(training, dtype)
+        built = load_generation_model(str(base_dir), adapter=str(tmp_path / "adapter"), compute_dtype="float32",
+                                      dtype=str(dtype).removeprefix("torch."), attn_implementation="sdpa")
+        assert built.kind == "merged" and "NF4 weights dequantized" in built.described
+        # Buffers too: non-persistent ones (RoPE's frequencies) are not in the state dict.
+        ours = {**built.model.state_dict(), **dict(built.model.named_buffers())}
+        theirs = {**expected.state_dict(), **dict(expected.named_buffers())}
+        assert ours.keys() == theirs.keys()
+        unequal = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+        assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
+        with torch.no_grad():
+            assert torch.equal(built.model(input_ids=ids).logits, expected(input_ids=ids).logits)
+    # The comparison has teeth: projections are quantized (and adapted), embeddings and norms are not.
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"].float(),
+                           original["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16).float())
+    assert torch.equal(ours["model.norm.weight"], original["model.norm.weight"].to(torch.bfloat16))
+
+
+def test_base_built_from_the_files_equals_the_dequantized_base(trained_like, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finsight.inference import load_generation_model
+
+    model, _ = trained_like
+    built = load_generation_model(str(tiny_model_dir), adapter=None, attn_implementation="sdpa")
+    expected = build_generation_model(model, torch.float32, merge_adapter=False).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in built.model.state_dict().items())
+    assert built.described.startswith("NF4 weights dequantized to float32 without adapter, on cpu")
+    # quantization "none" (plain LoRA training) keeps the saved weights as they are.
+    unquantized = load_generation_model(str(tiny_model_dir), adapter=None, quantization="none")
+    name = "model.layers.1.mlp.down_proj.weight"
+    saved = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()[name]
+    assert torch.equal(unquantized.model.state_dict()[name], saved)
+    assert not torch.equal(expected[name], saved)
+    assert unquantized.described.startswith("weights to float32 without adapter")
