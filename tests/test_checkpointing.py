@@ -61,6 +61,10 @@ def test_activation_estimate_grows_with_batch_length_and_layers(tiny_model_dir):
 
 
 def _loss_and_grads(module: FinSightModule, batch: dict[str, torch.Tensor], monkeypatch) -> tuple:
+    with torch.no_grad():  # non-zero LoRA B, so every adapter tensor gets a gradient
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     module.zero_grad()
     torch.manual_seed(1)  # the same dropout masks in both runs
@@ -82,10 +86,6 @@ def test_loss_and_gradients_are_the_same_with_and_without_recomputation(tiny_mod
         assert [layer.gradient_checkpointing for layer in layers] == [checkpointing] * len(layers)
         # Every adapter's dropout is the fused one (finsight.lora_dropout), recomputed or not.
         assert sum(isinstance(m, DropoutLoraA) for m in module.model.modules()) == 7 * len(layers)
-        with torch.no_grad():  # non-zero LoRA B, so every adapter tensor gets a gradient
-            for name, param in module.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
         results.append(_loss_and_grads(module, batch, monkeypatch))
     (loss_on, grads_on), (loss_off, grads_off) = results
     torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=1e-6)
@@ -165,10 +165,6 @@ def test_an_activation_budget_recomputes_only_the_layers_that_do_not_fit(tiny_mo
         assert module.model_info.recomputed_layers == (layers if budget is None else layers - 1)
         # Keeping some layers is the speed side: the allocator setting then stays glibc's.
         assert module.model_info.release_freed_memory is (budget is None)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
         results.append(_loss_and_grads(module, batch, monkeypatch))
     (loss_all, grads_all), (loss_part, grads_part) = results
     torch.testing.assert_close(loss_all, loss_part, rtol=1e-6, atol=1e-6)
