@@ -208,7 +208,7 @@ def load_peft_model(
     """Load the base model (4-bit where asked), wrap it with LoRA and prepare it for training.
 
     ``micro_batch`` (batch size, maximum length) lets ``gradient_checkpointing="auto"`` estimate the
-    activation memory of a training step. ``release_freed_memory`` (``auto``: when checkpointing is on)
+    activation memory of a training step. ``release_freed_memory`` (``auto``: when every layer recomputes)
     trades step speed for peak RSS on the CPU, see ``finsight.monitoring.return_freed_memory_to_the_os``.
     ``activation_budget_gib`` (with checkpointing on) recomputes only the layers whose activations would not
     fit in it, see :func:`layers_to_recompute`.
