@@ -16,7 +16,7 @@ import random
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -24,6 +24,26 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.errors import FinSightError
+
+InferenceChoice = Literal["auto", "merged", "4bit"]
+"""``merged``: dequantized base with the adapter merged (fast); ``4bit``: the training model as it is;
+``auto``: ``merged`` on a CPU, and on a GPU when the dense model fits in free memory."""
+
+InferenceDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""dtype of the merged model; ``auto`` is the training compute dtype."""
+
+
+@dataclass
+class GenerationModel:
+    """The model to call ``generate`` on, and how it was built (for the log and the results)."""
+
+    model: torch.nn.Module
+    kind: str
+    """``merged`` or ``4bit``."""
+    described: str
+    """One line: what the weights are, their dtype and device, and the build time."""
+    weights: str = ""
+    """What the weights are, without how they were obtained (kept with a cached copy of the model)."""
 
 
 @dataclass

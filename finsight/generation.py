@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import Callback
 from finsight.data.chat import ChatEncoder
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.data.tokenizer import load_chat_tokenizer
-from finsight.decoding import generate, stop_token_ids
+from finsight.decoding import InferenceChoice, generate, stop_token_ids
 from finsight.evaluation import COUNTS, IDENTITY_PROMPTS, AnswerEvaluator, EvalExample, prompt_examples
-from finsight.inference import InferenceChoice, generation_model
+from finsight.inference import generation_model
 
 log = logging.getLogger(__name__)
 

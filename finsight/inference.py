@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -38,6 +37,7 @@ from peft import (
 from transformers import AutoModelForCausalLM
 
 from finsight import compat
+from finsight.decoding import GenerationModel, InferenceChoice, InferenceDtype
 from finsight.model import (
     AttentionChoice,
     ComputeDtype,
@@ -48,26 +48,8 @@ from finsight.model import (
 
 log = logging.getLogger(__name__)
 
-InferenceChoice = Literal["auto", "merged", "4bit"]
-"""``merged``: dequantized base with the adapter merged (fast); ``4bit``: the training model as it is;
-``auto``: ``merged`` on a CPU, and on a GPU when the dense model fits in free memory."""
-
-InferenceDtype = Literal["auto", "float32", "bfloat16", "float16"]
-"""dtype of the merged model; ``auto`` is the training compute dtype."""
-
 # A dense copy on the GPU must leave room for the KV cache and activations of a batch.
 GPU_FREE_MEMORY_SHARE = 0.5
-
-
-@dataclass
-class GenerationModel:
-    """The model to call ``generate`` on, and how it was built (for the log and the results)."""
-
-    model: torch.nn.Module
-    kind: str
-    """``merged`` or ``4bit``."""
-    described: str
-    """One line: what the weights are, their dtype and device, and the build time."""
 
 
 def _bnb_4bit_layers(model: torch.nn.Module) -> dict[str, Any]:
@@ -217,10 +199,10 @@ def load_generation_model(reference: str, *, adapter: str | None, quantization: 
         merged = _merged(dense, lora, state)
     weights = f"{quantization.upper()} weights dequantized" if quantized else "weights"
     with_adapter = "with the adapter merged" if adapter else "without adapter"
-    described = (f"{weights} to {str(target).removeprefix('torch.')} {with_adapter}, on cpu "
-                 f"(CPU; loaded and built in {time.perf_counter() - started:.1f}s)")
+    what = f"{weights} to {str(target).removeprefix('torch.')} {with_adapter}, on cpu"
+    described = f"{what} (CPU; loaded and built in {time.perf_counter() - started:.1f}s)"
     log.info("Generation model: %s", described)
-    return GenerationModel(merged, "merged", described)
+    return GenerationModel(merged, "merged", described, weights=what)
 
 
 def _dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -10,12 +10,15 @@ Ctrl-C during an answer stops that answer.
 On a CPU the answers come from the trained weights as dense layers: NF4 dequantized, adapter merged
 (``finsight.inference.load_generation_model``), built straight from the base model and adapter files, which
 generates several times faster than the 4-bit layers and starts without the training stack (no Lightning).
+The first chat with an adapter keeps that model on disk (``finsight.generation_cache``); later chats load it
+without importing PEFT or bitsandbytes (``--cache false``: build every time).
 ``--inference 4bit``, ``--ckpt_path`` and GPUs load the model as in training first. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
 ``--no_repeat_ngram_size``, ``--seed``); ``--temperature 0`` answers greedily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -24,19 +27,19 @@ from typing import Any, TextIO
 
 import torch
 from jsonargparse import auto_cli
-from peft import PeftModel
 
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.data.tokenizer import load_chat_tokenizer
-from finsight.decoding import ChatSession, PromptTooLongError, chat_generation_config
-from finsight.errors import FinSightError
-from finsight.inference import (
+from finsight.decoding import (
+    ChatSession,
     GenerationModel,
     InferenceChoice,
     InferenceDtype,
-    generation_model,
-    load_generation_model,
+    PromptTooLongError,
+    chat_generation_config,
 )
+from finsight.errors import FinSightError
+from finsight.generation_cache import cached_generation_model
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ def adapter_base_model(adapter: str, model_name: str | None) -> tuple[str, str]:
 def load_from_adapter(adapter: str, model_name: str | None, quantization: QuantizationKind,
                       compute_dtype: ComputeDtype, attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
     """Base model (named, or the one recorded in ``adapter_config.json``) with the PEFT adapter on it."""
+    from peft import PeftModel  # the training model's route only: a chat from the cache never imports PEFT
+
     folder, model_name = adapter_base_model(adapter, model_name)
     base, tokenizer = load_base(model_name, quantization, compute_dtype, attn_implementation)
     model = PeftModel.from_pretrained(base, folder)
@@ -118,6 +123,7 @@ def chat(
     no_repeat_ngram_size: int = 0,
     prompt_lookup_tokens: int = 0,
     seed: int | None = None,
+    cache: bool = True,
 ) -> int:
     """Chat with the fine-tuned model: interactively, or one question with ``--prompt``.
 
@@ -152,6 +158,10 @@ def chat(
             reuse the question's or their own wording (on the quickstart model: +2% float32, -9% bfloat16);
             greedy answers are the same tokens either way.
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
+        cache: On a CPU, keep the merged model in ``~/.cache/finsight/generation`` (``$FINSIGHT_CACHE``), the
+            dense model's size on disk, the 3 most recently used kept: the next chat with the same adapter
+            and settings loads it instead of rebuilding it (start-up in seconds, the same tensors).
+            ``false`` neither reads nor writes it.
 
     Returns:
         The exit status: 0.
@@ -160,17 +170,20 @@ def chat(
     compute = compute_dtype or _default_compute_dtype()
     if not (ckpt_path or adapter or model_name):
         raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
-    if ckpt_path or inference == "4bit" or torch.cuda.is_available():
-        generator, tokenizer, described = _through_training_model(ckpt_path, adapter, model_name, quantization,
-                                                                  compute, attn_implementation, inference, dtype)
-    else:
-        # On a CPU the answer comes from the merged dense model: build it from the files directly.
-        folder, reference = adapter_base_model(adapter, model_name) if adapter else (None, model_name)
-        generator = load_generation_model(reference, adapter=folder, quantization=quantization or "nf4",
-                                          compute_dtype=compute, dtype=dtype, attn_implementation=attn_implementation)
-        tokenizer = load_chat_tokenizer(reference)
-        described = f"{reference} + adapter {adapter}" if adapter else f"{reference} (base model, no adapter)"
-    # Standard output carries only the answers (scripts read it); the one line about the model goes to stderr.
+    # Standard output carries only the answers (scripts read it): whatever the libraries print while the
+    # model loads (DeepSpeed's accelerator notice, for one) goes to stderr, with the line about the model.
+    with contextlib.redirect_stdout(sys.stderr):
+        if ckpt_path or inference == "4bit" or torch.cuda.is_available():
+            generator, tokenizer, described = _through_training_model(
+                ckpt_path, adapter, model_name, quantization, compute, attn_implementation, inference, dtype)
+        else:
+            # On a CPU the answer comes from the merged dense model: built from the files, or the cached copy.
+            folder, reference = adapter_base_model(adapter, model_name) if adapter else (None, model_name)
+            generator = cached_generation_model(reference, adapter=folder, quantization=quantization or "nf4",
+                                                compute_dtype=compute, dtype=dtype,
+                                                attn_implementation=attn_implementation, cache=cache)
+            tokenizer = load_chat_tokenizer(reference)
+            described = f"{reference} + adapter {adapter}" if adapter else f"{reference} (base model, no adapter)"
     print(f"Generation model: {generator.described}", file=sys.stderr)
     decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size,
                                       prompt_lookup_tokens)
@@ -187,6 +200,8 @@ def _through_training_model(ckpt_path: str | None, adapter: str | None, model_na
                             attn_implementation: AttentionChoice, inference: InferenceChoice,
                             dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
     """Load the model as in training (4-bit base, adapter), then pick what generates from it."""
+    from finsight.inference import generation_model  # brings bitsandbytes and PEFT: only on this route
+
     if ckpt_path:
         model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, quantization, compute,
                                                            attn_implementation)

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import psutil
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finsight import compat
@@ -228,7 +227,10 @@ def load_peft_model(
         checkpointing = recomputed > 0
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers)
-    # Imported here: the monitoring module brings Lightning, which generation-only users never need.
+    # Imported here: monitoring brings Lightning, and PEFT is most of a chat's start-up; a chat served from
+    # the generation cache (finsight.generation_cache) needs neither, only this module's loader.
+    from peft import LoraConfig, PeftModel, get_peft_model
+
     from finsight.monitoring import return_freed_memory_to_the_os
 
     if release and not return_freed_memory_to_the_os():

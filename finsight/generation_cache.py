@@ -1,0 +1,162 @@
+"""The chat's merged model kept on disk, so the next chat with the same adapter starts in seconds.
+
+Building the chat's model from the files (:func:`finsight.inference.load_generation_model`) imports PEFT and
+bitsandbytes and passes every quantized weight through NF4 and back: most of a short chat's start-up. The
+result depends only on the files and the settings, so the first chat saves it (``save_pretrained``,
+safetensors) under ``<cache>/generation/<key>`` and later chats load it as an ordinary transformers model,
+tensor for tensor the same, without importing either library.
+
+The key covers what the values depend on: the adapter's bytes, the base model's files (name, size,
+modification time), the quantization settings, the dtype, and the versions of torch, transformers, PEFT
+and bitsandbytes. Anything else gives a new entry, and the :data:`KEEP` most recently used entries are
+kept. ``<cache>`` is ``$FINSIGHT_CACHE``, else ``$XDG_CACHE_HOME/finsight``, else ``~/.cache/finsight``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from finsight.decoding import GenerationModel, InferenceDtype
+from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
+from finsight.references import cache_root, resolve_model
+
+log = logging.getLogger(__name__)
+
+KEEP = 3
+"""Entries kept; each is the size of the dense model (SmolLM2-135M: 0.5 GB in float32)."""
+
+FORMAT = 1
+"""Bumped when what an entry holds or how it is keyed changes, so old entries are never read."""
+
+ENTRY_FILE = "finsight_generation.json"
+"""Written last into an entry: its presence marks a complete entry, and its time stamp the last use."""
+
+_VALUE_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def generation_cache_dir() -> Path:
+    """The folder holding the cached models (one sub-folder per key)."""
+    return cache_root() / "generation"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _base_folder(reference: str) -> Path | None:
+    """The local folder a base reference loads from, or None when it is not on disk (nothing to key on)."""
+    resolved = resolve_model(reference)
+    if Path(resolved).is_dir():
+        return Path(resolved).resolve()
+    # A Hub id: the snapshot folder its files were downloaded into (named by the commit).
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(resolved, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def entry_key(reference: str, adapter: str | None, settings: dict[str, str | bool]) -> str | None:
+    """The cache key of a merged model, or None when the base model's files cannot be found locally.
+
+    Base files are keyed by name, size and modification time (hashing gigabytes at every start would cost
+    what the cache saves); the adapter, small, by its bytes.
+    """
+    base = _base_folder(reference)
+    if base is None:
+        return None
+    facts: dict[str, object] = {"format": FORMAT, "settings": settings, "base": str(base)}
+    facts["base_files"] = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns)
+                                 for item in base.iterdir() if item.is_file())
+    if adapter is not None:
+        folder = Path(adapter)
+        facts["adapter"] = sorted((item.name, _file_digest(item)) for item in folder.iterdir()
+                                  if item.is_file() and item.name.startswith("adapter_"))
+    facts["versions"] = {name: importlib.metadata.version(name) for name in _VALUE_LIBRARIES}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load(entry: Path, dtype: str, attn_implementation: AttentionChoice) -> GenerationModel:
+    started = time.perf_counter()
+    facts = json.loads((entry / ENTRY_FILE).read_text())
+    model, _, _ = load_base_model(str(entry), quantization="none", compute_dtype=dtype,  # type: ignore[arg-type]
+                                  attn_implementation=attn_implementation, on_gpu=False)
+    os.utime(entry / ENTRY_FILE)  # the last use, for keeping the most recent entries
+    described = (f"{facts['weights']} (CPU; loaded from the cache {entry} "
+                 f"in {time.perf_counter() - started:.1f}s)")
+    log.info("Generation model: %s", described)
+    return GenerationModel(model.eval(), "merged", described, weights=facts["weights"])
+
+
+def _store(generator: GenerationModel, entry: Path, facts: dict[str, object]) -> bool:
+    """Save the model as the entry, atomically; False (logged) when the disk has no room for it."""
+    size = sum(p.numel() * p.element_size() for p in generator.model.parameters())
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(entry.parent).free
+    if free < size + (1 << 30):
+        log.warning("Not caching the generation model: %.1f GB free in %s, it needs %.1f GB and 1 GB spare",
+                    free / 1e9, entry.parent, size / 1e9)
+        return False
+    partial = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".partial-"))
+    try:
+        generator.model.save_pretrained(partial, safe_serialization=True)
+        (partial / ENTRY_FILE).write_text(json.dumps({**facts, "weights": generator.weights}, indent=2))
+        try:
+            partial.replace(entry)
+        except OSError:
+            if not (entry / ENTRY_FILE).is_file():
+                raise
+            # Another chat cached the same model meanwhile; its complete entry stays.
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    _keep_recent(entry.parent)
+    return True
+
+
+def _keep_recent(folder: Path) -> None:
+    entries = [item for item in folder.iterdir() if (item / ENTRY_FILE).is_file()]
+    entries.sort(key=lambda item: (item / ENTRY_FILE).stat().st_mtime_ns, reverse=True)
+    for stale in entries[KEEP:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def cached_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
+                            double_quant: bool = True, compute_dtype: ComputeDtype = "float32",
+                            dtype: InferenceDtype = "auto", attn_implementation: AttentionChoice = "auto",
+                            cache: bool = True) -> GenerationModel:
+    """:func:`finsight.inference.load_generation_model`, loaded from the cache when it was built before.
+
+    On a miss the model is built (PEFT and bitsandbytes are imported only then) and, with ``cache``, saved
+    for the next time. ``cache=False`` neither reads nor writes the cache.
+    """
+    target = compute_dtype if dtype == "auto" else dtype
+    settings = {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
+                "dtype": target}
+    key = entry_key(reference, adapter, settings) if cache else None
+    entry = generation_cache_dir() / key if key else None
+    if entry is not None and (entry / ENTRY_FILE).is_file():
+        return _load(entry, target, attn_implementation)
+    # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
+    from finsight.inference import load_generation_model
+
+    generator = load_generation_model(reference, adapter=adapter, quantization=quantization,
+                                      double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
+                                      attn_implementation=attn_implementation)
+    if entry is not None:
+        facts = {"base": reference, "adapter": adapter, "settings": settings,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if _store(generator, entry, facts):
+            log.info("Generation model cached in %s: the next chat with this adapter loads it from there", entry)
+    return generator
+
