@@ -20,7 +20,8 @@ weights.
 
    It reports tokens/s, the ratio to the 4-bit row, and whether the greedy tokens equal the 4-bit row's.
 2. Commands, in subprocesses (wall time including imports and loading): ``finsight chat --prompt`` with
-   ``--max_new_tokens`` greedy, the same answer from a plain transformers + PEFT script, and (with
+   ``--max_new_tokens`` greedy (the first chat, which builds and caches the model, a later one, which loads
+   it from the cache, and ``--cache false``), the same answer from a plain transformers + PEFT script, and (with
    ``--checkpoint``) ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old`` adds the
    same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
 
@@ -142,10 +143,10 @@ print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=T
 """
 
 
-def timed(command: list[str], label: str) -> dict:
+def timed(command: list[str], label: str, env: dict[str, str] | None = None) -> dict:
     print(f"[{load_average()}] {label}: {' '.join(command)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{label} failed:\n{result.stderr[-3000:]}")
@@ -166,11 +167,18 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     chat = [*finsight, "chat", "--adapter", adapter, "--prompt", question, "--max_new_tokens", str(max_new_tokens),
             "--temperature", "0", "--repetition_penalty", "1.0"]
-    runs = [timed(chat, "finsight chat --prompt (merged float32 from the files: the default)"),
-            timed([*chat, "--prompt_lookup_tokens", "3"], "finsight chat --prompt --prompt_lookup_tokens 3"),
-            timed([*chat, "--dtype", "bfloat16"], "finsight chat --prompt --dtype bfloat16"),
-            timed([sys.executable, "-c", PLAIN_CHAT, adapter, base_path, question, str(max_new_tokens)],
-                  "transformers + PEFT merged float32 script")]
+    # The chat's generation cache starts empty in a folder of its own (the base model is a local folder, read
+    # where it is), so the first chat builds and caches its model and the later ones load it.
+    env = {**os.environ, "FINSIGHT_CACHE": tempfile.mkdtemp(prefix="finsight-bench-cache-")}
+    runs = [timed(chat, "finsight chat --prompt, first: builds the float32 model from the files, caches it", env),
+            timed(chat, "finsight chat --prompt, later: the float32 model from the cache (the default)", env),
+            timed([*chat, "--cache", "false"], "finsight chat --prompt --cache false: builds it every time", env),
+            timed([*chat, "--prompt_lookup_tokens", "3"], "finsight chat --prompt --prompt_lookup_tokens 3 (cached)",
+                  env)]
+    timed([*chat, "--dtype", "bfloat16", "--max_new_tokens", "1"], "caching the bfloat16 model (not a result)", env)
+    runs += [timed([*chat, "--dtype", "bfloat16"], "finsight chat --prompt --dtype bfloat16 (cached)", env),
+             timed([sys.executable, "-c", PLAIN_CHAT, adapter, base_path, question, str(max_new_tokens)],
+                   "transformers + PEFT merged float32 script")]
     if old:
         runs.append(timed([*chat, "--inference", "4bit"], "finsight chat --prompt --inference 4bit"))
     for run in runs:

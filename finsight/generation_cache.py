@@ -112,6 +112,8 @@ def _store(generator: GenerationModel, entry: Path, facts: dict[str, object]) ->
     try:
         generator.model.save_pretrained(partial, safe_serialization=True)
         (partial / ENTRY_FILE).write_text(json.dumps({**facts, "weights": generator.weights}, indent=2))
+        if entry.exists() and not (entry / ENTRY_FILE).is_file():
+            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by hand: replaced
         try:
             partial.replace(entry)
         except OSError:
@@ -146,7 +148,12 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
     key = entry_key(reference, adapter, settings) if cache else None
     entry = generation_cache_dir() / key if key else None
     if entry is not None and (entry / ENTRY_FILE).is_file():
-        return _load(entry, target, attn_implementation)
+        try:
+            return _load(entry, target, attn_implementation)
+        except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)
+            log.warning("Generation cache entry %s is unreadable (%s: %s); building the model again",
+                        entry, type(error).__name__, str(error)[:200])
+            shutil.rmtree(entry, ignore_errors=True)
     # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
     from finsight.inference import load_generation_model
 

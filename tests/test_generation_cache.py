@@ -165,3 +165,18 @@ def test_chat_standard_output_carries_only_the_answer(adapter_dir, cache_dir, mo
     answers = out.out.strip().splitlines()
     assert len(answers) == 2 and answers[0] == answers[1] and "library notice" not in out.out
     assert out.err.count("library notice") == 2 and "Generation model: " in out.err
+
+
+def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_model_dir, adapter_dir, cache_dir, caplog):
+    built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    (entry,) = cache_dir.iterdir()
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk filled up, a copy cut short
+    with caplog.at_level(logging.WARNING, logger="finsight"):
+        rebuilt = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    assert f"Generation cache entry {entry} is unreadable" in caplog.text and "building the model again" in caplog.text
+    assert "loaded and built" in rebuilt.described
+    again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    assert "from the cache" in again.described
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=IDS).logits, built.model(input_ids=IDS).logits)
