@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from finsight.checkpoint import read_checkpoint
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.decoding import InferenceDtype
+from finsight.generation_cache import cache_trained_model
 from finsight.gguf_export import GGUFType, write_gguf
 from finsight.inference import build_generation_model, resolve_dtype
 from finsight.module import FinSightModule
@@ -38,14 +39,20 @@ class AdapterExport(Callback):
     """At the end of ``fit``, writes the best adapter (by the checkpoint callback's monitor, ``val/loss``) — or
     the last one when nothing was validated — as a PEFT folder, with the tokenizer beside it."""
 
-    def __init__(self, folder: str | None = None) -> None:
+    def __init__(self, folder: str | None = None, cache_chat_model: bool = True) -> None:
         """
         Args:
             folder: Where ``fit`` writes the adapter; defaults to ``<log_dir>/adapter``.
+            cache_chat_model: After training on a CPU, also save the merged model that ``finsight chat`` on
+                this machine generates with (``finsight.generation_cache``), so the first chat with the
+                adapter starts as fast as later ones. Costs the dense model's size on disk (0.5 GB for
+                SmolLM2-135M) and a few seconds; a GPU run never does it (the chat there uses the GPU).
         """
         super().__init__()
         self.folder = folder
+        self.cache_chat_model = cache_chat_model
         self.path: Path | None = None
+        self.chat_model_entry: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Load the best checkpoint's adapter into the module (every rank), then write it (rank 0)."""
@@ -63,6 +70,22 @@ class AdapterExport(Callback):
         write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
         log.info("Adapter written to %s", target)
         self.path = target
+        if self.cache_chat_model and pl_module.device.type == "cpu":
+            self._cache_chat_model(pl_module, target)
+
+    def _cache_chat_model(self, pl_module: L.LightningModule, adapter: Path) -> None:
+        hparams = pl_module.hparams
+        try:
+            self.chat_model_entry = cache_trained_model(
+                pl_module.model, hparams.model_name, str(adapter), quantization=hparams.quantization,
+                double_quant=hparams.double_quant, compute_dtype=hparams.compute_dtype)
+        except Exception as error:  # noqa: BLE001 - training is done and the adapter written: never fail here
+            log.warning("Could not cache the chat's model (%s: %s); the first chat builds it",
+                        type(error).__name__, error)
+            return
+        if self.chat_model_entry is not None:
+            log.info("Chat model cached in %s: `finsight chat --adapter %s` starts without building it",
+                     self.chat_model_entry, adapter)
 
 
 MergeBase = Literal["dequantized", "original"]

@@ -24,7 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from finsight.decoding import GenerationModel, InferenceDtype
+import torch
+
+from finsight.decoding import GenerationModel, InferenceDtype, merged_weights
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
 from finsight.references import cache_root, resolve_model
 
@@ -161,9 +163,38 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
                                       double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
                                       attn_implementation=attn_implementation)
     if entry is not None:
-        facts = {"base": reference, "adapter": adapter, "settings": settings,
+        facts = {"base": reference, "adapter": adapter, "settings": settings, "written_by": "chat",
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if _store(generator, entry, facts):
             log.info("Generation model cached in %s: the next chat with this adapter loads it from there", entry)
     return generator
 
+
+
+def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *, quantization: QuantizationKind,
+                        double_quant: bool, compute_dtype: ComputeDtype) -> Path | None:
+    """Save the merged model of a just-written adapter where a chat with it on this machine looks first.
+
+    ``model`` is the training model (4-bit base, LoRA) whose adapter was written to ``adapter``; the entry is
+    the one :func:`cached_generation_model` finds for that adapter with the same settings and the default
+    dtype (the compute dtype), so the first chat after ``fit`` starts as fast as later ones. The merged model
+    is built from ``model`` (:func:`finsight.inference.build_generation_model`, the same tensors as built
+    from the files). Returns the entry, or None when the base has no local files or the disk lacks room.
+    """
+    settings = {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
+                "dtype": compute_dtype}
+    key = entry_key(reference, adapter, settings)
+    if key is None:
+        return None
+    entry = generation_cache_dir() / key
+    if (entry / ENTRY_FILE).is_file():
+        return entry
+    from finsight.inference import build_generation_model
+
+    dtype = getattr(torch, compute_dtype)
+    dense = build_generation_model(model, dtype)
+    weights = merged_weights(quantization if quantization != "none" else None, dtype, adapter=True)
+    facts = {"base": reference, "adapter": adapter, "settings": settings, "written_by": "fit",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    stored = _store(GenerationModel(dense, "merged", weights, weights=weights), entry, facts)
+    return entry if stored else None

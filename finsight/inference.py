@@ -37,7 +37,7 @@ from peft import (
 from transformers import AutoModelForCausalLM
 
 from finsight import compat
-from finsight.decoding import GenerationModel, InferenceChoice, InferenceDtype
+from finsight.decoding import GenerationModel, InferenceChoice, InferenceDtype, merged_weights
 from finsight.model import (
     AttentionChoice,
     ComputeDtype,
@@ -197,9 +197,7 @@ def load_generation_model(reference: str, *, adapter: str | None, quantization: 
     # PEFT initialises LoRA weights (drawing random numbers) before they are overwritten: keep the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         merged = _merged(dense, lora, state)
-    weights = f"{quantization.upper()} weights dequantized" if quantized else "weights"
-    with_adapter = "with the adapter merged" if adapter else "without adapter"
-    what = f"{weights} to {str(target).removeprefix('torch.')} {with_adapter}, on cpu"
+    what = merged_weights(quantization if quantized else None, target, adapter is not None)
     described = f"{what} (CPU; loaded and built in {time.perf_counter() - started:.1f}s)"
     log.info("Generation model: %s", described)
     return GenerationModel(merged, "merged", described, weights=what)

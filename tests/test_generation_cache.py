@@ -180,3 +180,23 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_model_dir, adapter_dir, 
     assert "from the cache" in again.described
     with torch.no_grad():
         assert torch.equal(again.model(input_ids=IDS).logits, built.model(input_ids=IDS).logits)
+
+
+def test_fit_on_a_cpu_caches_the_model_its_first_chat_loads(tiny_model_dir, tmp_path_factory):
+    from test_generation import sampled_fit
+
+    from finsight.inference import load_generation_model
+
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    entry = run["chat_model_entry"]
+    assert entry is not None and json.loads((entry / ENTRY_FILE).read_text())["written_by"] == "fit"
+    # The chat reads the base model from adapter_config.json and finds the entry fit wrote...
+    base = json.loads((run["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cached = cached_generation_model(base, adapter=str(run["adapter"]), attn_implementation="sdpa")
+    assert f"loaded from the cache {entry}" in cached.described
+    # ... which is, tensor for tensor, the model the chat would build from the files.
+    built = load_generation_model(base, adapter=str(run["adapter"]), attn_implementation="sdpa")
+    assert cached.weights == built.weights
+    ours, theirs = _tensors(cached.model), _tensors(built.model)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
