@@ -20,8 +20,8 @@ weights.
 
    It reports tokens/s, the ratio to the 4-bit row, and whether the greedy tokens equal the 4-bit row's.
 2. Commands, in subprocesses (wall time including imports and loading): ``finsight chat --prompt`` with
-   ``--max_new_tokens`` greedy (the first chat, which builds and caches the model, a later one, which loads
-   it from the cache, and ``--cache false``), the same answer from a plain transformers + PEFT script, and (with
+   ``--max_new_tokens`` greedy (a chat with nothing cached, which builds and caches the model, one that loads
+   it from the cache, as every chat after a CPU ``fit`` does, and ``--cache false``), the same answer from a plain transformers + PEFT script, and (with
    ``--checkpoint``) ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old`` adds the
    same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
 
@@ -170,8 +170,8 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
     # The chat's generation cache starts empty in a folder of its own (the base model is a local folder, read
     # where it is), so the first chat builds and caches its model and the later ones load it.
     env = {**os.environ, "FINSIGHT_CACHE": tempfile.mkdtemp(prefix="finsight-bench-cache-")}
-    runs = [timed(chat, "finsight chat --prompt, first: builds the float32 model from the files, caches it", env),
-            timed(chat, "finsight chat --prompt, later: the float32 model from the cache (the default)", env),
+    runs = [timed(chat, "finsight chat --prompt, nothing cached: builds the float32 model from the files, caches it", env),
+            timed(chat, "finsight chat --prompt, cached (by that chat, or by fit on a CPU): the float32 model (the default)", env),
             timed([*chat, "--cache", "false"], "finsight chat --prompt --cache false: builds it every time", env),
             timed([*chat, "--prompt_lookup_tokens", "3"], "finsight chat --prompt --prompt_lookup_tokens 3 (cached)",
                   env)]
