@@ -165,10 +165,14 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
     if entry is not None:
         facts = {"base": reference, "adapter": adapter, "settings": settings, "written_by": "chat",
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if _store(generator, entry, facts):
+        try:
+            stored = _store(generator, entry, facts)
+        except OSError as error:  # a read-only or full cache folder costs the next chat time, not this answer
+            log.warning("Not caching the generation model in %s (%s)", entry, error)
+            stored = False
+        if stored:
             log.info("Generation model cached in %s: the next chat with this adapter loads it from there", entry)
     return generator
-
 
 
 def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *, quantization: QuantizationKind,

@@ -99,14 +99,23 @@ def test_key_follows_the_adapter_bytes_the_base_files_and_the_settings(tiny_mode
     assert entry_key("nobody/not-downloaded", str(adapter_dir), settings) is None
 
 
-def test_cache_false_writes_nothing_and_a_full_disk_only_skips_the_cache(tiny_model_dir, adapter_dir, cache_dir,
-                                                                         monkeypatch, caplog):
+def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(tiny_model_dir, adapter_dir,
+                                                                               cache_dir, monkeypatch, caplog):
     off = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa",
                                   cache=False)
     assert "loaded and built" in off.described and not cache_dir.exists()
 
     class Usage:
         free = 10**8
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="finsight"):
+        patch.setattr(generation_cache.Path, "mkdir", read_only)
+        refused = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    assert "loaded and built" in refused.described and "Permission denied" in caplog.text
+    caplog.clear()
 
     monkeypatch.setattr(generation_cache.shutil, "disk_usage", lambda path: Usage)
     with caplog.at_level(logging.WARNING, logger="finsight"):
