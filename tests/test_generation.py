@@ -55,8 +55,6 @@ def sampled_fit(model_dir: Path, tmp_path_factory) -> dict:
             "best": Path(cli.trainer.checkpoint_callback.best_model_path),
             "last": Path(cli.trainer.checkpoint_callback.last_model_path),
             "callback": next(c for c in cli.trainer.callbacks if type(c).__name__ == "GenerationSamples"),
-            "chat_model_entry": next(c for c in cli.trainer.callbacks
-                                     if type(c).__name__ == "AdapterExport").chat_model_entry,
         }
     return _RUNS["sampled"]
 

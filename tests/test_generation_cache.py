@@ -191,21 +191,35 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_model_dir, adapter_dir, 
         assert torch.equal(again.model(input_ids=IDS).logits, built.model(input_ids=IDS).logits)
 
 
-def test_fit_on_a_cpu_caches_the_model_its_first_chat_loads(tiny_model_dir, tmp_path_factory):
-    from test_generation import sampled_fit
-
+def test_the_model_fit_caches_is_the_one_the_chat_builds(tiny_model_dir, tmp_path, cache_dir):
+    # What AdapterExport does at the end of a CPU fit (its call is checked in tests/test_quiet.py): the
+    # training model (4-bit, LoRA with fused dropout) and the adapter folder it just wrote.
+    from finsight.generation_cache import cache_trained_model
     from finsight.inference import load_generation_model
+    from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model
 
-    run = sampled_fit(tiny_model_dir, tmp_path_factory)
-    entry = run["chat_model_entry"]
+    training = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
+                               attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
+                               target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in training.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    training.save_pretrained(tmp_path / "adapter")
+    entry = cache_trained_model(training, str(tiny_model_dir), str(tmp_path / "adapter"), quantization="nf4",
+                                double_quant=True, compute_dtype="float32")
     assert entry is not None and json.loads((entry / ENTRY_FILE).read_text())["written_by"] == "fit"
-    # The chat reads the base model from adapter_config.json and finds the entry fit wrote...
-    base = json.loads((run["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"]
-    cached = cached_generation_model(base, adapter=str(run["adapter"]), attn_implementation="sdpa")
+    # The chat reads the base model from adapter_config.json and finds that entry...
+    base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cached = cached_generation_model(base, adapter=str(tmp_path / "adapter"), attn_implementation="sdpa")
     assert f"loaded from the cache {entry}" in cached.described
     # ... which is, tensor for tensor, the model the chat would build from the files.
-    built = load_generation_model(base, adapter=str(run["adapter"]), attn_implementation="sdpa")
+    built = load_generation_model(base, adapter=str(tmp_path / "adapter"), attn_implementation="sdpa")
     assert cached.weights == built.weights
     ours, theirs = _tensors(cached.model), _tensors(built.model)
     assert ours.keys() == theirs.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    # The adapter is in it: the projections differ from the base's (same NF4 values, nothing merged).
+    plain = load_generation_model(base, adapter=None, attn_implementation="sdpa").model.state_dict()
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
