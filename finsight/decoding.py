@@ -5,7 +5,9 @@ system prompt, so the model is asked questions exactly the way it was trained to
 test`` and the training samples decode greedily (reproducible); the chat samples with the settings of
 :func:`chat_generation_config`. This module needs only torch and transformers (no Lightning, no metrics),
 so ``finsight chat`` starts without the training stack; :mod:`finsight.generation` builds the samples and
-the scored answers of ``finsight test`` on it.
+the scored answers of ``finsight test`` on it. The record of a generation model (:class:`GenerationModel`)
+and the options that choose it live here too, so the chat can name them without importing how they are built
+(:mod:`finsight.inference`, which needs PEFT and bitsandbytes).
 """
 
 from __future__ import annotations

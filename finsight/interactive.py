@@ -10,8 +10,9 @@ Ctrl-C during an answer stops that answer.
 On a CPU the answers come from the trained weights as dense layers: NF4 dequantized, adapter merged
 (``finsight.inference.load_generation_model``), built straight from the base model and adapter files, which
 generates several times faster than the 4-bit layers and starts without the training stack (no Lightning).
-The first chat with an adapter keeps that model on disk (``finsight.generation_cache``); later chats load it
-without importing PEFT or bitsandbytes (``--cache false``: build every time).
+That model is kept on disk (``finsight.generation_cache``: saved at the end of a CPU ``fit``, or by the first
+chat that finds none); a chat that finds it loads it without importing PEFT or bitsandbytes (``--cache
+false``: build every time).
 ``--inference 4bit``, ``--ckpt_path`` and GPUs load the model as in training first. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
 ``--no_repeat_ngram_size``, ``--seed``); ``--temperature 0`` answers greedily.
 """
@@ -158,10 +159,10 @@ def chat(
             reuse the question's or their own wording (on the quickstart model: +2% float32, -9% bfloat16);
             greedy answers are the same tokens either way.
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
-        cache: On a CPU, keep the merged model in ``~/.cache/finsight/generation`` (``$FINSIGHT_CACHE``), the
-            dense model's size on disk, the 3 most recently used kept: the next chat with the same adapter
-            and settings loads it instead of rebuilding it (start-up in seconds, the same tensors).
-            ``false`` neither reads nor writes it.
+        cache: On a CPU, load the merged model from ``~/.cache/finsight/generation`` (``$FINSIGHT_CACHE``)
+            when a CPU ``fit`` or an earlier chat saved it for this adapter and these settings, and save it
+            there otherwise (the dense model's size on disk; the 3 most recently used are kept): start-up in
+            seconds, the same tensors. ``false`` neither reads nor writes it.
 
     Returns:
         The exit status: 0.
