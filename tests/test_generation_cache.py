@@ -18,19 +18,24 @@ from finsight.generation_cache import ENTRY_FILE, cached_generation_model, entry
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200]])
 
 
-def _adapter(base_dir: Path, folder: Path, seed: int) -> Path:
-    """A LoRA adapter of the tiny model with non-zero B matrices (a fresh one would merge to nothing)."""
+def _training_model(base_dir: Path, seed: int, lora_dropout: float = 0.0) -> torch.nn.Module:
+    """The tiny model as training holds it (4-bit, LoRA) with non-zero B matrices (fresh ones merge to nothing)."""
     from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model
 
     model = load_peft_model(str(base_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                            attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                            attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=lora_dropout,
                             target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    model.save_pretrained(folder)
+    return model
+
+
+def _adapter(base_dir: Path, folder: Path, seed: int) -> Path:
+    """A LoRA adapter folder of the tiny model."""
+    _training_model(base_dir, seed).save_pretrained(folder)
     return folder
 
 
@@ -196,16 +201,8 @@ def test_the_model_fit_caches_is_the_one_the_chat_builds(tiny_model_dir, tmp_pat
     # training model (4-bit, LoRA with fused dropout) and the adapter folder it just wrote.
     from finsight.generation_cache import cache_trained_model
     from finsight.inference import load_generation_model
-    from finsight.model import DEFAULT_TARGET_MODULES, load_peft_model
 
-    training = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                               attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
-                               target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, parameter in training.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    training = _training_model(tiny_model_dir, seed=7, lora_dropout=0.1)
     training.save_pretrained(tmp_path / "adapter")
     entry = cache_trained_model(training, str(tiny_model_dir), str(tmp_path / "adapter"), quantization="nf4",
                                 double_quant=True, compute_dtype="float32")
