@@ -6,12 +6,14 @@ same way. ``main(args=None)`` lets tests drive the CLI in-process.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.logging import RichHandler
@@ -27,6 +29,8 @@ from finsight.interactive import chat_main
 from finsight.module import FinSightModule
 from finsight.prediction import JsonlPredictionWriter
 from finsight.strategies import exit_if_strategy_unavailable, rank_zero_log_dir
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -73,6 +77,33 @@ class FinSightCLI(LightningCLI):
             _resume_into_latest_version(config.trainer)
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a ``--ckpt_path`` file's hyper-parameters into the config, as LightningCLI does, keeping only
+        those :class:`FinSightModule` still takes.
+
+        A checkpoint written by an earlier finsight version records options since removed (``export_dir``);
+        LightningCLI would refuse it ("does not accept option 'model.export_dir'"), so ``validate``, ``test``
+        and ``predict`` could not read the runs they were made for. The dropped names are logged once.
+        ``load_from_checkpoint`` (chat, export) already ignores such keys.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # none, ``last``/``best``, or a DeepSpeed folder: nothing to read here, as in LightningCLI
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:  # a module subclass chosen on the command line: LightningCLI's own rules
+            super()._parse_ckpt_path()
+            return
+        accepted = set(inspect.signature(self.model_class.__init__).parameters) - {"self"}
+        dropped = sorted(set(hparams) - accepted)
+        if dropped:
+            log.warning("%s records hyper-parameters this finsight version no longer has, ignored: %s",
+                        ckpt_path, ", ".join(dropped))
+        kept = {key: value for key, value in hparams.items() if key in accepted}
+        if kept:
+            self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
 
     def before_predict(self) -> None:
         """Point the prediction writer at ``--predictions_file`` when one is given."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -138,6 +139,20 @@ def test_validate_and_predict_subcommands_run_on_a_checkpoint(tiny_model_dir, tm
               and not a.startswith("--trainer.val_check_interval")]
     validate = main(["validate", *common, f"--ckpt_path={ckpt}"])
     assert "val/loss" in validate.trainer.callback_metrics
+    # A checkpoint of an earlier version records an option since removed: read all the same, same result.
+    old = torch.load(ckpt, weights_only=False, map_location="cpu")
+    old["hyper_parameters"]["export_dir"] = "adapter_out"
+    torch.save(old, tmp_path / "earlier-version.ckpt")
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append  # finsight's logger does not propagate to caplog once the CLI set it up
+    logging.getLogger("finsight.cli").addHandler(handler)
+    try:
+        earlier = main(["validate", *common, f"--ckpt_path={tmp_path / 'earlier-version.ckpt'}"])
+    finally:
+        logging.getLogger("finsight.cli").removeHandler(handler)
+    assert [r.getMessage().endswith("no longer has, ignored: export_dir") for r in warnings] == [True]
+    assert earlier.trainer.callback_metrics["val/loss"] == validate.trainer.callback_metrics["val/loss"]
     predict = main(["predict", *common, f"--ckpt_path={ckpt}", "--trainer.limit_predict_batches=2"])
     rows = predict.trainer.predict_loop.predictions
     assert len(rows) == 2 and torch.all(rows[0]["loss"] > 0)
