@@ -187,11 +187,27 @@ class _DropLitLoggerTip(logging.Filter):
         return not str(record.msg).startswith(LITLOGGER_TIP)
 
 
+# DeepSpeed's notice (on standard output) each time a process imports it on a machine without CUDA; saving a
+# transformers model imports it through accelerate, so every CPU fit and chat that saves one printed it.
+NO_ACCELERATOR_NOTICE = "Setting accelerator to CPU. If you have GPU or other accelerator"
+
+
+class _DropNoAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(NO_ACCELERATOR_NOTICE):
+            return True
+        import torch  # loaded already (DeepSpeed is logging); this module imports no heavy library itself
+
+        return torch.cuda.is_available()  # CUDA there and DeepSpeed still chose the CPU: that is news, it stays
+
+
 def quiet_known_noise() -> None:
     """Filter the known third-party noise of the tested versions (idempotent); everything else still shows."""
     for message, module, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
-        logger.addFilter(_DropLitLoggerTip())
+    for name, noise in (("lightning.pytorch.utilities.rank_zero", _DropLitLoggerTip),
+                        ("DeepSpeed", _DropNoAcceleratorNotice)):
+        logger = logging.getLogger(name)  # DeepSpeed configures this logger when imported; filters stay
+        if not any(isinstance(f, noise) for f in logger.filters):
+            logger.addFilter(noise())
 

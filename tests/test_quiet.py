@@ -18,6 +18,7 @@ KNOWN_NOISE = (
     "LeafSpec",
     "Flattening the indices",
     "Saving the dataset",
+    "Setting accelerator to CPU",  # DeepSpeed, imported when the fit saves the chat's model
 )
 
 
