@@ -48,14 +48,15 @@ class GenerationModel:
     """What the weights are, without how they were obtained (kept with a cached copy of the model)."""
 
 
-def merged_weights(quantization: str | None, dtype: torch.dtype, adapter: bool) -> str:
-    """What a merged CPU generation model holds, in the words of its log line and of a cached copy's record.
+def merged_weights(quantization: str | None, dtype: torch.dtype, adapter: bool,
+                   device: torch.device | str = "cpu") -> str:
+    """What a merged generation model holds, in the words of its log line and of a cached copy's record.
 
     ``quantization`` is the 4-bit type whose values the weights are (``nf4``, ``fp4``), or None.
     """
     weights = f"{quantization.upper()} weights dequantized" if quantization else "weights"
     with_adapter = "with the adapter merged" if adapter else "without adapter"
-    return f"{weights} to {str(dtype).removeprefix('torch.')} {with_adapter}, on cpu"
+    return f"{weights} to {str(dtype).removeprefix('torch.')} {with_adapter}, on {device}"
 
 
 @dataclass

@@ -135,6 +135,18 @@ def _keep_recent(folder: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _settings(quantization: QuantizationKind, double_quant: bool, compute_dtype: ComputeDtype,
+              dtype: str) -> dict[str, str | bool]:
+    return {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
+            "dtype": dtype}
+
+
+def _facts(reference: str, adapter: str | None, settings: dict[str, str | bool], written_by: str) -> dict:
+    """The entry's record, for whoever looks into the cache folder (the key says nothing readable)."""
+    return {"base": reference, "adapter": adapter, "settings": settings, "written_by": written_by,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def cached_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
                             double_quant: bool = True, compute_dtype: ComputeDtype = "float32",
                             dtype: InferenceDtype = "auto", attn_implementation: AttentionChoice = "auto",
@@ -145,8 +157,7 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
     for the next time. ``cache=False`` neither reads nor writes the cache.
     """
     target = compute_dtype if dtype == "auto" else dtype
-    settings = {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
-                "dtype": target}
+    settings = _settings(quantization, double_quant, compute_dtype, target)
     key = entry_key(reference, adapter, settings) if cache else None
     entry = generation_cache_dir() / key if key else None
     if entry is not None and (entry / ENTRY_FILE).is_file():
@@ -163,10 +174,8 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
                                       double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
                                       attn_implementation=attn_implementation)
     if entry is not None:
-        facts = {"base": reference, "adapter": adapter, "settings": settings, "written_by": "chat",
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
-            stored = _store(generator, entry, facts)
+            stored = _store(generator, entry, _facts(reference, adapter, settings, "chat"))
         except OSError as error:  # a read-only or full cache folder costs the next chat time, not this answer
             log.warning("Not caching the generation model in %s (%s)", entry, error)
             stored = False
@@ -185,8 +194,7 @@ def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *,
     is built from ``model`` (:func:`finsight.inference.build_generation_model`, the same tensors as built
     from the files). Returns the entry, or None when the base has no local files or the disk lacks room.
     """
-    settings = {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
-                "dtype": compute_dtype}
+    settings = _settings(quantization, double_quant, compute_dtype, compute_dtype)
     key = entry_key(reference, adapter, settings)
     if key is None:
         return None
@@ -198,7 +206,6 @@ def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *,
     dtype = getattr(torch, compute_dtype)
     dense = build_generation_model(model, dtype)
     weights = merged_weights(quantization if quantization != "none" else None, dtype, adapter=True)
-    facts = {"base": reference, "adapter": adapter, "settings": settings, "written_by": "fit",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    stored = _store(GenerationModel(dense, "merged", weights, weights=weights), entry, facts)
+    stored = _store(GenerationModel(dense, "merged", weights, weights=weights), entry,
+                    _facts(reference, adapter, settings, "fit"))
     return entry if stored else None

@@ -241,17 +241,16 @@ def generation_model(model: torch.nn.Module, *, inference: InferenceChoice = "au
             kind = "merged" if fits else "4bit"
             reason = (f"GPU, the dense model ({needed / 2**30:.1f} GiB) "
                       f"{'fits' if fits else 'does not fit'} in half the free memory ({free / 2**30:.1f} GiB)")
-    adapter = "adapter merged" if merge_adapter and _base_and_adapter(model)[1] is not None else "no adapter"
+    with_adapter = merge_adapter and _base_and_adapter(model)[1] is not None
     if kind == "4bit":
+        adapter = "adapter" if with_adapter else "no adapter"
         described = f"4-bit layers as trained, {adapter} unmerged on {device} ({reason})"
         log.info("Generation model: %s", described)
         return GenerationModel(model, "4bit", described)
     started = time.perf_counter()
     dense = build_generation_model(model, target, merge_adapter=merge_adapter, device=device)
-    quantized = "NF4 weights dequantized" if _bnb_4bit_layers(model) else "weights"
-    described = (f"{quantized} to {str(target).removeprefix('torch.')} with the {adapter}, on {device} "
-                 f"({reason}; built in {time.perf_counter() - started:.1f}s)")
-    if adapter == "no adapter":
-        described = described.replace("with the no adapter", "without adapter")
+    layers = list(_bnb_4bit_layers(model).values())
+    what = merged_weights(layers[0].weight.quant_type if layers else None, target, with_adapter, device)
+    described = f"{what} ({reason}; built in {time.perf_counter() - started:.1f}s)"
     log.info("Generation model: %s", described)
-    return GenerationModel(dense, "merged", described)
+    return GenerationModel(dense, "merged", described, weights=what)

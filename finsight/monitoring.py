@@ -47,8 +47,7 @@ def return_freed_memory_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -
     step took 1.5x as long with recomputation on (27.2 s against 18.3 s) and 1.6x with it off (19.2 against
     11.7 s). So the model loader sets it by default only when gradient checkpointing is on, the setting
     chosen where memory is the constraint (the model option ``release_freed_memory``). Process-wide and
-    idempotent; Linux with glibc only, elsewhere nothing changes
-    (returns False).
+    idempotent; Linux with glibc only, elsewhere nothing changes (returns False).
     """
     if not sys.platform.startswith("linux"):
         return False
