@@ -25,6 +25,13 @@ weights.
    ``--checkpoint``) ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old`` adds the
    same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
 
+3. ``--ceilings``: where a decoded token's time goes, per dtype, on the chat's merged model: the matrix
+   multiplies alone (every linear layer's weights, one row in, as a decode step reads them: the bound with no
+   other cost), the model's forward pass in a loop (no ``generate``), and ``generate``; with ``--compile``,
+   also ``generate`` compiled by transformers (``torch.compile``, one static cache sized for the longest
+   answer), with the seconds its first call spends compiling. A row far below the matmul bound is overhead,
+   not bandwidth.
+
 The machine's load average is printed before and after: on a shared machine compare the ratios of rows
 measured in the same run, not absolute numbers across runs.
 """
@@ -125,6 +132,88 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     return rows
 
 
+def matmul_bound(model) -> float:
+    """Tokens/s if a decode step cost only its matrix multiplies: one input row through every linear layer."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
+
+    def step() -> None:
+        for layer in linears:
+            torch.nn.functional.linear(rows[layer.in_features], layer.weight)
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        started = time.perf_counter()
+        for _ in range(20):
+            step()
+    return 20 / (time.perf_counter() - started)
+
+
+def forward_loop(model, prompt: list[int], steps: int) -> float:
+    """Tokens/s of greedy decoding by calling the model directly: ``generate`` without its bookkeeping."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        started = time.perf_counter()
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return steps / (time.perf_counter() - started)
+
+
+def compiled_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
+    """transformers' compiled decoding (static cache, ``torch.compile``): seconds of the first (compiling)
+    call of 4 tokens, and tokens/s after it."""
+    from transformers import CompileConfig, GenerationConfig
+
+    from finsight.decoding import generate
+
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    # One cache size for every call (the longest prompt's answer), so the compiled step is compiled once.
+    decoding = GenerationConfig(do_sample=False, cache_implementation="static", compile_config=compile_config,
+                                max_cache_len=max(len(p) for p in prompts) + max_new_tokens)
+    started = time.perf_counter()
+    generate(model, tokenizer, prompts[:1], max_new_tokens=4, stop_ids=[-1], decoding=decoding)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    outputs = [generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, stop_ids=[-1], decoding=decoding)[0]
+               for p in prompts]
+    return first, sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - started)
+
+
+def ceilings(adapter: str, n_prompts: int, max_new_tokens: int, compile_: bool) -> list[dict]:
+    from finsight.inference import load_generation_model
+    from finsight.interactive import adapter_base_model, load_from_adapter
+
+    quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
+    prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
+    rows = [{"path": "4-bit (training layers), generate", "tokens_per_s":
+             time_generation(quantized, tokenizer, prompts, max_new_tokens)[0]}]
+    del quantized
+    folder, reference = adapter_base_model(adapter, None)
+    for dtype in ("float32", "bfloat16"):
+        model = load_generation_model(reference, adapter=folder, dtype=dtype, attn_implementation="sdpa").model
+        print(f"[{load_average()}] {dtype} ceilings ...", file=sys.stderr, flush=True)
+        rows.append({"path": f"merged {dtype}: matrix multiplies alone (bound)", "tokens_per_s": matmul_bound(model)})
+        rows.append({"path": f"merged {dtype}: forward pass in a loop",
+                     "tokens_per_s": forward_loop(model, prompts[0], max_new_tokens)})
+        rows.append({"path": f"merged {dtype}: generate",
+                     "tokens_per_s": time_generation(model, tokenizer, prompts, max_new_tokens)[0]})
+        if compile_:
+            first, speed = compiled_generation(model, tokenizer, prompts, max_new_tokens)
+            rows.append({"path": f"merged {dtype}: generate compiled (first call {first:.0f} s)",
+                         "tokens_per_s": speed, "first_call_s": first})
+        del model
+    for row in rows:
+        row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["load_average"] = load_average()
+    return rows
+
+
 PLAIN_CHAT = """
 import sys, torch
 from peft import PeftModel
@@ -212,9 +301,21 @@ def main() -> None:
     parser.add_argument("--old", action="store_true", help="also time the commands through the 4-bit layers")
     parser.add_argument("--skip_commands", action="store_true")
     parser.add_argument("--skip_in_process", action="store_true", help="only the command timings")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="only where a token's time goes: matmul bound, forward loop, generate, per dtype")
+    parser.add_argument("--compile", action="store_true", help="--ceilings: also transformers' compiled decoding")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     started_load = load_average()
+    if args.ceilings:
+        rows = ceilings(args.adapter, args.prompts, args.max_new_tokens, args.compile)
+        print(f"\nload average at start: {started_load}, at end: {load_average()}; threads: {torch.get_num_threads()}"
+              "\n\n| path | tokens/s | × 4-bit |\n|---|---:|---:|")
+        for row in rows:
+            print(f"| {row['path']} | {row['tokens_per_s']:.2f} | {row['ratio']:.2f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"load_average_start": started_load, "rows": rows}, indent=2))
+        return
     rows = [] if args.skip_in_process else in_process(args.adapter, args.prompts, args.max_new_tokens)
     runs = [] if args.skip_commands else commands(args.adapter, args.checkpoint, args.max_new_tokens,
                                                   args.questions, args.old)
