@@ -6,9 +6,9 @@ result depends only on the files and the settings, so the first chat saves it (`
 safetensors) under ``<cache>/generation/<key>`` and later chats load it as an ordinary transformers model,
 tensor for tensor the same, without importing either library.
 
-The key covers what the values depend on: the adapter's bytes, the base model's files (name, size,
-modification time), the quantization settings, the dtype, and the versions of torch, transformers, PEFT
-and bitsandbytes. Anything else gives a new entry, and the :data:`KEEP` most recently used entries are
+The key covers what the values depend on: the adapter's bytes (for a chat from a training checkpoint, its
+adapter tensors and hyper-parameters), the base model's files (name, size, modification time), the
+quantization settings, the dtype, and the versions of torch, transformers, PEFT and bitsandbytes. Anything else gives a new entry, and the :data:`KEEP` most recently used entries are
 kept. ``<cache>`` is ``$FINSIGHT_CACHE``, else ``$XDG_CACHE_HOME/finsight``, else ``~/.cache/finsight``.
 """
 
@@ -22,7 +22,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -69,16 +71,19 @@ def _base_folder(reference: str) -> Path | None:
     return Path(config).parent if isinstance(config, str) else None
 
 
-def entry_key(reference: str, adapter: str | None, settings: dict[str, str | bool]) -> str | None:
+def entry_key(reference: str, adapter: str | None, settings: dict[str, str | bool],
+              checkpoint: dict[str, object] | None = None) -> str | None:
     """The cache key of a merged model, or None when the base model's files cannot be found locally.
 
     Base files are keyed by name, size and modification time (hashing gigabytes at every start would cost
-    what the cache saves); the adapter, small, by its bytes.
+    what the cache saves); the adapter, small, by its bytes; a checkpoint by :func:`checkpoint_facts`.
     """
     base = _base_folder(reference)
     if base is None:
         return None
     facts: dict[str, object] = {"format": FORMAT, "settings": settings, "base": str(base)}
+    if checkpoint is not None:
+        facts["checkpoint"] = checkpoint
     facts["base_files"] = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns)
                                  for item in base.iterdir() if item.is_file())
     if adapter is not None:
@@ -141,10 +146,34 @@ def _settings(quantization: QuantizationKind, double_quant: bool, compute_dtype:
             "dtype": dtype}
 
 
-def _facts(reference: str, adapter: str | None, settings: dict[str, str | bool], written_by: str) -> dict:
+def _facts(reference: str, adapter: str | None, settings: dict[str, str | bool], written_by: str,
+           checkpoint: str | None = None) -> dict:
     """The entry's record, for whoever looks into the cache folder (the key says nothing readable)."""
-    return {"base": reference, "adapter": adapter, "settings": settings, "written_by": written_by,
+    source = {"checkpoint": checkpoint} if checkpoint is not None else {"adapter": adapter}
+    return {"base": reference, **source, "settings": settings, "written_by": written_by,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _cached_or_built(entry: Path | None, target: str, attn_implementation: AttentionChoice,
+                     build: Callable[[], GenerationModel], facts: dict[str, object]) -> GenerationModel:
+    """The entry's model when it holds a complete one; else ``build()``, saved as the entry (unless None)."""
+    if entry is not None and (entry / ENTRY_FILE).is_file():
+        try:
+            return _load(entry, target, attn_implementation)
+        except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)
+            log.warning("Generation cache entry %s is unreadable (%s: %s); building the model again",
+                        entry, type(error).__name__, str(error)[:200])
+            shutil.rmtree(entry, ignore_errors=True)
+    generator = build()
+    if entry is not None:
+        try:
+            stored = _store(generator, entry, facts)
+        except OSError as error:  # a read-only or full cache folder costs the next chat time, not this answer
+            log.warning("Not caching the generation model in %s (%s)", entry, error)
+            stored = False
+        if stored:
+            log.info("Generation model cached in %s: the next chat with this model loads it from there", entry)
+    return generator
 
 
 def cached_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
@@ -159,29 +188,67 @@ def cached_generation_model(reference: str, *, adapter: str | None, quantization
     target = compute_dtype if dtype == "auto" else dtype
     settings = _settings(quantization, double_quant, compute_dtype, target)
     key = entry_key(reference, adapter, settings) if cache else None
-    entry = generation_cache_dir() / key if key else None
-    if entry is not None and (entry / ENTRY_FILE).is_file():
-        try:
-            return _load(entry, target, attn_implementation)
-        except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)
-            log.warning("Generation cache entry %s is unreadable (%s: %s); building the model again",
-                        entry, type(error).__name__, str(error)[:200])
-            shutil.rmtree(entry, ignore_errors=True)
-    # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
-    from finsight.inference import load_generation_model
 
-    generator = load_generation_model(reference, adapter=adapter, quantization=quantization,
-                                      double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
-                                      attn_implementation=attn_implementation)
-    if entry is not None:
-        try:
-            stored = _store(generator, entry, _facts(reference, adapter, settings, "chat"))
-        except OSError as error:  # a read-only or full cache folder costs the next chat time, not this answer
-            log.warning("Not caching the generation model in %s (%s)", entry, error)
-            stored = False
-        if stored:
-            log.info("Generation model cached in %s: the next chat with this adapter loads it from there", entry)
-    return generator
+    def build() -> GenerationModel:
+        # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
+        from finsight.inference import load_generation_model
+
+        return load_generation_model(reference, adapter=adapter, quantization=quantization,
+                                     double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
+                                     attn_implementation=attn_implementation)
+
+    return _cached_or_built(generation_cache_dir() / key if key else None, target, attn_implementation, build,
+                            _facts(reference, adapter, settings, "chat"))
+
+
+def checkpoint_facts(ckpt_path: str | Path) -> dict[str, object] | None:
+    """What a training checkpoint's merged model depends on besides the base files, or None when not keyable.
+
+    Its hyper-parameters (base reference, quantization, LoRA rank and alpha, ...) and a digest of its adapter
+    tensors, read memory-mapped (the optimizer state beside them is never read). None for a DeepSpeed folder
+    or a file torch cannot read: the training route then loads it and reports what is wrong.
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        hyper_parameters, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
+    except Exception:  # noqa: BLE001 - any unreadable file: not cached, the training route names the problem
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return {"hyper_parameters": json.loads(json.dumps(hyper_parameters, sort_keys=True, default=str)),
+            "adapter_sha256": digest.hexdigest()}
+
+
+def cached_checkpoint_model(ckpt_path: str, build: Callable[[], GenerationModel], *, model_name: str | None,
+                            quantization: QuantizationKind | None, compute_dtype: ComputeDtype,
+                            dtype: InferenceDtype = "auto", attn_implementation: AttentionChoice = "auto",
+                            ) -> tuple[GenerationModel, str] | None:
+    """A checkpoint's merged model from the cache, or ``build()`` (the training route) saved there.
+
+    Returns the model and its base reference (``model_name``, else the checkpoint's), or None when the
+    checkpoint cannot be keyed (see :func:`checkpoint_facts`) or its base has no local files: then the caller
+    builds without the cache. ``quantization`` None means the checkpoint's own setting.
+    """
+    facts = checkpoint_facts(ckpt_path)
+    if facts is None:
+        return None
+    trained = cast(dict, facts["hyper_parameters"])
+    reference = model_name or trained.get("model_name")
+    if not reference:
+        return None
+    target = compute_dtype if dtype == "auto" else dtype
+    settings = _settings(quantization or trained.get("quantization", "nf4"), trained.get("double_quant", True),
+                         compute_dtype, target)
+    key = entry_key(reference, None, settings, checkpoint=facts)
+    if key is None:
+        return None
+    record = _facts(reference, None, settings, "chat", checkpoint=str(ckpt_path))
+    return _cached_or_built(generation_cache_dir() / key, target, attn_implementation, build, record), reference
 
 
 def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *, quantization: QuantizationKind,

@@ -12,8 +12,9 @@ On a CPU the answers come from the trained weights as dense layers: NF4 dequanti
 generates several times faster than the 4-bit layers and starts without the training stack (no Lightning).
 That model is kept on disk (``finsight.generation_cache``: saved at the end of a CPU ``fit``, or by the first
 chat that finds none); a chat that finds it loads it without importing PEFT or bitsandbytes (``--cache
-false``: build every time).
-``--inference 4bit``, ``--ckpt_path`` and GPUs load the model as in training first. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
+false``: build every time). ``--ckpt_path`` builds it through the training model (Lightning, 4-bit layers)
+the first time and from then on loads it from the same cache, keyed by the checkpoint's adapter tensors and
+hyper-parameters. ``--inference 4bit`` and GPUs load the model as in training. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
 ``--no_repeat_ngram_size``, ``--seed``); ``--temperature 0`` answers greedily.
 """
 
@@ -40,7 +41,7 @@ from finsight.decoding import (
     chat_generation_config,
 )
 from finsight.errors import FinSightError
-from finsight.generation_cache import cached_generation_model
+from finsight.generation_cache import cached_checkpoint_model, cached_generation_model
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def chat(
         inference: ``auto`` answers with the 4-bit weights dequantized once and the adapter merged on a CPU
             (and on a GPU when that fits); ``merged`` always; ``4bit`` through the 4-bit layers as trained.
         dtype: dtype of the merged model: ``auto`` (the compute dtype, exactly the trained model),
-            ``bfloat16`` (faster on CPUs with bf16 support, answers may differ slightly) or ``float16``.
+            ``bfloat16`` (half the bytes per token: faster, answers may differ slightly) or ``float16``.
         temperature: Sampling temperature; lower is more focused, 0 answers greedily.
         top_p: Sample from the smallest set of tokens whose probabilities add up to this.
         repetition_penalty: Divides the scores of tokens already in the conversation (1.0: off); stops
@@ -160,8 +161,8 @@ def chat(
             greedy answers are the same tokens either way.
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
         cache: On a CPU, load the merged model from ``~/.cache/finsight/generation`` (``$FINSIGHT_CACHE``)
-            when a CPU ``fit`` or an earlier chat saved it for this adapter and these settings, and save it
-            there otherwise (the dense model's size on disk; the 3 most recently used are kept): start-up in
+            when a CPU ``fit`` or an earlier chat saved it for this adapter (or checkpoint) and these settings,
+            and save it there otherwise (the dense model's size on disk; the 3 most recently used are kept): start-up in
             seconds, the same tensors. ``false`` neither reads nor writes it.
 
     Returns:
@@ -174,7 +175,11 @@ def chat(
     # Standard output carries only the answers (scripts read it): whatever the libraries print while the
     # model loads (DeepSpeed's accelerator notice, for one) goes to stderr, with the line about the model.
     with contextlib.redirect_stdout(sys.stderr):
-        if ckpt_path or inference == "4bit" or torch.cuda.is_available():
+        on_cpu_merged = inference != "4bit" and not torch.cuda.is_available()
+        if ckpt_path and on_cpu_merged and cache:
+            generator, tokenizer, described = _from_checkpoint_on_cpu(
+                ckpt_path, model_name, quantization, compute, attn_implementation, inference, dtype)
+        elif ckpt_path or not on_cpu_merged:
             generator, tokenizer, described = _through_training_model(
                 ckpt_path, adapter, model_name, quantization, compute, attn_implementation, inference, dtype)
         else:
@@ -213,6 +218,28 @@ def _through_training_model(ckpt_path: str | None, adapter: str | None, model_na
         model, tokenizer = load_base(model_name, quantization or "nf4", compute, attn_implementation)
         described = f"{model_name} (base model, no adapter)"
     return generation_model(model, inference=inference, dtype=dtype), tokenizer, described
+
+
+def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, quantization: QuantizationKind | None,
+                            compute: ComputeDtype, attn_implementation: AttentionChoice,
+                            inference: InferenceChoice, dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
+    """A checkpoint's merged model from the generation cache, else built through the training model and cached."""
+    built: dict[str, Any] = {}
+
+    def build() -> GenerationModel:
+        generator, built["tokenizer"], built["described"] = _through_training_model(
+            ckpt_path, None, model_name, quantization, compute, attn_implementation, inference, dtype)
+        return generator
+
+    found = cached_checkpoint_model(ckpt_path, build, model_name=model_name, quantization=quantization,
+                                    compute_dtype=compute, dtype=dtype, attn_implementation=attn_implementation)
+    if found is None:  # not keyable (a DeepSpeed folder, a damaged file, a base not on disk): no cache
+        return _through_training_model(ckpt_path, None, model_name, quantization, compute, attn_implementation,
+                                       inference, dtype)
+    generator, reference = found
+    if "tokenizer" in built:
+        return generator, built["tokenizer"], built["described"]
+    return generator, load_chat_tokenizer(reference), f"{reference} + checkpoint {ckpt_path}"
 
 
 def _interactive(session: Any, described: str, output: TextIO) -> int:

@@ -56,6 +56,54 @@ def test_one_shot_answer_from_adapter_and_from_checkpoint(tiny_model_dir, tmp_pa
               "--max_new_tokens", "8"])
 
 
+def test_a_checkpoint_chat_is_cached_by_its_adapter_and_hyper_parameters(tiny_model_dir, tmp_path_factory, tmp_path,
+                                                                         capsys, monkeypatch):
+    import json
+
+    import torch
+
+    from finsight import interactive
+    from finsight.generation_cache import ENTRY_FILE, checkpoint_facts, generation_cache_dir
+
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    monkeypatch.setenv("FINSIGHT_CACHE", str(tmp_path / "cache"))
+    ask = ["chat", "--ckpt_path", str(run["best"]), "--prompt", QUESTION, "--max_new_tokens", "6", *GREEDY]
+    capsys.readouterr()
+    assert main(ask) == 0
+    built = capsys.readouterr()
+    entries = list(generation_cache_dir().iterdir())
+    assert len(entries) == 1, entries
+    record = json.loads((entries[0] / ENTRY_FILE).read_text())
+    assert record["checkpoint"] == str(run["best"]) and record["base"] == str(tiny_model_dir)
+    assert "built in" in built.err
+
+    # From the cache: the training route (Lightning, 4-bit layers) is not taken, the answer is the same.
+    def no_training_model(*args, **kwargs):
+        raise AssertionError("the cached checkpoint chat loaded the training model")
+
+    monkeypatch.setattr(interactive, "_through_training_model", no_training_model)
+    assert main(ask) == 0
+    cached = capsys.readouterr()
+    assert f"loaded from the cache {entries[0]}" in cached.err
+    assert cached.out.strip() == built.out.strip() == _expected_answer(tiny_model_dir, run["adapter"], 6)
+
+    # The key follows what the merged weights depend on: LoRA's alpha (not in the tensors) and the tensors.
+    facts = checkpoint_facts(run["best"])
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["lora_alpha"] *= 2
+    torch.save(checkpoint, tmp_path / "alpha.ckpt")
+    name = next(k for k in checkpoint["state_dict"] if "lora_B" in k)
+    checkpoint["hyper_parameters"]["lora_alpha"] //= 2
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
+    torch.save(checkpoint, tmp_path / "weights.ckpt")
+    alpha, weights = checkpoint_facts(tmp_path / "alpha.ckpt"), checkpoint_facts(tmp_path / "weights.ckpt")
+    assert alpha["adapter_sha256"] == facts["adapter_sha256"] and alpha["hyper_parameters"] != facts["hyper_parameters"]
+    assert weights["hyper_parameters"] == facts["hyper_parameters"]
+    assert weights["adapter_sha256"] != facts["adapter_sha256"]
+    (tmp_path / "damaged.ckpt").write_bytes(run["best"].read_bytes()[:1000])
+    assert checkpoint_facts(tmp_path / "damaged.ckpt") is None and checkpoint_facts(tmp_path) is None
+
+
 def test_interactive_chat_reads_until_exit(tiny_model_dir, tmp_path_factory, capsys, monkeypatch):
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\n/reset\nWhat is a bond?\n/exit\nnever read\n"))
