@@ -21,9 +21,10 @@ weights.
    It reports tokens/s, the ratio to the 4-bit row, and whether the greedy tokens equal the 4-bit row's.
 2. Commands, in subprocesses (wall time including imports and loading): ``finsight chat --prompt`` with
    ``--max_new_tokens`` greedy (a chat with nothing cached, which builds and caches the model, one that loads
-   it from the cache, as every chat after a CPU ``fit`` does, and ``--cache false``), the same answer from a plain transformers + PEFT script, and (with
-   ``--checkpoint``) ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old`` adds the
-   same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
+   it from the cache, as every chat after a CPU ``fit`` does, and ``--cache false``), the same answer from a
+   plain transformers + PEFT script, and (with ``--checkpoint``) ``finsight chat --ckpt_path`` with nothing
+   cached and cached, and ``finsight test --eval.compare_base true`` on ``--questions`` questions. ``--old``
+   adds the same commands through the 4-bit layers (``--inference 4bit``, ``--eval.inference 4bit``).
 
 3. ``--ceilings``: where a decoded token's time goes, per dtype, on the chat's merged model: the matrix
    multiplies alone (every linear layer's weights, one row in, as a decode step reads them: the bound with no
@@ -254,8 +255,9 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
 
     base_path = resolve_model(base)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    chat = [*finsight, "chat", "--adapter", adapter, "--prompt", question, "--max_new_tokens", str(max_new_tokens),
-            "--temperature", "0", "--repetition_penalty", "1.0"]
+    greedy = ["--prompt", question, "--max_new_tokens", str(max_new_tokens), "--temperature", "0",
+              "--repetition_penalty", "1.0"]
+    chat = [*finsight, "chat", "--adapter", adapter, *greedy]
     # The chat's generation cache starts empty in a folder of its own (the base model is a local folder, read
     # where it is), so the first chat builds and caches its model and the later ones load it.
     env = {**os.environ, "FINSIGHT_CACHE": tempfile.mkdtemp(prefix="finsight-bench-cache-")}
@@ -268,6 +270,12 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
     runs += [timed([*chat, "--dtype", "bfloat16"], "finsight chat --prompt --dtype bfloat16 (cached)", env),
              timed([sys.executable, "-c", PLAIN_CHAT, adapter, base_path, question, str(max_new_tokens)],
                    "transformers + PEFT merged float32 script")]
+    if checkpoint:
+        # The local base folder, as the adapter rows read it (a pypi: reference would be converted first).
+        from_checkpoint = [*finsight, "chat", "--ckpt_path", checkpoint, "--model_name", base_path, *greedy]
+        runs += [timed(from_checkpoint, "finsight chat --ckpt_path --prompt, nothing cached: builds through the "
+                                        "training model, caches it", env),
+                 timed(from_checkpoint, "finsight chat --ckpt_path --prompt, cached", env)]
     if old:
         runs.append(timed([*chat, "--inference", "4bit"], "finsight chat --prompt --inference 4bit"))
     for run in runs:

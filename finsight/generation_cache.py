@@ -8,8 +8,9 @@ tensor for tensor the same, without importing either library.
 
 The key covers what the values depend on: the adapter's bytes (for a chat from a training checkpoint, its
 adapter tensors and hyper-parameters), the base model's files (name, size, modification time), the
-quantization settings, the dtype, and the versions of torch, transformers, PEFT and bitsandbytes. Anything else gives a new entry, and the :data:`KEEP` most recently used entries are
-kept. ``<cache>`` is ``$FINSIGHT_CACHE``, else ``$XDG_CACHE_HOME/finsight``, else ``~/.cache/finsight``.
+quantization settings, the dtype, and the versions of torch, transformers, PEFT and bitsandbytes. Anything
+else gives a new entry, and the :data:`KEEP` most recently used entries are kept. ``<cache>`` is
+``$FINSIGHT_CACHE``, else ``$XDG_CACHE_HOME/finsight``, else ``~/.cache/finsight``.
 """
 
 from __future__ import annotations

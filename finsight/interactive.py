@@ -14,8 +14,9 @@ That model is kept on disk (``finsight.generation_cache``: saved at the end of a
 chat that finds none); a chat that finds it loads it without importing PEFT or bitsandbytes (``--cache
 false``: build every time). ``--ckpt_path`` builds it through the training model (Lightning, 4-bit layers)
 the first time and from then on loads it from the same cache, keyed by the checkpoint's adapter tensors and
-hyper-parameters. ``--inference 4bit`` and GPUs load the model as in training. Answers are sampled (``--temperature``, ``--top_p``, ``--repetition_penalty``,
-``--no_repeat_ngram_size``, ``--seed``); ``--temperature 0`` answers greedily.
+hyper-parameters. ``--inference 4bit`` and GPUs load the model as in training. Answers are sampled
+(``--temperature``, ``--top_p``, ``--repetition_penalty``, ``--no_repeat_ngram_size``, ``--seed``);
+``--temperature 0`` answers greedily.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def chat(
         seed: Makes answers reproducible: the same seed and conversation give the same answers.
         cache: On a CPU, load the merged model from ``~/.cache/finsight/generation`` (``$FINSIGHT_CACHE``)
             when a CPU ``fit`` or an earlier chat saved it for this adapter (or checkpoint) and these settings,
-            and save it there otherwise (the dense model's size on disk; the 3 most recently used are kept): start-up in
-            seconds, the same tensors. ``false`` neither reads nor writes it.
+            and save it there otherwise (the dense model's size on disk; the 3 most recently used are kept):
+            start-up in seconds, the same tensors. ``false`` neither reads nor writes it.
 
     Returns:
         The exit status: 0.
