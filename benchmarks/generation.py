@@ -133,7 +133,7 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     return rows
 
 
-def matmul_bound(model) -> float:
+def matmul_bound(model: torch.nn.Module) -> float:
     """Tokens/s if a decode step cost only its matrix multiplies: one input row through every linear layer."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
@@ -151,7 +151,7 @@ def matmul_bound(model) -> float:
     return 20 / (time.perf_counter() - started)
 
 
-def forward_loop(model, prompt: list[int], steps: int) -> float:
+def forward_loop(model: torch.nn.Module, prompt: list[int], steps: int) -> float:
     """Tokens/s of greedy decoding by calling the model directly: ``generate`` without its bookkeeping."""
     from transformers import DynamicCache
 
@@ -187,6 +187,7 @@ def compiled_generation(model, tokenizer, prompts: list[list[int]], max_new_toke
 
 
 def ceilings(adapter: str, n_prompts: int, max_new_tokens: int, compile_: bool) -> list[dict]:
+    """The 4-bit path's tokens/s, then per dtype the merged model's bound, forward loop, generate (compiled)."""
     from finsight.inference import load_generation_model
     from finsight.interactive import adapter_base_model, load_from_adapter
 

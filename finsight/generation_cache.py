@@ -212,15 +212,15 @@ def checkpoint_facts(ckpt_path: str | Path) -> dict[str, object] | None:
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         return None
+    digest = hashlib.sha256()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         hyper_parameters, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy())
     except Exception:  # noqa: BLE001 - any unreadable file: not cached, the training route names the problem
         return None
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy())
     return {"hyper_parameters": json.loads(json.dumps(hyper_parameters, sort_keys=True, default=str)),
             "adapter_sha256": digest.hexdigest()}
 
