@@ -91,7 +91,8 @@ class FinSightCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return  # none, ``last``/``best``, or a DeepSpeed folder: nothing to read here, as in LightningCLI
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        # Memory-mapped: only the hyper-parameters are read, not the adapter and optimizer state beside them.
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         if "_class_path" in hparams:  # a module subclass chosen on the command line: LightningCLI's own rules
             super()._parse_ckpt_path()

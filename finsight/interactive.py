@@ -225,21 +225,21 @@ def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, quantization
                             compute: ComputeDtype, attn_implementation: AttentionChoice,
                             inference: InferenceChoice, dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
     """A checkpoint's merged model from the generation cache, else built through the training model and cached."""
-    built: dict[str, Any] = {}
+    built: list[tuple[GenerationModel, Any, str]] = []  # the training route's result, when it ran
 
-    def build() -> GenerationModel:
-        generator, built["tokenizer"], built["described"] = _through_training_model(
-            ckpt_path, None, model_name, quantization, compute, attn_implementation, inference, dtype)
-        return generator
+    def training_route() -> tuple[GenerationModel, Any, str]:
+        built.append(_through_training_model(ckpt_path, None, model_name, quantization, compute,
+                                             attn_implementation, inference, dtype))
+        return built[-1]
 
-    found = cached_checkpoint_model(ckpt_path, build, model_name=model_name, quantization=quantization,
-                                    compute_dtype=compute, dtype=dtype, attn_implementation=attn_implementation)
+    found = cached_checkpoint_model(ckpt_path, lambda: training_route()[0], model_name=model_name,
+                                    quantization=quantization, compute_dtype=compute, dtype=dtype,
+                                    attn_implementation=attn_implementation)
     if found is None:  # not keyable (a DeepSpeed folder, a damaged file, a base not on disk): no cache
-        return _through_training_model(ckpt_path, None, model_name, quantization, compute, attn_implementation,
-                                       inference, dtype)
+        return training_route()
+    if built:  # a miss: the model was built (and cached) through the training route
+        return built[-1]
     generator, reference = found
-    if "tokenizer" in built:
-        return generator, built["tokenizer"], built["described"]
     return generator, load_chat_tokenizer(reference), f"{reference} + checkpoint {ckpt_path}"
 
 
