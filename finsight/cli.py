@@ -27,6 +27,7 @@ from finsight.evaluator import HeldOutEvaluator
 from finsight.export import AdapterExport, export_main
 from finsight.interactive import chat_main
 from finsight.module import FinSightModule
+from finsight.precision import choose_precision
 from finsight.prediction import JsonlPredictionWriter
 from finsight.strategies import exit_if_strategy_unavailable, rank_zero_log_dir
 
@@ -73,6 +74,11 @@ class FinSightCLI(LightningCLI):
         if every:
             accumulation = config.trainer.accumulate_grad_batches or 1
             config.trainer.val_check_interval = int(every) * int(accumulation)
+        if config.trainer.get("precision") is None:
+            # Unset: the precision that follows the hardware (bf16 where it is native, else float32).
+            choice = choose_precision(config.trainer.get("accelerator"))
+            config.trainer.precision = choice.precision
+            log.info("Precision: %s (auto: %s)", choice.precision, choice.reason)
         if config.get("ckpt_path") == "last":
             _resume_into_latest_version(config.trainer)
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.

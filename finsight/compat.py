@@ -1,4 +1,5 @@
-"""What finsight relies on in Lightning, transformers and torchdata beyond their public API, in one place.
+"""What finsight relies on in Lightning, transformers, torchdata, bitsandbytes and torch beyond their public
+API, in one place.
 
 A few things finsight needs have no public API: a resumed run must validate after a restored batch as the
 uninterrupted run did (Lightning's loop state), and generation rebuilds a dense model from a quantized one
@@ -30,6 +31,7 @@ TESTED: dict[str, str] = {
     "lightning": ">=2.6,<2.7",
     "transformers": ">=5.17,<6",
     "torchdata": ">=0.10,<0.12",
+    "bitsandbytes": ">=0.50,<0.51",
 }
 """Version ranges of the libraries whose internals finsight uses; ``pyproject.toml`` declares the same ones."""
 
@@ -97,6 +99,60 @@ def run_skipped_validation_first(trainer: Any) -> None:
 def init_deepspeed_distributed(strategy: Any) -> None:
     """Start DeepSpeed's process group as ``DeepSpeedStrategy.setup_distributed`` does, minus its CUDA check."""
     strategy._init_deepspeed_distributed()
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes
+
+
+def keep_4bit_weights_unpacked(model: Any) -> int:
+    """Switch off bitsandbytes' CPU packing format on every 4-bit layer of ``model``; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 (read in 0.50.0 and 0.50.2) converts a ``Linear4bit``
+    weight in place into an inference layout the first time the layer runs in eval mode with an input that
+    needs no gradient (a validation step, a ``no_grad`` check), and converts it back only when the layer's
+    state dict is taken. In that layout ``matmul_4bit`` calls ``gemv_4bit``, which has no autograd formula:
+    every later backward silently skips the input gradient through the frozen base projections, so LoRA
+    trains on wrong gradients; and the way back re-quantizes the constants from bfloat16, so each cycle
+    changes the frozen base. The layer reads its ``support_avx512bf16_for_cpu`` flag (set at construction
+    from the CPU detection) at every forward; turning it off keeps the layout finsight loaded, on every CPU.
+    It can go once bitsandbytes packs only for models that never train (or gives ``gemv_4bit`` a backward
+    and a lossless way back); the oracle test in ``tests/test_cpu_kinds.py`` shows when.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def packed_4bit_layers(model: Any) -> list[str]:
+    """Names of the 4-bit layers whose weight is in bitsandbytes' CPU packing format (should be none)."""
+    import bitsandbytes as bnb
+
+    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+            and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+
+
+# ------------------------------------------------------------------------------------------------ torch
+
+
+def cpu_has_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), and its instruction set's name.
+
+    torch exposes the detection only privately (``torch.cpu._is_avx512_bf16_supported``, checked on torch
+    2.13); where it is missing the answer is "no", which keeps float32, the choice that is right everywhere.
+    """
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if amx:
+        return True, "AMX"
+    if avx512_bf16:
+        return True, "AVX512-BF16"
+    capability = torch.backends.cpu.get_cpu_capability()  # public: DEFAULT, AVX2, AVX512, ...
+    return False, {"DEFAULT": "no AVX2"}.get(capability, capability)
 
 
 # --------------------------------------------------------------------------------------------- transformers
@@ -201,13 +257,38 @@ class _DropNoAcceleratorNotice(logging.Filter):
         return torch.cuda.is_available()  # CUDA there and DeepSpeed still chose the CPU: that is news, it stays
 
 
+# bitsandbytes logs this when it is imported on a CPU with AVX512-BF16 and the optional ``kernels`` package
+# (which fetches a kernel from the Hugging Face Hub) is absent. That kernel serves only the CPU packing
+# format, which finsight switches off (keep_4bit_weights_unpacked): the line is about a path never taken.
+NO_PACKED_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropNoPackedKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NO_PACKED_KERNEL_NOTICE)
+
+
+LOG_FILTERS: tuple[tuple[str, type[logging.Filter]], ...] = (
+    ("lightning.pytorch.utilities.rank_zero", _DropLitLoggerTip),
+    ("DeepSpeed", _DropNoAcceleratorNotice),  # DeepSpeed configures this logger when imported; filters stay
+    ("bitsandbytes.backends.cpu.ops", _DropNoPackedKernelNotice),
+)
+
+
+def _filter_known_log_lines() -> None:
+    for name, noise in LOG_FILTERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, noise) for f in logger.filters):
+            logger.addFilter(noise())
+
+
+# At import: bitsandbytes logs its notice while being imported, and finsight's modules import this one first.
+_filter_known_log_lines()
+
+
 def quiet_known_noise() -> None:
     """Filter the known third-party noise of the tested versions (idempotent); everything else still shows."""
     for message, module, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    for name, noise in (("lightning.pytorch.utilities.rank_zero", _DropLitLoggerTip),
-                        ("DeepSpeed", _DropNoAcceleratorNotice)):
-        logger = logging.getLogger(name)  # DeepSpeed configures this logger when imported; filters stay
-        if not any(isinstance(f, noise) for f in logger.filters):
-            logger.addFilter(noise())
+    _filter_known_log_lines()
 

@@ -44,6 +44,7 @@ from finsight.decoding import (
 from finsight.errors import FinSightError
 from finsight.generation_cache import cached_checkpoint_model, cached_generation_model
 from finsight.model import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
+from finsight.precision import choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class ChatLoadError(FinSightError, ValueError):
 
 
 def _default_compute_dtype() -> ComputeDtype:
-    # bitsandbytes computes 4-bit layers fastest in float32 on a CPU and in bfloat16 on a GPU.
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    # The training rule: bfloat16 where the CPU or GPU computes it natively, float32 on other CPUs.
+    return choose_precision().compute_dtype
 
 
 def load_base(model_name: str, quantization: QuantizationKind, compute_dtype: ComputeDtype,
@@ -144,7 +145,8 @@ def chat(
             ``max_new_tokens``. The oldest exchanges are dropped to stay inside it.
         quantization: Base model weights: ``nf4`` (as in training), ``fp4`` or ``none``. Default: the
             checkpoint's setting, else nf4.
-        compute_dtype: ``float32`` (default on CPU) or ``bfloat16`` (default on GPU) or ``float16``.
+        compute_dtype: dtype of the 4-bit layers and of the merged model (``dtype: auto``); default: the
+            training rule's, ``bfloat16`` on CPUs with AVX512-BF16 or AMX and on bf16 GPUs, else ``float32``.
         attn_implementation: Attention kernel; ``auto`` picks flash-attention 2 when usable, else sdpa.
         inference: ``auto`` answers with the 4-bit weights dequantized once and the adapter merged on a CPU
             (and on a GPU when that fits); ``merged`` always; ``4bit`` through the 4-bit layers as trained.

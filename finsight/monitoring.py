@@ -16,6 +16,7 @@ from rich.table import Table
 
 from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
+from finsight.precision import choose_precision
 from finsight.strategies import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,14 @@ class TrainingMonitor(L.Callback):
             log.error(OOM_ADVICE)
 
 
+def precision_summary(precision: str, device_type: str) -> str:
+    """The run's precision beside the one the hardware calls for, so a slow choice shows at start-up."""
+    choice = choose_precision("cpu" if device_type == "cpu" else None)
+    if precision == choice.precision:
+        return f"{precision} (the choice for this hardware: {choice.reason})"
+    return f"{precision} (set in the config; this hardware would pick {choice.precision}: {choice.reason})"
+
+
 def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     """One Rich panel with what a user checks before leaving a run alone for hours."""
     hp = getattr(pl_module, "hparams", {})
@@ -134,7 +143,8 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     table.add_column()
     table.add_row("model", str(hp.get("model_name", "?")))
     table.add_row("quantization", f"{hp.get('quantization')} (double quant {hp.get('double_quant')}, "
-                                  f"compute {hp.get('compute_dtype')})")
+                                  f"compute {hp.get('compute_dtype')}: "
+                                  f"{getattr(pl_module, 'compute_dtype_reason', 'set in the config')})")
     if info is not None:
         table.add_row("attention", f"{info.attention} ({info.attention_reason})")
         table.add_row("gradient checkpointing", f"{'on' if info.gradient_checkpointing else 'off'} "
@@ -150,7 +160,7 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     table.add_row("effective batch", f"{effective} = micro-batch {batch_size} × accumulation {accumulation} × "
                                      f"{trainer.world_size} device(s)")
     table.add_row("optimizer steps", str(trainer.estimated_stepping_batches))
-    table.add_row("precision", str(trainer.precision))
+    table.add_row("precision", precision_summary(str(trainer.precision), trainer.strategy.root_device.type))
     interval = trainer.val_check_interval
     if isinstance(interval, int):
         table.add_row("validation", f"every {interval // accumulation} optimizer steps ({interval} batches)")

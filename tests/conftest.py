@@ -76,6 +76,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FINSIGHT_CACHE", str(tmp_path_factory.getbasetemp() / "finsight-cache"))
 
 
+# Runs of the quickstart config pin float32: the config's precision follows the CPU (bf16-mixed where it is
+# native), and the tests compare with float32 references on every machine. tests/test_precision.py covers
+# the choice itself.
+FLOAT32_PRECISION = "--trainer.precision=32-true"
+
+
 def sample_sources(reddit_fraction: float = 0.67, intro_rows: int = 40) -> list[dict]:
     """The bundled mixture, as the quickstart uses it."""
     return [

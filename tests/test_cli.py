@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import FLOAT32_PRECISION
 
 from finsight.cli import main
 
@@ -23,7 +24,7 @@ def tiny_fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={root / 'lightning_logs'}",
-        "--data.max_length=512", "--data.num_proc=1", *extra,
+        "--data.max_length=512", "--data.num_proc=1", FLOAT32_PRECISION, *extra,
     ]
 
 

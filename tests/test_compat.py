@@ -25,10 +25,11 @@ def test_the_checked_ranges_are_the_ones_pyproject_declares():
 
 
 def test_versions_outside_the_tested_range_are_refused_naming_package_version_and_range():
-    versions = {"lightning": "2.6.6", "transformers": "5.24.0", "torchdata": "0.11.0"}
+    versions = {"lightning": "2.6.6", "transformers": "5.24.0", "torchdata": "0.11.0", "bitsandbytes": "0.50.2"}
     compat.check_versions(versions.__getitem__)  # the versions in range pass
     compat.check_versions({**versions, "lightning": "2.6.7rc1"}.__getitem__)  # a pre-release of one in range too
-    for package, version in [("lightning", "2.7.0"), ("transformers", "4.57.6"), ("torchdata", "0.12.0")]:
+    for package, version in [("lightning", "2.7.0"), ("transformers", "4.57.6"), ("torchdata", "0.12.0"),
+                             ("bitsandbytes", "0.49.2")]:
         with pytest.raises(compat.UnsupportedVersionError) as raised:
             compat.check_versions({**versions, package: version}.__getitem__)
         allowed = compat.TESTED[package]

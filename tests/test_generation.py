@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FLOAT32_PRECISION
 from test_cli import exported_adapter
 
 from finsight.decoding import ChatSession, PromptTooLongError, generate, generation_mode, stop_token_ids
@@ -21,7 +22,7 @@ def tiny_run_args(command: str, model_dir: Path, root: Path, *extra: str) -> lis
         command, "--config", str(QUICKSTART), f"--model.model_name={model_dir}",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={root / 'lightning_logs'}",
-        "--data.max_length=512", "--data.num_proc=1", *extra,
+        "--data.max_length=512", "--data.num_proc=1", FLOAT32_PRECISION, *extra,
     ]
 
 

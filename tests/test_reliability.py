@@ -60,6 +60,7 @@ class Run:
     def _overrides(self) -> dict:
         return {
             "trainer": {
+                "precision": "32-true",  # the tests' float32 (conftest.FLOAT32_PRECISION)
                 "max_steps": MAX_STEPS,
                 "val_check_interval": VALIDATE_EVERY,
                 "limit_val_batches": 2,
