@@ -67,6 +67,7 @@ def test_chat_options_reach_generate(tiny_model_dir, tmp_path_factory, capsys, m
     from transformers import LlamaForCausalLM
 
     from finsight.cli import main
+    from finsight.precision import choose_precision
 
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
     seen = []
@@ -85,7 +86,9 @@ def test_chat_options_reach_generate(tiny_model_dir, tmp_path_factory, capsys, m
     assert (config.repetition_penalty, config.no_repeat_ngram_size, config.max_new_tokens) == (1.3, 3, 4)
     assert config.prompt_lookup_num_tokens == 5
     captured = capsys.readouterr()
-    assert captured.err.count("Generation model: NF4 weights dequantized to float32 with the adapter merged") == 1
+    # The default compute dtype follows the CPU (bfloat16 where it is native), as training's does.
+    dtype = choose_precision().compute_dtype
+    assert captured.err.count(f"Generation model: NF4 weights dequantized to {dtype} with the adapter merged") == 1
     # The documented defaults: sampling at 0.7 from the 0.9 nucleus, repetitions penalised by 1.1.
     assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "2"]) == 0
     assert (seen[-1].do_sample, seen[-1].temperature, seen[-1].top_p, seen[-1].repetition_penalty) == (

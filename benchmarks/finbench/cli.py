@@ -139,6 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--gradient-checkpointing", choices=("true", "false", "auto"), default="true",
                         help="both stacks; auto: finsight's model option decides, TRL keeps its default (on)")
+    parser.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed", "16-mixed"), default="auto",
+                        help="finsight and TRL tuned; auto: what the hardware calls for (bf16-mixed on CPUs with "
+                             "AVX512-BF16 or AMX and bf16 GPUs, 32-true on other CPUs). TRL as a user runs it "
+                             "keeps its own default (bf16)")
     parser.add_argument("--release-freed-memory", choices=("true", "false", "auto"), default="auto",
                         help="finsight's release_freed_memory option (freed activations back to the OS: lower "
                              "peak RSS, slower CPU steps); auto: when its gradient checkpointing is on")
@@ -208,7 +212,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         gradient_checkpointing={"true": True, "false": False}.get(args.gradient_checkpointing, "auto"),
         release_freed_memory={"true": True, "false": False}.get(args.release_freed_memory, "auto"),
-        activation_budget_gib=args.activation_budget_gib,
+        activation_budget_gib=args.activation_budget_gib, precision=args.precision,
         trl_sampling=args.trl_sampling, trl_presets=trl_presets,
         trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda,
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--warmup-steps ({settings.warmup_steps}) must be below --steps ({settings.steps})")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="finsight-compare-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"finsight vs TRL, model {settings.model}; work folder {work}", file=sys.stderr)
+    print(f"finsight vs TRL, model {settings.model}, precision {settings.trainer_precision}; "
+          f"machine: {machine()['description']}; work folder {work}", file=sys.stderr)
 
     sources = synthetic_mixture(work, settings.rows)
     settings.model_dir = str(build_model_dir(settings.model, work / "model", args.tokenizer))
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "settings": dataclasses.asdict(settings), "machine": machine(), "versions": versions(),
+        "precision": settings.trainer_precision,
         "train_samples": prep["finsight"][0]["train_samples"],
         "trl_train_samples": prep[stacks[1]][0]["train_samples"],
         "warmup_schedule_steps": settings.schedule_warmup_steps,

@@ -108,7 +108,7 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
     L.seed_everything(settings.seed, verbose=False)
     trainer = L.Trainer(
         accelerator="gpu" if settings.cuda else "cpu", devices=1,
-        precision="bf16-mixed" if settings.cuda else "32-true",
+        precision=settings.trainer_precision,
         max_steps=steps, max_epochs=-1, accumulate_grad_batches=settings.accumulate,
         gradient_clip_val=1.0, gradient_clip_algorithm="norm",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -79,6 +79,7 @@ class Settings:
     gradient_checkpointing: bool | str = True  # "auto": finsight decides (model option), TRL keeps its default (on)
     release_freed_memory: bool | str = "auto"  # finsight's model option of that name
     activation_budget_gib: float | None = None  # finsight's model option of that name
+    precision: str = "auto"  # both stacks (TRL tuned); auto: the hardware's choice (finsight.precision)
     seed: int = 42
     trl_sampling: str = "random"
     trl_presets: tuple[str, ...] = ("tuned",)
@@ -94,9 +95,20 @@ class Settings:
     flops: dict[str, float] | None = None
 
     @property
+    def trainer_precision(self) -> str:
+        """The Trainer precision: the hardware's choice by default (bf16-mixed where bf16 is native)."""
+        if self.precision != "auto":
+            return self.precision
+        from finsight.precision import choose_precision
+
+        return choose_precision(None if self.cuda else "cpu").precision
+
+    @property
     def compute_dtype(self) -> str:
-        """bf16 matmuls on CUDA; float32 on CPU, where bitsandbytes is fastest in float32."""
-        return "bfloat16" if self.cuda else "float32"
+        """The 4-bit matmul dtype that goes with the precision (bfloat16 under bf16-mixed)."""
+        from finsight.precision import PRECISION_COMPUTE_DTYPES
+
+        return PRECISION_COMPUTE_DTYPES[self.trainer_precision]
 
     @property
     def schedule_warmup_steps(self) -> int:

@@ -157,6 +157,7 @@ def markdown(report: dict) -> str:
         f"{s['repeats']} repeat(s); NF4 double-quantized base, LoRA r={s['lora_r']} α={s['lora_alpha']} "
         f"dropout={s['lora_dropout']} on {', '.join(s['target_modules'])}; AdamW lr={s['learning_rate']} "
         f"wd={s['weight_decay']}, linear schedule, {report['warmup_schedule_steps']} warmup step(s); "
+        f"precision {report.get('precision', '32-true')} (TRL as a user runs it: its bf16 default); "
         f"gradient checkpointing {checkpointing_text(s['gradient_checkpointing'])}; "
         f"finsight release_freed_memory {str(s.get('release_freed_memory', 'auto')).lower()}, "
         f"activation_budget_gib {s.get('activation_budget_gib')}; "
@@ -236,11 +237,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from finsight import compat
+
+    native_bf16, instructions = compat.cpu_has_native_bf16()  # the code path bitsandbytes and torch take
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    description = f"{cores} CPU cores ({cpu}), " + (f"GPU {gpu}" if gpu else "no GPU")
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "description": description}
+    description = f"{cores} CPU cores ({cpu}, {instructions}), " + (f"GPU {gpu}" if gpu else "no GPU")
+    return {"cpu": cpu, "instructions": instructions, "native_bf16": native_bf16, "cores": cores, "gpu": gpu,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "description": description}
 
 
 def versions() -> dict[str, str]:
