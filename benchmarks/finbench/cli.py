@@ -46,7 +46,8 @@ How TRL is set up, and why (its defaults differ from finsight's):
   two batches (the longest) after the last step, as a run does; TRL, at its default, does not evaluate.
   Its peak RSS therefore includes validation and TRL's does not.
 * TRL casts QLoRA adapter weights to bf16; they are cast back to float32 so both stacks train float32
-  adapters (finsight's choice; bf16 is also very slow on CPU).
+  adapters (finsight's choice). Both stacks run the precision ``--precision`` gives (``auto``: the
+  hardware's, bf16-mixed on CPUs with AVX512-BF16 or AMX, 32-true on AVX2, where bf16 is emulated and slow).
 """
 
 from __future__ import annotations

@@ -161,12 +161,13 @@ def markdown(report: dict) -> str:
         f"gradient checkpointing {checkpointing_text(s['gradient_checkpointing'])}; "
         f"finsight release_freed_memory {str(s.get('release_freed_memory', 'auto')).lower()}, "
         f"activation_budget_gib {s.get('activation_budget_gib')}; "
-        f"{'bf16 autocast' if s['cuda'] else 'float32'}; finsight length-grouped batches (pad to ×8), "
+        f"finsight length-grouped batches (pad to ×8), "
         f"TRL `train_sampling_strategy={s['trl_sampling']!r}` (pad to longest).", "",
     ]
     user = any("trl_user" in metric for metric in report["metrics"].values())
     if user:
-        lines += ["TRL tuned: every option set to finsight's choice (float32 adapters and compute, non-reentrant "
+        lines += ["TRL tuned: every option set to finsight's choice (float32 adapters, finsight's precision and "
+                  "compute dtype, non-reentrant "
                   "checkpointing, `adamw_torch`, finsight's tokenization processes). TRL as a user runs it: "
                   "SFTConfig's defaults plus the methodology's values (bf16 autocast and bf16 adapters, "
                   "`adamw_torch_fused`, transformers' checkpointing default, one tokenization process).", "",
