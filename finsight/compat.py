@@ -126,14 +126,6 @@ def keep_4bit_weights_unpacked(model: Any) -> int:
     return len(layers)
 
 
-def packed_4bit_layers(model: Any) -> list[str]:
-    """Names of the 4-bit layers whose weight is in bitsandbytes' CPU packing format (should be none)."""
-    import bitsandbytes as bnb
-
-    return [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
-            and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
-
-
 # ------------------------------------------------------------------------------------------------ torch
 
 

@@ -133,18 +133,23 @@ def layers_to_recompute(config, micro_batch: tuple[int, int] | None, element_byt
 ReleaseFreedMemory = bool | Literal["auto"]
 
 
-def choose_memory_release(requested: ReleaseFreedMemory, checkpointing: bool,
-                          every_layer: bool = True) -> tuple[bool, str]:
+def choose_memory_release(requested: ReleaseFreedMemory, checkpointing: bool, every_layer: bool = True,
+                          compute_dtype: ComputeDtype = "float32") -> tuple[bool, str]:
     """Whether freed activations go back to the OS (lower peak RSS, slower CPU steps), and why.
 
     ``auto`` follows gradient checkpointing: recomputing every layer is the setting for memory-bound runs;
     without it, or with an activation budget that keeps some layers, speed was chosen, and glibc's reuse of
-    freed blocks keeps steps fast.
+    freed blocks keeps steps fast. With half-precision activations (bf16 on CPUs with native bf16) the
+    blocks are half the size and the step much shorter, so the page faults cost far more time than the
+    heap they save (``benchmarks/RESULTS.md``, round 5): ``auto`` leaves glibc's reuse on there too.
     """
     if requested != "auto":
         return bool(requested), "set in the config"
-    if checkpointing and every_layer:
+    if checkpointing and every_layer and compute_dtype == "float32":
         return True, "auto: gradient checkpointing is on, memory is the constraint"
+    if checkpointing and every_layer:
+        return False, (f"auto: {compute_dtype} activations, where returning freed memory costs more time than "
+                       "it saves memory")
     if checkpointing:
         return False, "auto: an activation budget keeps some layers, speed is the constraint"
     return False, "auto: gradient checkpointing is off, speed is the constraint"
@@ -211,7 +216,8 @@ def load_peft_model(
     """Load the base model (4-bit where asked), wrap it with LoRA and prepare it for training.
 
     ``micro_batch`` (batch size, maximum length) lets ``gradient_checkpointing="auto"`` estimate the
-    activation memory of a training step. ``release_freed_memory`` (``auto``: when every layer recomputes)
+    activation memory of a training step. ``release_freed_memory`` (``auto``: when every layer recomputes
+    in float32)
     trades step speed for peak RSS on the CPU, see ``finsight.monitoring.return_freed_memory_to_the_os``.
     ``activation_budget_gib`` (with checkpointing on) recomputes only the layers whose activations would not
     fit in it, see :func:`layers_to_recompute`.
@@ -230,7 +236,8 @@ def load_peft_model(
         checkpointing_reason = f"{checkpointing_reason}; {budget_reason}"
         checkpointing = recomputed > 0
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
-    release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers)
+    release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers,
+                                                    compute_dtype)
     # Imported here: monitoring brings Lightning, and PEFT is most of a chat's start-up; a chat served from
     # the generation cache (finsight.generation_cache) needs neither, only this module's loader.
     from peft import LoraConfig, PeftModel, get_peft_model

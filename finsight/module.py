@@ -62,7 +62,7 @@ class FinSightModule(L.LightningModule):
 
     Valid Trainer precisions: ``32-true`` (CPUs without native bf16), ``bf16-mixed`` (CPUs with
     AVX512-BF16 or AMX, bf16 GPUs) and ``16-mixed`` (older GPUs); ``finsight`` picks the one that follows
-    the hardware when the config leaves ``trainer.precision`` unset (``finsight.model.choose_precision``).
+    the hardware when the config leaves ``trainer.precision`` unset (``finsight.precision.choose_precision``).
     ``*-true`` half precisions are refused: they cast the whole module, and 4-bit weights must never be
     cast or moved after loading.
     """
@@ -104,8 +104,8 @@ class FinSightModule(L.LightningModule):
                 ``auto``: on with CUDA; on the CPU off when one micro-batch's estimated activations fit
                 comfortably in the available RAM, else on (the choice and its reason are in the summary).
             release_freed_memory: Give freed activations back to the OS (glibc, CPU): lower peak RSS, but
-                every large tensor is then page-faulted in afresh, ~30% slower CPU steps. ``auto``: on
-                exactly when gradient checkpointing recomputes every layer.
+                every large tensor is then page-faulted in afresh, slower CPU steps. ``auto``: on exactly
+                when gradient checkpointing recomputes every layer in float32.
             activation_budget_gib: With gradient checkpointing on (or chosen by ``auto``): keep the
                 activations of as many decoder layers as fit in this many GiB per micro-batch (from the
                 same estimate as ``auto``) and recompute only the others. None: every layer recomputes.

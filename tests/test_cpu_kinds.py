@@ -69,6 +69,12 @@ class StepRecorder(L.Callback):
                                    for name, p in pl_module.model.named_parameters() if p.requires_grad}
 
 
+def _packed_layers(model: torch.nn.Module) -> list[str]:
+    """The 4-bit layers whose weight bitsandbytes holds in its CPU packing format (a flag on the quant state)."""
+    return [name for name, layer in model.named_modules() if isinstance(layer, bnb.nn.Linear4bit)
+            and getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
+
+
 def _quantized_state(model: torch.nn.Module) -> dict[str, bytes]:
     """Every 4-bit layer's weight and quantization constants, as bytes."""
     state = {}
@@ -114,7 +120,7 @@ def _fit_against_the_dense_oracle(model_dir, tmp_path) -> tuple[list[float], boo
         ours = torch.cat([g.flatten() for g in step["grads"].values()])
         theirs = torch.cat([expected[name].grad.flatten() for name in step["grads"]])
         distances.append(float(torch.linalg.vector_norm(ours - theirs) / torch.linalg.vector_norm(theirs)))
-    return distances, _quantized_state(module.model) == loaded, compat.packed_4bit_layers(module.model)
+    return distances, _quantized_state(module.model) == loaded, _packed_layers(module.model)
 
 
 def test_lora_gradients_of_every_step_equal_the_dense_oracles_on_every_cpu_kind(

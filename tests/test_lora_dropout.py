@@ -134,5 +134,8 @@ def test_fusing_skips_what_it_cannot_reproduce(base):
 def test_memory_release_follows_checkpointing_unless_set():
     assert choose_memory_release("auto", True)[0] is True
     assert choose_memory_release("auto", False)[0] is False
+    # bf16 activations: the page faults cost more than the heap they save, glibc's reuse stays.
+    assert choose_memory_release("auto", True, True, "bfloat16") == (
+        False, "auto: bfloat16 activations, where returning freed memory costs more time than it saves memory")
     assert choose_memory_release(True, False) == (True, "set in the config")
     assert choose_memory_release(False, True) == (False, "set in the config")

@@ -99,7 +99,7 @@ def _first_step(tiny_model_dir, batch, compute_dtype: str) -> tuple[float, torch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
         loss = module.training_step(batch, 0)
     loss.backward()
-    return float(loss), torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
+    return float(loss.detach()), torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
 
 
 def test_bf16_loss_and_gradients_stay_within_the_stated_tolerance_of_float32(tiny_model_dir):
