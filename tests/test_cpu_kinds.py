@@ -11,6 +11,7 @@ plain-torch stand-in with the same layout (and, like the real one, no backward) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import bitsandbytes as bnb
@@ -27,7 +28,17 @@ from finsight.inference import build_generation_model
 
 def _gemv_4bit_stand_in(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absmax: torch.Tensor,
                         code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """bitsandbytes' AVX512-BF16 ``gemv_4bit`` in plain torch: the packed layout read back, bf16 products."""
+    """bitsandbytes' AVX512-BF16 ``gemv_4bit`` in plain torch: the packed layout read back, bf16 products.
+
+    Computed without autograd: a kernel registered for the CPU key is still traced through otherwise, and
+    the real one has no backward (torch's fallback then drops the input's gradient).
+    """
+    with torch.no_grad():
+        return _gemv_4bit_values(A, B, shapeB, absmax, code, blocksize)
+
+
+def _gemv_4bit_values(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absmax: torch.Tensor,
+                      code: torch.Tensor, blocksize: int) -> torch.Tensor:
     n, k = shapeB
     packed = B.view(torch.uint8).reshape(-1, 32)  # rows of 32 bytes: 32 output rows x 2 inputs, 4 bits each
     indices = torch.cat([packed & 0xF, packed >> 4], dim=-1)
@@ -39,19 +50,26 @@ def _gemv_4bit_stand_in(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], abs
     return out.reshape(*A.shape[:-1], n).to(A.dtype)
 
 
-@pytest.fixture(params=["avx512_bf16", "avx2"])
-def cpu_kind(request, monkeypatch):
+@contextlib.contextmanager
+def _bitsandbytes_sees(kind: str, monkeypatch):
     """bitsandbytes made to see this CPU kind: its detection answers as that kind would."""
-    kind = request.param
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: kind == "avx512_bf16")
     library = None
     if kind == "avx512_bf16" and not bnb.functional.has_avx512bf16():
         # This machine has no AVX512-BF16 kernel registered: the stand-in computes what it would.
         library = torch.library.Library("bitsandbytes", "IMPL")
         library.impl("gemv_4bit", _gemv_4bit_stand_in, "CPU")
-    yield kind
-    if library is not None:
-        library._destroy()
+    try:
+        yield kind
+    finally:
+        if library is not None:
+            library._destroy()
+
+
+@pytest.fixture(params=["avx512_bf16", "avx2"])
+def cpu_kind(request, monkeypatch):
+    with _bitsandbytes_sees(request.param, monkeypatch) as kind:
+        yield kind
 
 
 class StepRecorder(L.Callback):
@@ -134,17 +152,9 @@ def test_lora_gradients_of_every_step_equal_the_dense_oracles_on_every_cpu_kind(
 def test_without_finsights_switch_the_avx512_bf16_path_fails_the_oracle(tiny_model_dir, tmp_path, monkeypatch):
     """The oracle catches the bitsandbytes behaviour it exists for: with the switch made a no-op, the
     simulated (or real) AVX512-BF16 path trains other gradients and changes the frozen constants."""
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    library = None
-    if not bnb.functional.has_avx512bf16():
-        library = torch.library.Library("bitsandbytes", "IMPL")
-        library.impl("gemv_4bit", _gemv_4bit_stand_in, "CPU")
     monkeypatch.setattr(compat, "keep_4bit_weights_unpacked", lambda model: 0)
-    try:
+    with _bitsandbytes_sees("avx512_bf16", monkeypatch):
         distances, unchanged, _ = _fit_against_the_dense_oracle(tiny_model_dir, tmp_path)
-    finally:
-        if library is not None:
-            library._destroy()
     assert max(distances) > 1e-2, distances
     assert not unchanged
 
