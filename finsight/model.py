@@ -140,8 +140,8 @@ def choose_memory_release(requested: ReleaseFreedMemory, checkpointing: bool, ev
     ``auto`` follows gradient checkpointing: recomputing every layer is the setting for memory-bound runs;
     without it, or with an activation budget that keeps some layers, speed was chosen, and glibc's reuse of
     freed blocks keeps steps fast. With half-precision activations (bf16 on CPUs with native bf16) the
-    blocks are half the size and the step much shorter, so the page faults cost far more time than the
-    heap they save (``benchmarks/RESULTS.md``, round 5): ``auto`` leaves glibc's reuse on there too.
+    page faults were measured to cost far more time than the heap they save (``benchmarks/RESULTS.md``,
+    round 5), so ``auto`` leaves glibc's reuse on there too.
     """
     if requested != "auto":
         return bool(requested), "set in the config"

@@ -31,8 +31,8 @@ class HardwarePrecision:
 def choose_precision(accelerator: str | None = None) -> HardwarePrecision:
     """The precision that follows the hardware: bf16 where it is native, float32 on CPUs without it.
 
-    On a CPU with AVX512-BF16 or AMX, bf16 autocast with bfloat16 4-bit matmuls trains about 1.8x faster
-    than float32 (``benchmarks/RESULTS.md``); on AVX2 CPUs bf16 is emulated and slower than float32. GPUs
+    On a CPU with AVX512-BF16 or AMX, bf16 autocast with bfloat16 4-bit matmuls trains faster than float32
+    (``benchmarks/RESULTS.md``, round 5); on AVX2 CPUs bf16 is emulated and slower than float32. GPUs
     use bf16 where they support it and fp16 mixed precision (with loss scaling) where they do not.
     ``accelerator`` ``"cpu"`` asks for the CPU's choice on a machine that also has a GPU.
     """
