@@ -9,10 +9,10 @@ weights.
    generates the same number of tokens), one prompt at a time (as the chat does):
 
    * ``4-bit (training layers)``: the base loaded 4-bit NF4 as in training, the PEFT adapter unmerged;
-   * ``merged float32 (from the 4-bit model)``: ``finsight.inference.build_generation_model`` (what
+   * ``merged float32 (from the 4-bit model)``: ``finsight.inference.generation_model.build_generation_model`` (what
      ``finsight test`` and the training samples use): the NF4 weights dequantized with bitsandbytes, the
      adapter merged with PEFT;
-   * ``merged float32`` / ``bfloat16 (from the files)``: ``finsight.inference.load_generation_model`` (what
+   * ``merged float32`` / ``bfloat16 (from the files)``: ``finsight.inference.generation_model.load_generation_model`` (what
      ``finsight chat`` uses on a CPU): the same tensors, built without 4-bit layers; ``+ prompt lookup 3``:
      the same model with ``prompt_lookup_num_tokens=3`` (``finsight chat --prompt_lookup_tokens 3``);
    * ``transformers + PEFT merged float32`` / ``bfloat16``: ``AutoModelForCausalLM`` in that dtype,
@@ -75,7 +75,7 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
 def time_generation(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     lookup: int = 0) -> tuple[float, list]:
     """Tokens/s over the prompts, one at a time, and the generated tokens (a warm-up of 4 tokens first)."""
-    from finsight.decoding import chat_generation_config, generate
+    from finsight.inference.decoding import chat_generation_config, generate
 
     # Greedy, as the chat's --temperature 0 --repetition_penalty 1.0 decodes.
     decoding = chat_generation_config(temperature=0, repetition_penalty=1.0, prompt_lookup_tokens=lookup)
@@ -91,8 +91,8 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finsight.inference import build_generation_model, load_generation_model
-    from finsight.interactive import adapter_base_model, load_from_adapter
+    from finsight.cli.chat import adapter_base_model, load_from_adapter
+    from finsight.inference.generation_model import build_generation_model, load_generation_model
 
     torch.manual_seed(0)
     quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
@@ -170,7 +170,7 @@ def compiled_generation(model, tokenizer, prompts: list[list[int]], max_new_toke
     call of 4 tokens, and tokens/s after it."""
     from transformers import CompileConfig, GenerationConfig
 
-    from finsight.decoding import generate
+    from finsight.inference.decoding import generate
 
     compile_config = CompileConfig(mode="default")
     compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
@@ -188,8 +188,8 @@ def compiled_generation(model, tokenizer, prompts: list[list[int]], max_new_toke
 
 def ceilings(adapter: str, n_prompts: int, max_new_tokens: int, compile_: bool) -> list[dict]:
     """The 4-bit path's tokens/s, then per dtype the merged model's bound, forward loop, generate (compiled)."""
-    from finsight.inference import load_generation_model
-    from finsight.interactive import adapter_base_model, load_from_adapter
+    from finsight.cli.chat import adapter_base_model, load_from_adapter
+    from finsight.inference.generation_model import load_generation_model
 
     quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
@@ -252,7 +252,7 @@ def commands(adapter: str, checkpoint: str | None, max_new_tokens: int, question
     finsight = [sys.executable, "-m", "finsight"]
     question = PROMPTS[0]
     base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    from finsight.model import resolve_model
+    from finsight.model.loading import resolve_model
 
     base_path = resolve_model(base)
     tokenizer = AutoTokenizer.from_pretrained(adapter)

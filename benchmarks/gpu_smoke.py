@@ -29,7 +29,7 @@ def build_model(config_folder: Path | None, target: Path, tiny: bool) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if config_folder is None:
-        from finsight.model import resolve_model
+        from finsight.model.loading import resolve_model
 
         config_folder = Path(resolve_model(QUICKSTART_MODEL))
     config = AutoConfig.from_pretrained(config_folder)

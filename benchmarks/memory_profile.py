@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import memory_profile  # the module the CLI imports PhaseMarks from (this file may run as __main__)
 
         memory_profile.SAMPLER = sampler
-        from finsight.cli import main as finsight_main
+        from finsight.cli.lightning_cli import main as finsight_main
 
         sampler.mark("imports and config")
         finsight_main(["fit", *cli_args, "--trainer.callbacks+=memory_profile.PhaseMarks"])

@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"conversations": args.conversations}
     results["import_datasets_s"], _ = timed(__import__, "datasets")
-    results["import_finsight_s"], _ = timed(__import__, "finsight.data.module")
+    results["import_finsight_s"], _ = timed(__import__, "finsight.data.datamodule")
     import datasets
 
-    from finsight.model import load_tokenizer, resolve_model
+    from finsight.model.loading import load_tokenizer, resolve_model
 
     datasets.disable_progress_bars()
     results["resolve_model_s"], path = timed(resolve_model, args.tokenizer or SMOLLM2)

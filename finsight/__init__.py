@@ -8,7 +8,7 @@ def __getattr__(name: str):
     # can report a bad installation in one line) loads none of the heavy libraries, and ``FinSightModule``
     # pulls in transformers' model classes.
     if name == "FinSightDataModule":
-        from finsight.data.module import FinSightDataModule
+        from finsight.data.datamodule import FinSightDataModule
 
         return FinSightDataModule
     if name == "SourceConfig":
@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return SourceConfig
     if name == "FinSightModule":
-        from finsight.module import FinSightModule
+        from finsight.training.module import FinSightModule
 
         return FinSightModule
     raise AttributeError(name)

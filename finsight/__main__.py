@@ -8,7 +8,7 @@ def entry() -> int:
 
     finsight's modules check the installed library versions when they are imported
     (:mod:`finsight.compat`); an unsupported version then ends the command with one ``error:`` line and exit
-    status 1, like every other user-fixable error (see :func:`finsight.cli.entry`), not with a traceback.
+    status 1, like every other user-fixable error (see :func:`finsight.cli.lightning_cli.entry`), not with a traceback.
     """
     from finsight.errors import FinSightError
 
@@ -19,10 +19,10 @@ def entry() -> int:
         if sys.argv[1:2] == ["chat"]:
             # The chat needs neither Lightning nor the training stack that the CLI module imports: it starts
             # seconds sooner without them.
-            from finsight.interactive import chat_main
+            from finsight.cli.chat import chat_main
 
             return chat_main(sys.argv[2:])
-        from finsight.cli import entry as run
+        from finsight.cli.lightning_cli import entry as run
     except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

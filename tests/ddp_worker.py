@@ -34,8 +34,8 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def main(out_dir: Path, args: list[str]) -> None:
-    from finsight.cli import main as finsight_main
-    from finsight.evaluator import HeldOutEvaluator
+    from finsight.cli.lightning_cli import main as finsight_main
+    from finsight.evaluation.held_out import HeldOutEvaluator
 
     cli = finsight_main(args, run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule

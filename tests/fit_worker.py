@@ -4,6 +4,7 @@ subprocess when ``tests/`` is on ``PYTHONPATH``)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class StepRecorder(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        from finsight.strategies import at_optimizer_step, trainable_gradients
+        from finsight.training.deepspeed import at_optimizer_step, trainable_gradients
 
         if at_optimizer_step(trainer) and trainer.global_step == self.grad_step:
             grads = {name: grad.detach().cpu().clone() for name, grad in trainable_gradients(trainer, pl_module)}
@@ -99,3 +100,40 @@ class StepRecorder(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_step = trainer.global_step  # a resumed run starts counting where its checkpoint ended
+
+
+class SampleRecorder(L.Callback):
+    """Writes, per rank, which samples each training batch held, how the train loader was built, and the
+    validation loss the rank saw, to ``<out_dir>/<tag>-rank<N>.json`` at the end of fit."""
+
+    def __init__(self, out_dir: str, tag: str = "run") -> None:
+        self.out_dir, self.tag = Path(out_dir), tag
+        self.batches: list[list[int]] = []
+        self.val_loss: list[float] = []
+        self.info: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        sampler = loader.sampler
+        self.info = {
+            "rank": trainer.global_rank, "world_size": trainer.world_size, "pid": os.getpid(),
+            "loader": type(loader).__name__, "sampler": type(sampler).__name__,
+            "shuffle": getattr(sampler, "shuffle", None),
+            "inner_sampler": type(getattr(getattr(sampler, "dataset", None), "_sampler", None)).__name__,
+            "batch_size": loader.batch_sampler.batch_size,
+            "lengths": list(trainer.datamodule.train_dataset["length"]),
+        }
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.batches.append(batch["sample_id"].tolist())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.val_loss.append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {**self.info, "batches": self.batches, "val_loss": self.val_loss,
+                  "global_step": trainer.global_step}
+        (self.out_dir / f"{self.tag}-rank{trainer.global_rank}.json").write_text(json.dumps(record))

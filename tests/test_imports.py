@@ -53,8 +53,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_finsight_modules_import_each_other_without_a_cycle():
     graph = import_graph()
-    assert {"finsight.module", "finsight.evaluation", "finsight.generation", "finsight.data.module"} <= set(graph)
-    assert "finsight.evaluation" in graph["finsight.generation"]  # the graph sees real edges
+    assert {"finsight.training.module", "finsight.evaluation.metrics", "finsight.evaluation.samples", "finsight.data.datamodule"} <= set(graph)
+    assert "finsight.evaluation.metrics" in graph["finsight.evaluation.samples"]  # the graph sees real edges
     try:
         order = list(TopologicalSorter(graph).static_order())
     except CycleError as error:
@@ -64,14 +64,14 @@ def test_finsight_modules_import_each_other_without_a_cycle():
 
 def test_the_data_package_does_not_import_the_model_stack():
     graph = import_graph()
-    reached, todo = set(), ["finsight.data.module"]
+    reached, todo = set(), ["finsight.data.datamodule"]
     while todo:
         name = todo.pop()
         if name not in reached:
             reached.add(name)
             todo.extend(graph[name])
-    assert not reached & {"finsight.model", "finsight.module", "finsight.inference", "finsight.generation",
-                           "finsight.decoding"}
+    assert not reached & {"finsight.model.loading", "finsight.training.module", "finsight.inference.generation_model", "finsight.evaluation.samples",
+                           "finsight.inference.decoding"}
 
 
 @pytest.mark.parametrize("name", [name for name in MODULES if name != "finsight.__main__"])  # that one runs
@@ -85,7 +85,7 @@ def test_the_chat_starts_without_the_training_stack():
     import subprocess
     import sys
 
-    code = ("import sys; import finsight.interactive; "
-            "print(sorted({'lightning', 'torchmetrics', 'finsight.module', 'finsight.cli'} & set(sys.modules)))")
+    code = ("import sys; import finsight.cli.chat; "
+            "print(sorted({'lightning', 'torchmetrics', 'finsight.training.module', 'finsight.cli.lightning_cli'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from finsight.cli import main
+from finsight.cli.lightning_cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -50,7 +50,7 @@ def test_model_variant_configs_stack_on_the_methodology():
 
 def test_early_stopping_stops_when_val_loss_stops_improving_by_min_delta(tiny_model_dir, tmp_path):
     """Validation every step with lr 0: the loss never improves by 0.05, so 1 + 3 validations then stop."""
-    from test_cli import tiny_fit_args
+    from helpers import tiny_fit_args
 
     cli = main(tiny_fit_args(
         tiny_model_dir, tmp_path, "--trainer.max_steps=20", "--trainer.val_check_interval=1",

@@ -21,7 +21,7 @@ from finbench.harness import (
 def finsight_datamodule(settings: Settings, tokenizer: Any, sources: list[dict], cache_dir: str,
                         fixed_order: bool) -> Any:
     """finsight's data module with the benchmark's settings; ``fixed_order`` feeds samples in dataset order."""
-    from finsight.data.module import FinSightDataModule
+    from finsight.data.datamodule import FinSightDataModule
 
     cls = FinSightDataModule
     if fixed_order:
@@ -43,7 +43,7 @@ def finsight_datamodule(settings: Settings, tokenizer: Any, sources: list[dict],
 
 def finsight_prepare(settings: Settings, spec: dict) -> dict:
     """Cold (fresh caches) and cached data preparation: ``prepare_data(); setup()`` as a run does."""
-    from finsight.model import load_tokenizer
+    from finsight.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(settings.model_dir)
     result: dict[str, Any] = {}
@@ -65,10 +65,10 @@ def finsight_train(settings: Settings, spec: dict) -> dict:
     import lightning as L
     import torch
 
-    from finsight.callbacks import reliability_callbacks
-    from finsight.checkpoint import AtomicCheckpointIO
-    from finsight.model import load_tokenizer
-    from finsight.module import FinSightModule
+    from finsight.model.loading import load_tokenizer
+    from finsight.training.checkpoint import AtomicCheckpointIO
+    from finsight.training.module import FinSightModule
+    from finsight.training.reliability import reliability_callbacks
 
     parity = spec["kind"] == "parity"
     steps = settings.parity_steps if parity else settings.steps

@@ -79,7 +79,7 @@ class Settings:
     gradient_checkpointing: bool | str = True  # "auto": finsight decides (model option), TRL keeps its default (on)
     release_freed_memory: bool | str = "auto"  # finsight's model option of that name
     activation_budget_gib: float | None = None  # finsight's model option of that name
-    precision: str = "auto"  # both stacks (TRL tuned); auto: the hardware's choice (finsight.precision)
+    precision: str = "auto"  # both stacks (TRL tuned); auto: the hardware's choice (finsight.model.precision)
     seed: int = 42
     trl_sampling: str = "random"
     trl_presets: tuple[str, ...] = ("tuned",)
@@ -99,14 +99,14 @@ class Settings:
         """The Trainer precision: the hardware's choice by default (bf16-mixed where bf16 is native)."""
         if self.precision != "auto":
             return self.precision
-        from finsight.precision import choose_precision
+        from finsight.model.precision import choose_precision
 
         return choose_precision(None if self.cuda else "cpu").precision
 
     @property
     def compute_dtype(self) -> str:
         """The 4-bit matmul dtype that goes with the precision (bfloat16 under bf16-mixed)."""
-        from finsight.precision import PRECISION_COMPUTE_DTYPES
+        from finsight.model.precision import PRECISION_COMPUTE_DTYPES
 
         return PRECISION_COMPUTE_DTYPES[self.trainer_precision]
 
@@ -288,7 +288,7 @@ def synthetic_mixture(work: Path, rows: int) -> list[dict[str, Any]]:
 
 def build_model_dir(model: str, out: Path, tokenizer_ref: str | None) -> Path:
     """The model folder both stacks load: a random tiny/1B-shaped Llama, or the converted SmolLM2."""
-    from finsight.model import load_tokenizer, resolve_model
+    from finsight.model.loading import load_tokenizer, resolve_model
 
     if model == "smollm2-135m":
         return Path(resolve_model(tokenizer_ref or SMOLLM2))

@@ -28,7 +28,7 @@ def export_trl_dataset(sources: list[dict], seed: int, out: Path, masking: str, 
     """
     import numpy as np
 
-    from finsight.data.module import FinSightDataModule
+    from finsight.data.datamodule import FinSightDataModule
 
     dm = FinSightDataModule(sources=sources, seed=seed, val_fraction=val_fraction, val_max_rows=val_max_rows)
     _, rows = dm._read()

@@ -1,4 +1,4 @@
-"""Files as users bring them (``tests/real_world/``): column mapping, per-format thresholds and text cleaning.
+"""Files as users bring them (``tests/data/real_world/``): column mapping, per-format thresholds and text cleaning.
 
 Every row of the corpus is listed here with its outcome: the answer as the model will see it, or the
 reason it is dropped. Nothing else may happen to a row.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_helpers import chatml_segments, encode_segments, rows_of, write_csv
+from helpers import chatml_segments, encode_segments, rows_of, write_csv
 
 from finsight import FinSightDataModule
 from finsight.data import quality
@@ -22,7 +22,7 @@ from finsight.data.sources import (
     read_source,
 )
 
-CORPUS = Path(__file__).resolve().parents[1] / "real_world"
+CORPUS = Path(__file__).resolve().parent / "real_world"
 QA_COLUMNS = {"question": "Question", "answer": "Answer"}
 CHAT_COLUMNS = {"messages": "dialog", "role": "speaker", "content": "text"}
 
@@ -179,7 +179,7 @@ def test_column_mapping_from_yaml_and_the_command_line(tmp_path, tiny_model_dir)
 
     import yaml
 
-    from finsight.cli import main
+    from finsight.cli.lightning_cli import main
 
     quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     source = {"name": "filings", "path": str(CORPUS / "filing_qa.csv"), "format": "qa", "columns": QA_COLUMNS}

@@ -8,7 +8,7 @@ import re
 from collections import Counter
 
 import pytest
-from data_helpers import (
+from helpers import (
     COMPANY_KEYS,
     REDDIT_KEYS,
     bad_rows,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import sample_sources
-from data_helpers import rows_of, write_jsonl
+from helpers import rows_of, sample_sources, write_jsonl
 
 from finsight import FinSightDataModule
 from finsight.data.chat import IGNORE_INDEX

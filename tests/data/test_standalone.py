@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from data_helpers import chatml_segments, encode_segments, rows_of, write_csv, write_jsonl
+from helpers import chatml_segments, encode_segments, rows_of, write_csv, write_jsonl
 
 from finsight import FinSightDataModule
 

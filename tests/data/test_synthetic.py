@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from data_helpers import COMPANY_KEYS, REDDIT_KEYS, company_kind, read_jsonl, reddit_kind
 from finbench import synthetic
 from finbench.synthetic import (
     COMPANY_QA_BAD_KINDS,
@@ -20,6 +19,7 @@ from finbench.synthetic import (
     write_samples,
     write_synthetic,
 )
+from helpers import COMPANY_KEYS, REDDIT_KEYS, company_kind, read_jsonl, reddit_kind
 
 from finsight.data.sources import SAMPLES_DIR
 

