@@ -26,8 +26,9 @@ from finsight.evaluation.held_out import HeldOutEvaluator
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
+from finsight.run_dir import rank_zero_log_dir
 from finsight.training.checkpoint import verify_ckpt_path_argument
-from finsight.training.deepspeed import exit_if_strategy_unavailable, rank_zero_log_dir
+from finsight.training.deepspeed import exit_if_strategy_unavailable
 from finsight.training.module import FinSightModule
 from finsight.training.reliability import reliability_callbacks
 

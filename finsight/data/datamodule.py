@@ -47,7 +47,7 @@ from finsight.data.sources import (
 from finsight.data.split import split_by_groups
 from finsight.data.tokenizer import load_tokenizer_reference
 from finsight.references import cache_root
-from finsight.training.deepspeed import rank_zero_log_dir
+from finsight.run_dir import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from finsight.training.deepspeed import rank_zero_log_dir
+from finsight.run_dir import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import psutil
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.model.lora_dropout import fuse_lora_dropout
+from finsight.model.memory import (
+    GradientCheckpointing,
+    ReleaseFreedMemory,
+    choose_gradient_checkpointing,
+    choose_memory_release,
+    layers_to_recompute,
+    return_freed_memory_to_the_os,
+)
 from finsight.model.precision import ComputeDtype
 from finsight.references import resolve_model
 
@@ -27,7 +34,6 @@ log = logging.getLogger(__name__)
 
 QuantizationKind = Literal["nf4", "fp4", "none"]
 AttentionChoice = Literal["auto", "flash_attention_2", "sdpa", "eager"]
-GradientCheckpointing = bool | Literal["auto"]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,99 +66,6 @@ def choose_attention(requested: AttentionChoice, compute_dtype: ComputeDtype) ->
     if compute_dtype not in ("bfloat16", "float16"):
         return "sdpa", f"flash-attn needs bf16 or fp16, compute dtype is {compute_dtype}"
     return "flash_attention_2", "flash-attn is installed, CUDA is present and the dtype suits it"
-
-
-# "auto" keeps activations (no recomputation) on the CPU while one micro-batch's activations take at most
-# this share of the RAM available at start-up: the rest covers the model, the optimizer state, the data and
-# whatever else the machine is running, and the estimate below is a count of saved tensors, not a measurement.
-AUTO_CHECKPOINTING_RAM_SHARE = 0.25
-
-
-def activation_bytes(config, batch_size: int, length: int, element_bytes: int, lora: bool = True) -> int:
-    """Estimated memory that backward keeps for one micro-batch without gradient checkpointing.
-
-    Per token and decoder layer of a Llama-style model: the inputs and outputs of the two RMSNorms, the
-    attention's rotated query and key, value and output (~7 hidden-sized tensors), and the MLP's gate, up,
-    activation and product (4 intermediate-sized). With LoRA, each adapter's dropout keeps a one-byte mask
-    of its input (``finsight.model.lora_dropout``: 7 inputs, ~4.5 hidden and ~1.25 intermediate bytes); the
-    rank-sized outputs of ``A`` are left out (a few percent). The attention kernel (SDPA) keeps no
-    length x length matrix. Logits are left out: the training step runs the LM head on the trained
-    positions only. Calibrated on SmolLM2-135M at 4 x 256 tokens: 1.39 GB estimated, 1.47 GB saved for
-    backward (counted with ``torch.autograd.graph.saved_tensors_hooks``).
-    """
-    hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    per_token = (7 * hidden + 4 * intermediate) * element_bytes
-    if lora:
-        per_token += 4.5 * hidden + 1.25 * intermediate
-    return int(per_token * config.num_hidden_layers * batch_size * length)
-
-
-def choose_gradient_checkpointing(requested: GradientCheckpointing, config, micro_batch: tuple[int, int] | None,
-                                  element_bytes: int) -> tuple[bool, str]:
-    """Decide whether to recompute activations in backward, and say why (for the start-up summary).
-
-    Recomputation runs every layer's forward twice: about a third more compute per step, in exchange for
-    keeping only each layer's input. On a GPU the memory is what limits batch and length, so ``auto``
-    turns it on. On the CPU RAM is usually plentiful and compute is the bottleneck, so ``auto`` turns it
-    off when the estimated activations of one micro-batch fit comfortably in the available RAM.
-    """
-    if requested != "auto":
-        return bool(requested), "set in the config"
-    if torch.cuda.is_available():
-        return True, "auto: CUDA, where memory rather than compute limits the micro-batch and length"
-    if micro_batch is None:
-        return True, "auto: the micro-batch size is unknown (no data module), so memory is kept low"
-    batch_size, length = micro_batch
-    need = activation_bytes(config, batch_size, length, element_bytes)
-    available = psutil.virtual_memory().available
-    sizes = (f"~{need / 2**30:.1f} GiB estimated for a {batch_size} x {length} micro-batch, "
-             f"{available / 2**30:.1f} GiB RAM available")
-    if need <= AUTO_CHECKPOINTING_RAM_SHARE * available:
-        return False, f"auto: CPU and the activations fit ({sizes}); recomputing them would cost ~1/3 of each step"
-    return True, (f"auto: CPU but the activations would take more than "
-                  f"{AUTO_CHECKPOINTING_RAM_SHARE:.0%} of the free RAM ({sizes})")
-
-
-def layers_to_recompute(config, micro_batch: tuple[int, int] | None, element_bytes: int,
-                        budget_gib: float) -> tuple[int, str]:
-    """How many decoder layers (the first ones) recompute so the others' activations fit ``budget_gib``, and why.
-
-    Each layer kept saves recomputing its forward, about a third of its step cost, for its share of the
-    activation estimate: a dial between recomputing every layer (least memory) and none (fastest).
-    """
-    layers = config.num_hidden_layers
-    if micro_batch is None:
-        return layers, "the micro-batch size is unknown (no data module), so every layer recomputes"
-    need = activation_bytes(config, *micro_batch, element_bytes)
-    kept = min(layers, int(budget_gib * 2**30 // (need / layers)))
-    return layers - kept, (f"{layers - kept} of {layers} layers recompute: ~{need / 2**30:.2f} GiB estimated for a "
-                           f"{micro_batch[0]} x {micro_batch[1]} micro-batch, activation budget {budget_gib:g} GiB")
-
-
-ReleaseFreedMemory = bool | Literal["auto"]
-
-
-def choose_memory_release(requested: ReleaseFreedMemory, checkpointing: bool, every_layer: bool = True,
-                          compute_dtype: ComputeDtype = "float32") -> tuple[bool, str]:
-    """Whether freed activations go back to the OS (lower peak RSS, slower CPU steps), and why.
-
-    ``auto`` follows gradient checkpointing: recomputing every layer is the setting for memory-bound runs;
-    without it, or with an activation budget that keeps some layers, speed was chosen, and glibc's reuse of
-    freed blocks keeps steps fast. With half-precision activations (bf16 on CPUs with native bf16) the
-    page faults were measured to cost far more time than the heap they save (``benchmarks/RESULTS.md``,
-    round 5), so ``auto`` leaves glibc's reuse on there too.
-    """
-    if requested != "auto":
-        return bool(requested), "set in the config"
-    if checkpointing and every_layer and compute_dtype == "float32":
-        return True, "auto: gradient checkpointing is on, memory is the constraint"
-    if checkpointing and every_layer:
-        return False, (f"auto: {compute_dtype} activations, where returning freed memory costs more time than "
-                       "it saves memory")
-    if checkpointing:
-        return False, "auto: an activation budget keeps some layers, speed is the constraint"
-    return False, "auto: gradient checkpointing is off, speed is the constraint"
 
 
 @dataclass
@@ -218,7 +131,7 @@ def load_peft_model(
     ``micro_batch`` (batch size, maximum length) lets ``gradient_checkpointing="auto"`` estimate the
     activation memory of a training step. ``release_freed_memory`` (``auto``: when every layer recomputes
     in float32)
-    trades step speed for peak RSS on the CPU, see ``finsight.training.monitoring.return_freed_memory_to_the_os``.
+    trades step speed for peak RSS on the CPU, see ``finsight.model.memory.return_freed_memory_to_the_os``.
     ``activation_budget_gib`` (with checkpointing on) recomputes only the layers whose activations would not
     fit in it, see :func:`layers_to_recompute`.
     """
@@ -238,11 +151,9 @@ def load_peft_model(
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers,
                                                     compute_dtype)
-    # Imported here: monitoring brings Lightning, and PEFT is most of a chat's start-up; a chat served from
-    # the generation cache (finsight.inference.cache) needs neither, only this module's loader.
+    # Imported here: PEFT is most of a chat's start-up, and a chat served from the generation cache
+    # (finsight.inference.cache) needs only this module's loader.
     from peft import LoraConfig, PeftModel, get_peft_model
-
-    from finsight.training.monitoring import return_freed_memory_to_the_os
 
     if release and not return_freed_memory_to_the_os():
         release, release_reason = False, "not available: needs glibc's malloc (Linux)"

@@ -27,7 +27,6 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BatchSizeFinder
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -311,19 +310,6 @@ def trainable_gradients(trainer: Any, module: torch.nn.Module) -> list[tuple[str
     else:
         named = [(name, p.grad) for name, p in module.named_parameters()]
     return [(name, grad) for name, grad in named if grad is not None]
-
-
-def rank_zero_log_dir(trainer: Any) -> str | None:
-    """``trainer.log_dir`` for code that runs on global rank 0 only (inside ``if trainer.is_global_zero``).
-
-    ``Trainer.log_dir`` broadcasts rank 0's value, a collective call: made on rank 0 alone it waits forever
-    for the other ranks (Lightning's docstring says so), and a DDP run hangs. On rank 0 the value is the
-    same without the broadcast: the first logger's folder, or ``default_root_dir`` without a logger.
-    """
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        return logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir
-    return trainer.default_root_dir
 
 
 class FinSightBatchSizeFinder(BatchSizeFinder):

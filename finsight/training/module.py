@@ -22,14 +22,8 @@ from torchmetrics.text import Perplexity
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
-from finsight.model.loading import (
-    DEFAULT_TARGET_MODULES,
-    AttentionChoice,
-    GradientCheckpointing,
-    QuantizationKind,
-    ReleaseFreedMemory,
-    load_peft_model,
-)
+from finsight.model.loading import DEFAULT_TARGET_MODULES, AttentionChoice, QuantizationKind, load_peft_model
+from finsight.model.memory import GradientCheckpointing, ReleaseFreedMemory
 from finsight.model.precision import ComputeDtypeChoice, resolve_compute_dtype
 from finsight.training.checkpoint import CheckpointContentError, loadable_checkpoint, read_checkpoint
 from finsight.training.deepspeed import at_optimizer_step, trainable_gradients

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 import time
 from typing import Any
 
@@ -17,7 +15,7 @@ from rich.table import Table
 from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
 from finsight.model.precision import choose_precision
-from finsight.training.deepspeed import rank_zero_log_dir
+from finsight.run_dir import rank_zero_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +25,6 @@ OOM_ADVICE = (
     "model.gradient_checkpointing true, or offload the optimizer with "
     "--config configs/deepspeed_zero2_offload.yaml. The last checkpoint is kept; resume with --ckpt_path last."
 )
-
-
-# Blocks of at least this size get their own memory mapping from glibc, given back to the OS when freed.
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def return_freed_memory_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Make glibc's malloc give large freed blocks back to the OS instead of keeping them in its heap.
-
-    PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold each time a large block is
-    freed (up to 32 MiB), after which every activation of a training step (a few MiB each) is carved out
-    of the heap, and a heap pinned by the tensors that stay alive (checkpointed layer inputs, optimizer
-    state) cannot shrink: on SmolLM2-135M (4 x 256 tokens) 1.9 GB of freed blocks stayed resident after
-    the first forward, the difference between finsight's peak RSS and TRL's. A fixed threshold (which
-    also stops the raising) keeps every block of ``threshold_bytes`` or more in its own mapping.
-
-    The price is speed: each such block is mapped afresh and page-faulted in at every allocation instead
-    of reusing heap memory. On SmolLM2-135M (4 x 256 tokens, 2 cores, a VM where page faults are dear) a
-    step took 1.5x as long with recomputation on (27.2 s against 18.3 s) and 1.6x with it off (19.2 against
-    11.7 s). So the model loader sets it by default only when gradient checkpointing is on, the setting
-    chosen where memory is the constraint (the model option ``release_freed_memory``). Process-wide and
-    idempotent; Linux with glibc only, elsewhere nothing changes (returns False).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
-    return bool(mallopt(m_mmap_threshold, threshold_bytes))
 
 
 def _peak_memory_gb() -> dict[str, float]:

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finsight.model.loading import choose_memory_release
 from finsight.model.lora_dropout import DropoutLoraA, fuse_lora_dropout
+from finsight.model.memory import choose_memory_release
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

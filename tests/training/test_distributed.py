@@ -162,7 +162,7 @@ def test_data_module_shards_the_grouped_order_per_rank(tiny_tokenizer, tmp_path)
 def test_rank_zero_log_dir_matches_the_trainers_without_a_collective(logger, tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from finsight.training.deepspeed import rank_zero_log_dir
+    from finsight.run_dir import rank_zero_log_dir
 
     loggers = {"tensorboard": TensorBoardLogger(tmp_path, name="tb"), "csv": CSVLogger(tmp_path, name="csv"),
                "none": False}
