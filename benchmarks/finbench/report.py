@@ -240,7 +240,7 @@ def machine() -> dict[str, Any]:
         pass
     from finsight import compat
 
-    native_bf16, instructions = compat.cpu_has_native_bf16()  # the code path bitsandbytes and torch take
+    native_bf16, instructions = compat.torch.cpu_has_native_bf16()  # the code path bitsandbytes and torch take
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     description = f"{cores} CPU cores ({cpu}, {instructions}), " + (f"GPU {gpu}" if gpu else "no GPU")

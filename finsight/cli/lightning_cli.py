@@ -46,7 +46,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
-class FinSightCLI(LightningCLI):
+class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
     """LightningCLI with the model name linked into the data module, validation counted in optimizer steps,
     and two callbacks configured in their own sections: ``eval`` (:class:`~finsight.callbacks.HeldOutEvaluator`,
     what ``test`` answers and scores) and ``adapter_export`` (:class:`~finsight.callbacks.AdapterExport`, the
@@ -85,25 +85,25 @@ class FinSightCLI(LightningCLI):
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
 
-    def _parse_ckpt_path(self) -> None:
+    def read_checkpoint_hyperparameters(self) -> bool:
         """Read a ``--ckpt_path`` file's hyper-parameters into the config, as LightningCLI does, keeping only
         those :class:`FinSightModule` still takes.
 
         A checkpoint written by an earlier finsight version records options since removed (``export_dir``);
         LightningCLI would refuse it ("does not accept option 'model.export_dir'"), so ``validate``, ``test``
         and ``predict`` could not read the runs they were made for. The dropped names are logged once.
-        ``load_from_checkpoint`` (chat, export) already ignores such keys.
+        ``load_from_checkpoint`` (chat, export) already ignores such keys. False for a module subclass chosen
+        on the command line, whose hyper-parameters LightningCLI's own reading handles.
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # none, ``last``/``best``, or a DeepSpeed folder: nothing to read here, as in LightningCLI
+            return True  # none, ``last``/``best``, or a DeepSpeed folder: nothing to read, as in LightningCLI
         # Memory-mapped: only the hyper-parameters are read, not the adapter and optimizer state beside them.
         hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         if "_class_path" in hparams:  # a module subclass chosen on the command line: LightningCLI's own rules
-            super()._parse_ckpt_path()
-            return
+            return False
         accepted = set(inspect.signature(self.model_class.__init__).parameters) - {"self"}
         dropped = sorted(set(hparams) - accepted)
         if dropped:
@@ -112,6 +112,7 @@ class FinSightCLI(LightningCLI):
         kept = {key: value for key, value in hparams.items() if key in accepted}
         if kept:
             self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
+        return True
 
     def before_predict(self) -> None:
         """Point the prediction writer at ``--predictions_file`` when one is given."""

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
 
 STEP_TOKENS = "step_trained_tokens"
@@ -138,7 +138,7 @@ class EpochLengthGroupedSampler(_ResumableEpochOrder, Sampler[int]):
         return len(self.lengths)
 
     def _order(self, generator: torch.Generator) -> list[int]:
-        return list(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return compat.transformers.length_grouped_indices(self.lengths, self.batch_size, generator)
 
 
 class EpochRandomSampler(_ResumableEpochOrder, Sampler[int]):

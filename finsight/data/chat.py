@@ -233,7 +233,7 @@ def _direct_renderer(tokenizer: Any, accepts_system: bool):
     template or a transformers version where they differ keeps the public path.
     """
     try:
-        template = compat.compiled_chat_template(tokenizer.get_chat_template())
+        template = compat.transformers.compiled_chat_template(tokenizer.get_chat_template())
         special = dict(tokenizer.special_tokens_map)
     except Exception:  # noqa: BLE001 - any change in those internals means: use the public path
         return None

@@ -20,10 +20,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from finsight import compat
 from finsight.data import quality
 from finsight.data.batching import (
     EpochLengthGroupedSampler,
@@ -418,7 +418,7 @@ class FinSightDataModule(L.LightningDataModule):
             # Lightning would wrap the sampler itself (under any distributed strategy, DeepSpeed on one device
             # too), but with shuffle=True, which reshuffles single samples and undoes the length grouping and
             # the step totals; sharding the order in place keeps neighbours (similar lengths) together.
-            return DistributedSamplerWrapper(sampler, shuffle=False, **trainer.distributed_sampler_kwargs)
+            return compat.lightning.distributed_sampler(sampler, shuffle=False, **trainer.distributed_sampler_kwargs)
         return sampler
 
     def train_dataloader(self):

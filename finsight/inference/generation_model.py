@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import bitsandbytes as bnb
@@ -52,12 +51,6 @@ log = logging.getLogger(__name__)
 GPU_FREE_MEMORY_SHARE = 0.5
 
 
-def _bnb_4bit_layers(model: torch.nn.Module) -> dict[str, Any]:
-    """Every bitsandbytes 4-bit linear layer by its module name."""
-
-    return {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
-
-
 def _base_and_adapter(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The transformers model under a PEFT wrapper (or the model itself) and the active LoRA config."""
     if isinstance(model, PeftModel):
@@ -71,30 +64,19 @@ def _plain_state_dict(base: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     Names are the transformers model's own (PEFT's ``base_layer.`` infix and the LoRA tensors removed),
     so the result loads into a freshly built model of the same config.
     """
-    quantized = _bnb_4bit_layers(base)
+    quantized = compat.bitsandbytes.linear_4bit_layers(base)
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tensor in base.state_dict(keep_vars=True).items():
-            if "lora_" in name:
+            if compat.peft.is_lora_tensor(name) or compat.bitsandbytes.is_quant_state_key(name, quantized):
                 continue
-            plain = name.replace(".base_layer.", ".")
+            plain = compat.peft.base_weight_name(name)
             module_name, _, leaf = name.rpartition(".")
-            if name.partition(".weight.")[0] in quantized:
-                continue  # bitsandbytes' serialized quantization state (weight.absmax, weight.quant_map, ...)
             layer = quantized.get(module_name)
             if layer is not None and leaf == "weight":
                 tensor = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
             state[plain] = tensor.detach().to(dtype)
     return state
-
-
-@contextmanager
-def _no_weight_init():
-    """Build a model without random initialisation: every weight is replaced right after."""
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        yield
 
 
 def build_generation_model(model: torch.nn.Module, dtype: torch.dtype, *, merge_adapter: bool = True,
@@ -116,13 +98,13 @@ def _build(model: torch.nn.Module, base: torch.nn.Module, lora: Any, dtype: torc
     state = _plain_state_dict(base, dtype)
     config = base.config
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with _no_weight_init():
+    with compat.transformers.no_weight_init():  # every weight is replaced right after
         dense = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 attn_implementation=compat.attention_implementation(config))
-    compat.drop_quantization_settings(dense.config)  # this model is dense and saves as a plain checkpoint
+                                                 attn_implementation=compat.transformers.attention_implementation(config))
+    compat.transformers.drop_quantization_settings(dense.config)  # this model is dense and saves as a plain checkpoint
     missing, unexpected = dense.load_state_dict(state, strict=False, assign=True)
     # Tied output embeddings are not separate tensors in the state dict of some versions.
-    missing = [name for name in missing if name not in compat.tied_weight_names(dense)]
+    missing = [name for name in missing if name not in compat.transformers.tied_weight_names(dense)]
     if missing or unexpected:
         raise RuntimeError(f"dequantized weights do not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
@@ -147,7 +129,7 @@ def nf4_round_trip(model: torch.nn.Module, kind: QuantizationKind, double_quant:
                    compute_dtype: torch.dtype) -> int:
     """Replace every weight that loading in 4-bit would quantize by its quantized-then-dequantized value.
 
-    Which layers: the ones transformers replaces by bitsandbytes layers (``compat.bnb_quantized_layer_names``).
+    Which layers: the ones transformers replaces by bitsandbytes layers (``compat.transformers.bnb_quantized_layer_names``).
     How: bitsandbytes' ``quantize_4bit`` with the settings of the ``Linear4bit`` layer transformers builds
     (blocksize, double quantization, quant type, storage), then ``dequantize_4bit``: bit for bit the
     weights the 4-bit layers compute with. Returns the number of layers changed.
@@ -159,7 +141,7 @@ def nf4_round_trip(model: torch.nn.Module, kind: QuantizationKind, double_quant:
                                  compress_statistics=config.bnb_4bit_use_double_quant,
                                  quant_type=config.bnb_4bit_quant_type,
                                  quant_storage=config.bnb_4bit_quant_storage, device="meta").weight
-    names = compat.bnb_quantized_layer_names(model, config)
+    names = compat.transformers.bnb_quantized_layer_names(model, config)
     with torch.no_grad():
         for name in names:
             weight = model.get_submodule(name).weight
@@ -206,7 +188,7 @@ def load_generation_model(reference: str, *, adapter: str | None, quantization: 
 def _dense_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     elements = sum(p.numel() for p in model.parameters())
     # 4-bit parameters are stored packed: two weights per uint8 element.
-    elements += sum(layer.weight.numel() for layer in _bnb_4bit_layers(model).values())
+    elements += sum(layer.weight.numel() for layer in compat.bitsandbytes.linear_4bit_layers(model).values())
     return elements * torch.finfo(dtype).bits // 8
 
 
@@ -214,7 +196,7 @@ def resolve_dtype(requested: InferenceDtype, model: torch.nn.Module) -> torch.dt
     """``auto``: the dtype the 4-bit layers compute in (the training compute dtype), else the model's."""
     if requested != "auto":
         return getattr(torch, requested)
-    layers = list(_bnb_4bit_layers(model).values())
+    layers = list(compat.bitsandbytes.linear_4bit_layers(model).values())
     if layers and getattr(layers[0], "compute_dtype", None) is not None:
         return layers[0].compute_dtype
     return next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -249,7 +231,7 @@ def generation_model(model: torch.nn.Module, *, inference: InferenceChoice = "au
         return GenerationModel(model, "4bit", described)
     started = time.perf_counter()
     dense = build_generation_model(model, target, merge_adapter=merge_adapter, device=device)
-    layers = list(_bnb_4bit_layers(model).values())
+    layers = list(compat.bitsandbytes.linear_4bit_layers(model).values())
     what = merged_weights(layers[0].weight.quant_type if layers else None, target, with_adapter, device)
     described = f"{what} ({reason}; built in {time.perf_counter() - started:.1f}s)"
     log.info("Generation model: %s", described)

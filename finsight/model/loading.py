@@ -105,7 +105,7 @@ def load_base_model(reference: str, *, quantization: QuantizationKind, double_qu
     if bnb is not None:
         # Every 4-bit model finsight loads keeps the layout it was loaded in: bitsandbytes' CPU packing
         # format would drop the gradients through the base and drift its constants (see the compat function).
-        compat.keep_4bit_weights_unpacked(model)
+        compat.bitsandbytes.keep_4bit_weights_unpacked(model)
     return model, attention, reason
 
 
@@ -160,7 +160,7 @@ def load_peft_model(
     if release:
         log.info("Freed blocks of 1 MiB or more go back to the OS (%s)", release_reason)
     if checkpointing:
-        compat.enable_activation_checkpointing(model, recomputed)
+        compat.transformers.enable_activation_checkpointing(model, recomputed)
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()
     if adapter_path is not None:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finsight import compat
+
 
 def _dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.dropout(x, p, training=True)`` and its keep mask, drawing the same random numbers as it does."""
@@ -86,18 +88,12 @@ def fuse_lora_dropout(model: nn.Module) -> int:
     Adapters without dropout, with a bias on ``A`` or with a LoRA variant (DoRA and others, which read the
     dropout module themselves) keep PEFT's modules.
     """
-    from peft.tuners.lora import LoraLayer
-
     fused = 0
-    for layer in model.modules():
-        if not isinstance(layer, LoraLayer):
+    for adapter in compat.peft.lora_adapters(model):
+        dropout, lora_a = adapter.dropout, adapter.lora_a
+        if (not isinstance(dropout, nn.Dropout) or not 0 < dropout.p < 1 or type(lora_a) is not nn.Linear
+                or lora_a.bias is not None or adapter.has_variant):
             continue
-        for name, dropout in list(layer.lora_dropout.items()):
-            lora_a = layer.lora_A[name] if name in layer.lora_A else None
-            if (not isinstance(dropout, nn.Dropout) or not 0 < dropout.p < 1 or type(lora_a) is not nn.Linear
-                    or lora_a.bias is not None or name in getattr(layer, "lora_variant", {})):
-                continue
-            layer.lora_A[name] = DropoutLoraA(lora_a, dropout.p)
-            layer.lora_dropout[name] = nn.Identity()
-            fused += 1
+        adapter.replace(DropoutLoraA(lora_a, dropout.p), nn.Identity())
+        fused += 1
     return fused

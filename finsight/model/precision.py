@@ -40,7 +40,7 @@ def choose_precision(accelerator: str | None = None) -> HardwarePrecision:
         if torch.cuda.is_bf16_supported():
             return HardwarePrecision("bf16-mixed", "bfloat16", "CUDA GPU with bf16 support")
         return HardwarePrecision("16-mixed", "float16", "CUDA GPU without bf16 support")
-    native, instructions = compat.cpu_has_native_bf16()
+    native, instructions = compat.torch.cpu_has_native_bf16()
     if native:
         return HardwarePrecision("bf16-mixed", "bfloat16", f"CPU with {instructions}: bf16 matmuls in hardware")
     return HardwarePrecision("32-true", "float32", f"CPU with {instructions}, no native bf16: float32 is faster")

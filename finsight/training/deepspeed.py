@@ -15,16 +15,13 @@ path, small enough to test for real on a machine without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -170,12 +167,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super().setup_environment()
             return
-        # deepspeed is an optional extra, imported only where a DeepSpeed strategy runs.
-        from deepspeed.accelerator import get_accelerator, set_accelerator
-        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-
-        if get_accelerator().device_name() != "cpu":  # a CUDA machine asked to train on its CPU
-            set_accelerator(CPU_Accelerator())
+        compat.deepspeed.use_cpu_accelerator()  # also on a CUDA machine asked to train on its CPU
         DDPStrategy.setup_environment(self)
 
     def setup_distributed(self) -> None:
@@ -183,36 +175,17 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super().setup_distributed()
             return
-        reset_seed()
+        compat.lightning.reset_seed()
         self.set_world_ranks()
-        compat.init_deepspeed_distributed(self)
+        compat.lightning.init_deepspeed_distributed(self)
 
     def init_deepspeed(self) -> None:
         """Lightning's, with the process's local rank as DeepSpeed's device on the CPU (training and inference)."""
-        with self._device_rank_for_cpu():
-            super().init_deepspeed()
-
-    @contextlib.contextmanager
-    def _device_rank_for_cpu(self) -> Iterator[None]:
-        """Lightning passes ``device_rank=root_device.index`` to ``deepspeed.initialize``; a CPU device has no
-        index (None), which DeepSpeed cannot compare with 0. On the CPU the process's local rank is meant."""
-        import deepspeed
-
         if not isinstance(self.accelerator, CPUAccelerator):
-            yield
+            super().init_deepspeed()
             return
-        initialize = deepspeed.initialize
-
-        def initialize_with_rank(*args: Any, **kwargs: Any) -> Any:
-            if getattr(kwargs.get("args"), "device_rank", 0) is None:
-                kwargs["args"].device_rank = self.local_rank
-            return initialize(*args, **kwargs)
-
-        deepspeed.initialize = initialize_with_rank
-        try:
-            yield
-        finally:
-            deepspeed.initialize = initialize
+        with compat.deepspeed.cpu_device_rank(lambda: self.local_rank):
+            super().init_deepspeed()
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.
@@ -241,10 +214,9 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         """Backward through the DeepSpeed engine with the loss scaled once.
 
         Lightning has already divided the loss by ``accumulate_grad_batches``; ``DeepSpeedEngine.backward``
-        divides it by the same number again unless told not to (``scale_wrt_gas``), which would make every
-        gradient, and the clipping threshold it is compared with, 1/accumulation of what it should be.
+        would divide it by the same number again.
         """
-        kwargs.setdefault("scale_wrt_gas", False)
+        kwargs = compat.deepspeed.backward_without_accumulation_scaling(kwargs)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from finsight import compat
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
@@ -131,7 +131,8 @@ class FinSightModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        precision = self._trainer.precision if self._trainer is not None else None
+        trainer = compat.lightning.attached_trainer(self)
+        precision = trainer.precision if trainer is not None else None
         # Resolved once and recorded: checkpoints, export and chat read the dtype the model trained in.
         hp.compute_dtype, self.compute_dtype_reason = resolve_compute_dtype(hp.compute_dtype, precision)
         log.info("Compute dtype: %s (%s)", hp.compute_dtype, self.compute_dtype_reason)
@@ -161,7 +162,7 @@ class FinSightModule(L.LightningModule):
 
     def _micro_batch(self) -> tuple[int, int] | None:
         """(batch size, max length) of the attached data module, for ``gradient_checkpointing: auto``."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(compat.lightning.attached_trainer(self), "datamodule", None)
         size, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
         return (int(size), int(length)) if size and length else None
 
@@ -290,9 +291,7 @@ class FinSightModule(L.LightningModule):
         for name, metric in self.val_source_loss.items():
             # compute() synchronizes across ranks, so every rank calls it, also one whose part of the split
             # holds no row of this source; a source no rank saw comes back as NaN (0 / 0) and is not logged.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update",
-                                        category=UserWarning)
+            with compat.torchmetrics.compute_before_update_allowed():
                 value = metric.compute()
             if not torch.isnan(value):
                 self.log(f"val/loss/{name}", value)
@@ -393,9 +392,7 @@ class FinSightModule(L.LightningModule):
             del checkpoint
             # 4-bit weights are placed on the GPU at load time; the adapter must land beside them.
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            with warnings.catch_warnings():
-                # Lightning lists every base weight as missing from the checkpoint: adapter-only on purpose.
-                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in")
+            with compat.lightning.adapter_only_load():
                 module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=False,
                                                   **overrides)
         unknown = sorted(set(state) - set(module.state_dict()))

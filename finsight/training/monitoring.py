@@ -134,7 +134,7 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     else:
         table.add_row("validation", f"every {interval} of an epoch")
     for callback in trainer.checkpoint_callbacks:
-        every = compat.checkpoint_every_n_train_steps(callback)
+        every = compat.lightning.checkpoint_every_n_train_steps(callback)
         cadence = f"every {every} optimizer steps" if every else "after each validation"
         table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))

@@ -170,8 +170,8 @@ class ExactResume(Callback):
                 trainer.callback_metrics.setdefault(
                     name, value.to(device) if isinstance(value, torch.Tensor) else value)
             self._metrics = {}
-        if compat.validation_skipped_at_resume(trainer):
-            compat.run_skipped_validation_first(trainer)
+        if compat.lightning.validation_skipped_at_resume(trainer):
+            compat.lightning.run_skipped_validation_first(trainer)
 
 
 

@@ -17,18 +17,50 @@ from finsight import compat
 
 
 def test_the_checked_ranges_are_the_ones_pyproject_declares():
-    declared = {Requirement(line).name: Requirement(line).specifier
-                for line in importlib.metadata.requires("finsight") if "extra ==" not in line}
+    """Required dependencies and extras (deepspeed) alike: the gate and the install allow the same versions."""
+    declared = {Requirement(line).name: Requirement(line).specifier for line in importlib.metadata.requires("finsight")}
+    assert set(compat.TESTED) == {"lightning", "transformers", "peft", "bitsandbytes", "deepspeed", "torchdata",
+                                  "torchmetrics", "torch"}
     for package, allowed in compat.TESTED.items():
         assert Requirement(f"{package}{allowed}").specifier == declared[package]
 
 
+def test_every_library_module_names_its_range_and_noise_and_imports_its_library_lazily():
+    for library in compat.LIBRARIES:
+        assert library.__doc__ and library.DISTRIBUTION in compat.TESTED
+        assert isinstance(library.KNOWN_WARNINGS, tuple) and isinstance(library.LOG_FILTERS, tuple)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, finsight.compat; print(sorted(m for m in sys.modules if m.split('.')[0] "
+         "in {'lightning', 'transformers', 'peft', 'bitsandbytes', 'deepspeed', 'torchdata', 'torchmetrics'}))"],
+        capture_output=True, text=True, check=True, timeout=120).stdout
+    assert loaded.strip() == "[]"
+
+
+IN_RANGE = {"lightning": "2.6.6", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+            "deepspeed": "0.19.8", "torchdata": "0.11.0", "torchmetrics": "1.9.0", "torch": "2.13.0+cpu"}
+
+
+def test_an_optional_library_that_is_absent_passes_and_a_required_one_is_named():
+    def without(package):
+        def installed(name):
+            if name == package:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return IN_RANGE[name]
+        return installed
+
+    compat.check_versions(without("deepspeed"))
+    with pytest.raises(compat.UnsupportedVersionError, match=r"^peft is not installed, but finsight needs "
+                                                              r"peft>=0\.18,<0\.22 \(pip install"):
+        compat.check_versions(without("peft"))
+
+
 def test_versions_outside_the_tested_range_are_refused_naming_package_version_and_range():
-    versions = {"lightning": "2.6.6", "transformers": "5.24.0", "torchdata": "0.11.0", "bitsandbytes": "0.50.2"}
+    versions = IN_RANGE
     compat.check_versions(versions.__getitem__)  # the versions in range pass
     compat.check_versions({**versions, "lightning": "2.6.7rc1"}.__getitem__)  # a pre-release of one in range too
     for package, version in [("lightning", "2.7.0"), ("transformers", "4.57.6"), ("torchdata", "0.12.0"),
-                             ("bitsandbytes", "0.49.2")]:
+                             ("bitsandbytes", "0.49.2"), ("peft", "0.22.0"), ("deepspeed", "0.19.7"),
+                             ("torchmetrics", "2.0.0"), ("torch", "2.14.0")]:
         with pytest.raises(compat.UnsupportedVersionError) as raised:
             compat.check_versions({**versions, package: version}.__getitem__)
         allowed = compat.TESTED[package]

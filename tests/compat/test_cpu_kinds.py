@@ -2,7 +2,7 @@
 
 On a CPU with AVX512-BF16, bitsandbytes converts a 4-bit weight into its CPU packing format at the first
 eval-mode forward without gradients, and from then on computes that layer with a kernel that has no
-backward (see ``finsight.compat.keep_4bit_weights_unpacked``). The oracle here does not depend on the CPU:
+backward (see ``finsight.compat.bitsandbytes.keep_4bit_weights_unpacked``). The oracle here does not depend on the CPU:
 the same model with its 4-bit weights dequantized once (bitsandbytes' own ``dequantize_4bit``) into dense
 float32 layers gives the gradients a correct QLoRA step must give. Both CPU kinds are run on every machine:
 the detection bitsandbytes reads is one function, and where the machine lacks the AVX512-BF16 kernel a
@@ -152,7 +152,7 @@ def test_lora_gradients_of_every_step_equal_the_dense_oracles_on_every_cpu_kind(
 def test_without_finsights_switch_the_avx512_bf16_path_fails_the_oracle(tiny_model_dir, tmp_path, monkeypatch):
     """The oracle catches the bitsandbytes behaviour it exists for: with the switch made a no-op, the
     simulated (or real) AVX512-BF16 path trains other gradients and changes the frozen constants."""
-    monkeypatch.setattr(compat, "keep_4bit_weights_unpacked", lambda model: 0)
+    monkeypatch.setattr(compat.bitsandbytes, "keep_4bit_weights_unpacked", lambda model: 0)
     with _bitsandbytes_sees("avx512_bf16", monkeypatch):
         distances, unchanged, _ = _fit_against_the_dense_oracle(tiny_model_dir, tmp_path)
     assert max(distances) > 1e-2, distances

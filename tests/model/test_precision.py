@@ -29,7 +29,7 @@ CPU_KINDS = {
 def cpu_kind(request, monkeypatch):
     """A CPU-only machine of each kind, as torch's detection would describe it."""
     detected, precision, dtype = CPU_KINDS[request.param]
-    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: detected)
+    monkeypatch.setattr(compat.torch, "cpu_has_native_bf16", lambda: detected)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return request.param, precision, dtype
 
@@ -51,7 +51,7 @@ def test_gpus_use_bf16_where_supported_else_fp16_and_cpu_accelerator_keeps_the_c
         monkeypatch, bf16_gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_gpu)
-    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: (False, "AVX2"))
+    monkeypatch.setattr(compat.torch, "cpu_has_native_bf16", lambda: (False, "AVX2"))
     choice = choose_precision()
     assert (choice.precision, choice.compute_dtype) == expected
     assert choose_precision("cpu").precision == "32-true"
@@ -67,7 +67,7 @@ def test_compute_dtype_auto_follows_the_trainer_precision_and_explicit_values_wi
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 def test_the_detection_agrees_with_the_cpu_flags_of_this_machine():
     flags = set(Path("/proc/cpuinfo").read_text().split())
-    native, name = compat.cpu_has_native_bf16()
+    native, name = compat.torch.cpu_has_native_bf16()
     assert native == bool(flags & {"avx512_bf16", "amx_bf16"})
     if native:
         assert name == ("AMX" if "amx_bf16" in flags else "AVX512-BF16")

@@ -220,7 +220,7 @@ def test_exported_adapter_gives_the_same_logits_with_plain_peft(tiny_model_dir, 
     plain = PeftModel.from_pretrained(base, exported_adapter(cli)).eval()
     # On an AVX512-BF16 CPU bitsandbytes would answer this eval forward through its bfloat16 packing format;
     # the comparison is of the adapter's weights, so both sides compute in float32.
-    compat.keep_4bit_weights_unpacked(plain)
+    compat.bitsandbytes.keep_4bit_weights_unpacked(plain)
     with torch.no_grad():
         theirs = plain(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

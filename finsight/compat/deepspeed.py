@@ -1,0 +1,78 @@
+"""What DeepSpeed on the CPU needs beyond Lightning's DeepSpeedStrategy (checked on DeepSpeed 0.19.8).
+
+Lightning 2.6 passes ``device_rank=root_device.index`` to ``deepspeed.initialize``, which a CPU device (index
+None) cannot give; DeepSpeed's engine divides the loss by the accumulation steps again unless told not to;
+and a CUDA machine asked to train on its CPU has to be given DeepSpeed's CPU accelerator by class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+DISTRIBUTION = "deepspeed"
+TESTED = ">=0.19.8,<0.20"
+
+
+def use_cpu_accelerator() -> None:
+    """Make DeepSpeed use its CPU accelerator (it picks CUDA on a machine that has it)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        set_accelerator(CPU_Accelerator())
+
+
+@contextmanager
+def cpu_device_rank(local_rank: Callable[[], int]) -> Iterator[None]:
+    """While open, ``deepspeed.initialize`` takes the process's local rank where Lightning passes no device.
+
+    Lightning's ``init_deepspeed`` hands ``args.device_rank=None`` on the CPU, which DeepSpeed compares with 0.
+    """
+    import deepspeed
+
+    initialize = deepspeed.initialize
+
+    def initialize_with_rank(*args: Any, **kwargs: Any) -> Any:
+        if getattr(kwargs.get("args"), "device_rank", 0) is None:
+            kwargs["args"].device_rank = local_rank()
+        return initialize(*args, **kwargs)
+
+    deepspeed.initialize = initialize_with_rank
+    try:
+        yield
+    finally:
+        deepspeed.initialize = initialize
+
+
+def backward_without_accumulation_scaling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``DeepSpeedEngine.backward`` keyword arguments that keep it from dividing by the accumulation steps.
+
+    Lightning has already divided the loss by ``accumulate_grad_batches``; the engine's ``scale_wrt_gas``
+    (default True) would divide it again, making every gradient and its clipping threshold 1/accumulation of
+    what they should be.
+    """
+    return {"scale_wrt_gas": False, **kwargs}
+
+
+KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = ()
+
+# DeepSpeed's notice (on standard output) each time a process imports it on a machine without CUDA; saving a
+# transformers model imports it through accelerate, so every CPU fit and chat that saves one printed it.
+NO_ACCELERATOR_NOTICE = "Setting accelerator to CPU. If you have GPU or other accelerator"
+
+
+class _DropNoAcceleratorNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(NO_ACCELERATOR_NOTICE):
+            return True
+        import torch  # loaded already (DeepSpeed is logging); this module imports no heavy library itself
+
+        return torch.cuda.is_available()  # CUDA there and DeepSpeed still chose the CPU: that is news, it stays
+
+
+LOG_FILTERS: tuple[tuple[str, type[logging.Filter]], ...] = (
+    ("DeepSpeed", _DropNoAcceleratorNotice),  # DeepSpeed configures this logger when imported; filters stay
+)
