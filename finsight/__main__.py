@@ -1,14 +1,15 @@
-"""The ``finsight`` command and ``python -m finsight``."""
+"""The ``finsight`` command and ``python -m finsight``: the one entry point."""
 
 import sys
 
 
 def entry() -> int:
-    """Run the command, with importing it inside the one-line error handling too.
+    """Run the command; every user-fixable error ends it with one ``error:`` line and exit status 1.
 
-    finsight's modules check the installed library versions when they are imported
-    (:mod:`finsight.compat`); an unsupported version then ends the command with one ``error:`` line and exit
-    status 1, like every other user-fixable error (see :func:`finsight.cli.lightning_cli.entry`), not with a traceback.
+    Every such error subclasses :class:`~finsight.errors.FinSightError` (a damaged checkpoint, a NaN/inf in
+    training, a bad source, model or evaluation reference, a precision or strategy this setup cannot run, an
+    unsupported library version found while importing, see :mod:`finsight.compat`): the user reads what to
+    fix, not a traceback. ``finsight.cli.lightning_cli.main`` returns the CLI object instead, for tests.
     """
     from finsight.errors import FinSightError
 
@@ -22,11 +23,13 @@ def entry() -> int:
             from finsight.cli.chat import chat_main
 
             return chat_main(sys.argv[2:])
-        from finsight.cli.lightning_cli import entry as run
+        from finsight.cli import lightning_cli
+
+        lightning_cli.main()  # LightningCLI reads sys.argv itself
     except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return run()
+    return 0
 
 
 if __name__ == "__main__":

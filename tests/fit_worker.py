@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from finsight.training.checkpoint import AtomicCheckpointIO
+
+# Read at every save: "<file name>@<global step>" (e.g. "last.ckpt@4") makes PausingCheckpointIO's save of that
+# file at that step stop for PAUSE_SECONDS after part of it is on disk, so a test can kill the process in the
+# middle of a checkpoint write deterministically.
+PAUSE_ENV = "FINSIGHT_TEST_PAUSE_CHECKPOINT_WRITE"
+PAUSE_SECONDS = 120.0
 
 
 class FreezeAt(Callback):
@@ -137,3 +146,35 @@ class SampleRecorder(L.Callback):
         record = {**self.info, "batches": self.batches, "val_loss": self.val_loss,
                   "global_step": trainer.global_step}
         (self.out_dir / f"{self.tag}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class _PausingWriter:
+    """File wrapper that stops once, after the first chunk reached the disk."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.paused = False
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        if not self.paused:
+            self.paused = True
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            print(f"{PAUSE_ENV}: pausing for {PAUSE_SECONDS:.0f}s while writing {self.file.name}",
+                  file=sys.stderr, flush=True)
+            time.sleep(PAUSE_SECONDS)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class PausingCheckpointIO(AtomicCheckpointIO):
+    """finsight's atomic checkpoint writer, pausing in the middle of the save ``PAUSE_ENV`` names."""
+
+    def write(self, checkpoint: dict[str, Any], file: BinaryIO, path: Path) -> None:
+        name, _, step = os.environ.get(PAUSE_ENV, "").rpartition("@")
+        if name == path.name and str(checkpoint.get("global_step")) == step:
+            file = _PausingWriter(file)
+        super().write(checkpoint, file, path)

@@ -93,9 +93,9 @@ def test_the_layers_import_one_way():
     broken = sorted(f"{name} -> {dep}" for name in graph if folder(name) in LAYERS
                     for dep in reached_from(graph, name) if folder(dep) in LAYERS[folder(name)])
     assert broken == []
-    # The check sees real edges: training reaches the model loader, evaluation reaches training.
+    # The check sees real edges: training reaches the model loader, evaluation the data package.
     assert "finsight.model.loading" in reached_from(graph, "finsight.training.module")
-    assert "finsight.training.module" in reached_from(graph, "finsight.evaluation.held_out")
+    assert "finsight.data.chat" in reached_from(graph, "finsight.evaluation.held_out")
 
 
 def test_inference_loads_no_lightning():

@@ -21,7 +21,6 @@ from rich.logging import RichHandler
 from finsight import compat
 from finsight.cli.chat import chat_main
 from finsight.data.datamodule import FinSightDataModule
-from finsight.errors import FinSightError
 from finsight.evaluation.held_out import HeldOutEvaluator
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
@@ -184,22 +183,3 @@ def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
             "callbacks": [*reliability_callbacks(), JsonlPredictionWriter()],
         },
     )
-
-
-def entry() -> int:
-    """Console-script entry: run the CLI and exit 0 (``main`` returns the CLI object for tests).
-
-    Every error a user can fix subclasses :class:`~finsight.errors.FinSightError` (a damaged checkpoint, a
-    NaN/inf in training, a bad source, model or evaluation reference, a precision or strategy this setup
-    cannot run); it ends the command with its one-line message and exit status 1 instead of a traceback.
-    """
-    try:
-        main()  # LightningCLI reads sys.argv itself
-    except FinSightError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(entry())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
@@ -25,8 +25,16 @@ from transformers import DataCollatorForSeq2Seq
 
 from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
+from finsight.errors import FinSightError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STEP_TOKENS = "step_trained_tokens"
+
+
+class DataOrderChangedError(FinSightError, ValueError):
+    """A resumed run whose data order cannot continue the checkpoint's (another seed draws another order)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,9 @@ class _ResumableEpochOrder:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the saved epoch's order after the indices already drawn."""
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the saved data order used seed {state['seed']}, this run uses {self.seed}")
+            raise DataOrderChangedError(f"the checkpoint's data order was drawn with seed {state['seed']}, this run "
+                                        f"uses {self.seed}: resume with the seed it was trained with, or start a "
+                                        "new run without --ckpt_path")
         self.epoch = int(state["epoch"])
         self._resume_at = int(state["drawn"])
 
@@ -175,11 +185,6 @@ class WithStepTokens(TorchDataset):
         return self.__getitems__([key])[0]
 
 
-def order_of(sampler: Any) -> list[int]:
-    """The sample order a sampler yields (for reports and tests)."""
-    return list(iter(sampler))
-
-
 def stratified_validation_order(source_index: list[int], lengths: list[int], batch_size: int,
                                 seed: int) -> list[int]:
     """Validation order in which the first batches cover every source, with little padding.
@@ -216,7 +221,7 @@ class FinSightCollator(DataCollatorForSeq2Seq):
 
     passthrough = ("source_index", "sample_id", STEP_TOKENS)
 
-    def __init__(self, tokenizer: Any, pad_to_multiple_of: int | None = 8):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = 8):
         super().__init__(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
                          label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 

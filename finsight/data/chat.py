@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finsight import compat
 from finsight.errors import FinSightError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -29,7 +32,7 @@ class ChatTemplateError(FinSightError, ValueError):
     """The tokenizer's chat template cannot be used to build an assistant mask."""
 
 
-def template_accepts_system(tokenizer: Any) -> bool:
+def template_accepts_system(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Some templates (Mistral's) raise on a system role; those get it folded into the first user turn."""
     probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
              {"role": "assistant", "content": "a"}]
@@ -56,7 +59,7 @@ class ChatEncoder:
     It is a plain picklable object so ``datasets.map(num_proc=N)`` can ship it to worker processes.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError(
@@ -77,6 +80,15 @@ class ChatEncoder:
         self._cut_tokens = sorted({token.content for token in tokenizer.added_tokens_decoder.values()
                                    if token.special and not token.rstrip and not token.single_word})
         self._head_cache: dict[str, list[int] | None] = {}
+
+    @classmethod
+    def untruncated(cls, tokenizer: PreTrainedTokenizerBase) -> ChatEncoder:
+        """An encoder that never cuts a conversation: prompts rendered for generation, not for training.
+
+        ``max_length`` bounds training rows; a prompt to answer is rendered whole, and the generation model
+        reports one that does not fit its context.
+        """
+        return cls(tokenizer, max_length=1 << 30)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -224,7 +236,7 @@ def _token_range(encoding: Any, n_tokens: int, n_chars: int, begin: int, end: in
     return bounds[0], bounds[1]
 
 
-def _direct_renderer(tokenizer: Any, accepts_system: bool):
+def _direct_renderer(tokenizer: PreTrainedTokenizerBase, accepts_system: bool):
     """The compiled template as a plain function, when it renders exactly like ``apply_chat_template``.
 
     ``apply_chat_template`` copies and normalizes every conversation before rendering it, which costs as

@@ -15,7 +15,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -48,6 +48,9 @@ from finsight.data.split import split_by_groups
 from finsight.data.tokenizer import load_tokenizer_reference
 from finsight.references import cache_root
 from finsight.run_dir import rank_zero_log_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ class FinSightDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.system_prompt = system_prompt
         self.cache_dir = cache_dir
-        self._tokenizer: Any = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._fingerprint: str | None = None
         self.train_dataset = None
         self._train_lengths: list[int] = []
@@ -489,7 +492,7 @@ def _counts(dropped: dict[str, int]) -> str:
     return ", ".join(f"{reason}={count}" for reason, count in sorted(dropped.items())) or "none"
 
 
-def _tokenizer_identity(tokenizer: Any) -> tuple:
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple:
     """What about the tokenizer changes the prepared data, hashed cheaply (its JSON, not its vocab dict)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

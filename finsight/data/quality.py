@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+
+from finsight.tables import TextTable
 
 # Drop reasons, as they appear in the report.
 MISSING_FIELD = "missing_or_non_text_field"
@@ -205,24 +206,23 @@ class DataReport:
         """Read a report written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def table(self):
-        """The report as a Rich table, one row per source plus a total."""
-        table = Table(title="FinSight data report", show_lines=False)
-        for column in ("source", "read", "dropped (by reason, thresholds)", "valid", "after fraction",
-                       "answer groups", "train", "val", "tokens", "trained", "len mean/med/max"):
-            table.add_column(column, justify="left" if column.startswith(("source", "dropped")) else "right")
+    def table(self) -> TextTable:
+        """The report as a table, one row per source plus a total (``.rich()`` prints it, ``.markdown()`` logs it)."""
+        table = TextTable("FinSight data report", ["source", "read", "dropped (by reason, thresholds)", "valid",
+                                                   "after fraction", "answer groups", "train", "val", "tokens",
+                                                   "trained", "len mean/med/max"], text_columns=(0, 2), total_row=True)
         for s in self.sources:
             reasons = s.dropped_text()
             if s.bad_lines:  # lines that could not be read at all, so the user can open the file there
                 shown = ", ".join(map(str, s.bad_lines[:10])) + (", ..." if len(s.bad_lines) > 10 else "")
                 reasons += f" (unreadable lines {shown})"
-            table.add_row(s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}", str(s.valid),
-                          str(s.kept_after_fraction), s.groups_text, str(s.train), str(s.val), str(s.tokens),
-                          str(s.trained_tokens), f"{s.length_mean}/{s.length_median:g}/{s.length_max}")
+            table.rows.append([s.name, str(s.rows_read), f"{s.dropped_total}: {reasons}", str(s.valid),
+                               str(s.kept_after_fraction), s.groups_text, str(s.train), str(s.val), str(s.tokens),
+                               str(s.trained_tokens), f"{s.length_mean}/{s.length_median:g}/{s.length_max}"])
         total = lambda attr: str(sum(getattr(s, attr) for s in self.sources))  # noqa: E731
-        table.add_row("total", total("rows_read"), str(sum(s.dropped_total for s in self.sources)),
-                      total("valid"), total("kept_after_fraction"), "", total("train"), total("val"),
-                      total("tokens"), total("trained_tokens"), "", style="bold")
+        table.rows.append(["total", total("rows_read"), str(sum(s.dropped_total for s in self.sources)),
+                           total("valid"), total("kept_after_fraction"), "", total("train"), total("val"),
+                           total("tokens"), total("trained_tokens"), ""])
         table.caption = (
             f"padding efficiency at batch size {self.batch_size}: length-grouped "
             f"{self.padding_efficiency_grouped:.3f}, random batches {self.padding_efficiency_random:.3f}"
@@ -234,18 +234,11 @@ class DataReport:
         console = Console(stderr=True)
         if not console.is_terminal:
             console.width = max(console.width, 160)  # logs and CI: do not squeeze the table to 80 columns
-        console.print(self.table())
+        console.print(self.table().rich())
 
     def markdown(self) -> str:
         """The report as a Markdown table (for TensorBoard's text tab)."""
-        lines = ["| source | read | dropped (thresholds) | valid | after fraction | answer groups | train | val "
-                 "| tokens | trained |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for s in self.sources:
-            lines.append(f"| {s.name} | {s.rows_read} | {s.dropped_text()} | {s.valid} | {s.kept_after_fraction} | "
-                         f"{s.groups_text} | {s.train} | {s.val} | {s.tokens} | {s.trained_tokens} |")
-        lines.append(f"\npadding efficiency (batch {self.batch_size}): grouped "
-                     f"{self.padding_efficiency_grouped:.3f}, random {self.padding_efficiency_random:.3f}")
-        return "\n".join(lines)
+        return self.table().markdown()
 
     def log_to_tensorboard(self, experiment: Any, step: int = 0) -> None:
         """Log the table as text and the counts as scalars to a TensorBoard ``SummaryWriter``."""

@@ -9,12 +9,15 @@ model loader.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer
 
 from finsight.errors import FinSightError
 from finsight.references import resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TokenizerReferenceError(FinSightError, ValueError):
@@ -46,7 +49,7 @@ def load_tokenizer_reference(reference: Any) -> Any:
     return with_pad_token(tokenizer)
 
 
-def with_pad_token(tokenizer: Any) -> Any:
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """The tokenizer with a pad token: labels come from the assistant mask and padding is labelled -100,
     so reusing UNK or EOS as the pad token never trains (or untrains) a real token."""
     if getattr(tokenizer, "pad_token", None) is None:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -34,13 +34,15 @@ from finsight.evaluation.metrics import (
     file_examples,
     heldout_examples,
     prompt_examples,
-    rich_table,
+    results_table,
     write_results,
 )
 from finsight.evaluation.samples import evaluate_answers, run_tokenizer
 from finsight.inference.decoding import InferenceChoice, stop_token_ids
 from finsight.inference.generation_model import generation_model
-from finsight.training.module import token_losses
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,9 @@ class HeldOutEvaluator(Callback):
         if not self.compare_base:
             return
         with trainer.precision_plugin.forward_context(), pl_module.model.disable_adapter():
-            logits = pl_module(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n_tokens = token_losses(logits, batch["labels"])
-        keep = n_tokens > 0
-        self._base_loss.update(loss_sum[keep] / n_tokens[keep], n_tokens[keep])
-        self._base_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+            losses = pl_module.sample_losses(batch)
+        self._base_loss.update(*losses.means())
+        self._base_ppl.update(losses.logits[None], losses.targets[None])
 
     # ------------------------------------------------------------------------------------- answers
 
@@ -167,13 +167,13 @@ class HeldOutEvaluator(Callback):
             "generation_seconds": round(seconds, 1),
         }
 
-    def examples(self, trainer: L.Trainer, tokenizer: Any, system_prompt: str) -> tuple[list[EvalExample], str]:
+    def examples(self, trainer: L.Trainer, tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> tuple[list[EvalExample], str]:
         """The questions to answer, and a description of where they come from.
 
         ``file`` when set, else the validation rows of ``source`` from the data module (up to
         ``max_samples``), plus the identity prompts.
         """
-        encoder = ChatEncoder(tokenizer, max_length=1 << 30)
+        encoder = ChatEncoder.untruncated(tokenizer)
         datamodule = getattr(trainer, "datamodule", None)
         if self.file:
             qa = file_examples(self.file, encoder, system_prompt, self.max_samples)
@@ -208,5 +208,5 @@ class HeldOutEvaluator(Callback):
             return
         json_path, md_path = write_results(folder, rows, self._samples, self._settings)
         console = Console()
-        console.print(rich_table(rows, title=f"finsight test: {self._settings.get('eval_set', '')}"))
+        console.print(results_table(rows, title=f"finsight test: {self._settings.get('eval_set', '')}").rich())
         console.print(f"[bold green]Results:[/] {json_path.resolve()} and {md_path.name}")

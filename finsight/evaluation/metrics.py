@@ -35,14 +35,17 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from rich.table import Table
 from torchmetrics.functional.text import rouge_score, squad
 
 from finsight.data.chat import IGNORE_INDEX
 from finsight.data.sources import SourceConfig, check_columns, conversations, read_source
 from finsight.errors import FinSightError
+from finsight.tables import TextTable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +287,7 @@ def question_from_prompt(prompt_text: str, header: str, suffix: str) -> str:
     return text.strip()
 
 
-def heldout_examples(dataset: Any, source_index: int, tokenizer: Any, encoder: Any, system_prompt: str,
+def heldout_examples(dataset: Any, source_index: int, tokenizer: PreTrainedTokenizerBase, encoder: Any, system_prompt: str,
                      limit: int | None = None) -> list[EvalExample]:
     """Question/reference pairs from tokenized rows (the data module's validation split) of one source.
 
@@ -390,34 +393,15 @@ def _fmt(value: float | None, key: str = "") -> str:
     return f"{value:.0f}" if key in COUNTS else f"{value:.4f}"
 
 
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    """The rows side by side (and their difference) as a Markdown table."""
-    names = list(rows)
+def results_table(rows: dict[str, dict[str, float]], title: str = "finsight test") -> TextTable:
+    """The rows side by side (and their difference), for the terminal and for ``eval_results.md``."""
     diff = difference(rows)
-    header = ["metric", *names, *(["difference"] if diff else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for key in _ordered_metrics(rows):
-        cells = [METRIC_LABELS.get(key, key), *(_fmt(rows[n].get(key), key) for n in names)]
-        if diff:
-            cells.append(_fmt(diff.get(key)) if key in diff else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def rich_table(rows: dict[str, dict[str, float]], title: str = "finsight test") -> Any:
-    """The rows side by side (and their difference) as a Rich table for the terminal."""
-    diff = difference(rows)
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in rows:
-        table.add_column(name.replace("_", "-"), justify="right")
-    if diff:
-        table.add_column("difference", justify="right")
+    table = TextTable(title, ["metric", *rows, *(["difference"] if diff else [])])
     for key in _ordered_metrics(rows):
         cells = [METRIC_LABELS.get(key, key), *(_fmt(rows[n].get(key), key) for n in rows)]
         if diff:
             cells.append(_fmt(diff.get(key)) if key in diff else "–")
-        table.add_row(*cells)
+        table.rows.append(cells)
     return table
 
 
@@ -434,7 +418,7 @@ def write_results(folder: str | Path, rows: dict[str, dict[str, float]],
     }
     json_path = folder / "eval_results.json"
     json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    lines = ["# finsight test", "", markdown_table(rows)]
+    lines = ["# finsight test", "", results_table(rows).markdown()]
     described = ", ".join(f"{k}: {v}" for k, v in settings.items())
     lines += [f"Settings: {described}", ""]
     for name, records in samples.items():

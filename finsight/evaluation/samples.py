@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -27,6 +27,9 @@ from finsight.evaluation.metrics import (
 from finsight.inference.decoding import InferenceChoice, generate, stop_token_ids
 from finsight.inference.generation_model import generation_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_PROMPTS = (
@@ -38,8 +41,8 @@ DEFAULT_SAMPLE_PROMPTS = (
 """Finance prompts answered at every validation (identity prompts are separate)."""
 
 
-def evaluate_answers(model: Any, tokenizer: Any, examples: Sequence[EvalExample], *, max_new_tokens: int,
-                     stop_ids: Sequence[int], batch_size: int = 8) -> AnswerEvaluator:
+def evaluate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[EvalExample], *,
+                     max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8) -> AnswerEvaluator:
     """Greedy answers to the examples, scored against their references (``finsight test``, samples)."""
     outputs = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens,
                        stop_ids=stop_ids, batch_size=batch_size)
@@ -114,7 +117,7 @@ class GenerationSamples(Callback):
             return
         started = time.perf_counter()
         tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
-        encoder = ChatEncoder(tokenizer, max_length=1 << 30)
+        encoder = ChatEncoder.untruncated(tokenizer)
         examples = (prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
                     + prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity"))
         model = generation_model(pl_module.model, inference=self.inference).model
@@ -142,6 +145,3 @@ class GenerationSamples(Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("samples/generations", text, global_step=step)
-
-
-# ------------------------------------------------------------------------------------------ chat

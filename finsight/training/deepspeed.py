@@ -40,6 +40,10 @@ class StrategyUnavailableError(FinSightError, RuntimeError):
     """A requested strategy cannot run here; the one-line message names what is missing and how to get it."""
 
 
+class DeepSpeedSettingsError(FinSightError, ValueError):
+    """A ZeRO setting finsight's DeepSpeed strategy does not take (a stage or offload device it cannot run)."""
+
+
 @functools.cache
 @rank_zero_only
 def _log_once(message: str) -> None:
@@ -79,11 +83,11 @@ def deepspeed_config(
     logged once rather than handed to DeepSpeed as a setting it would not honour.
     """
     if stage not in (1, 2, 3):
-        raise ValueError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage!r}")
+        raise DeepSpeedSettingsError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage!r}")
     for key, device in (("offload_optimizer_device", offload_optimizer_device),
                         ("offload_param_device", offload_param_device)):
         if device != "cpu":
-            raise ValueError(f"{key} must be 'cpu' (NVMe offload needs Lightning's DeepSpeedStrategy and its "
+            raise DeepSpeedSettingsError(f"{key} must be 'cpu' (NVMe offload needs Lightning's DeepSpeedStrategy and its "
                              f"nvme_path/aio settings), got {device!r}")
     zero: dict[str, Any] = {
         "stage": stage,
@@ -249,11 +253,23 @@ def strategy_problem(strategy: Any) -> str | None:
 
 
 def exit_if_strategy_unavailable(trainer_config: Any) -> None:
-    """Stop the command with a one-line error (no traceback) before any model or data is loaded when the
+    """Stop the command (one ``error:`` line, no traceback) before any model or data is loaded when the
     configured strategy cannot run on this machine. Called by the CLI on the parsed ``trainer`` config."""
     problem = strategy_problem(trainer_config.get("strategy"))
     if problem:
-        raise SystemExit(f"finsight: error: {problem}")
+        raise StrategyUnavailableError(problem)
+
+
+def adamw_for(strategy: Any, params: list[torch.nn.Parameter], *, lr: float,
+              weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW where the strategy keeps the optimizer state: DeepSpeed's CPU Adam when ZeRO offloads it to the CPU
+    (DeepSpeed refuses a torch optimizer there), torch's AdamW otherwise."""
+    config = (getattr(strategy, "config", None) or {}) if isinstance(strategy, DeepSpeedStrategy) else {}
+    if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def at_optimizer_step(trainer: Any) -> bool:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -26,7 +26,7 @@ from finsight.model.loading import DEFAULT_TARGET_MODULES, AttentionChoice, Quan
 from finsight.model.memory import GradientCheckpointing, ReleaseFreedMemory
 from finsight.model.precision import ComputeDtypeChoice, resolve_compute_dtype
 from finsight.training.checkpoint import CheckpointContentError, loadable_checkpoint, read_checkpoint
-from finsight.training.deepspeed import at_optimizer_step, trainable_gradients
+from finsight.training.deepspeed import adamw_for, at_optimizer_step, trainable_gradients
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,24 @@ class PrecisionError(FinSightError, ValueError):
     """A Trainer precision that would cast the quantized base model."""
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample sum of next-token losses over trained tokens, and the trained-token count per sample."""
-    # Shift: position t predicts token t+1.
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    # Flattened to [positions, vocab]: the loss over a transposed [batch, vocab, time] view is several
-    # times slower on the CPU. Ignored positions come back as 0.
-    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
-    mask = targets != IGNORE_INDEX
-    return per_token.sum(dim=1), mask.sum(dim=1)
+@dataclass(frozen=True)
+class SampleLosses:
+    """A batch's next-token losses per sample, with the trained positions' logits and targets (for perplexity)."""
+
+    loss_sum: torch.Tensor  # [batch]: summed loss over each sample's trained tokens
+    n_tokens: torch.Tensor  # [batch]: trained tokens per sample (0 for a sample cut before its answer)
+    logits: torch.Tensor  # [n_trained, vocab], float32
+    targets: torch.Tensor  # [n_trained]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Samples with at least one trained token: the only ones a mean is defined for."""
+        return self.n_tokens > 0
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each kept sample's mean loss and its token count, the weights that make their mean the token mean."""
+        kept = self.kept
+        return self.loss_sum[kept] / self.n_tokens[kept], self.n_tokens[kept]
 
 
 class FinSightModule(L.LightningModule):
@@ -94,7 +101,8 @@ class FinSightModule(L.LightningModule):
             lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
             lora_dropout: Dropout on the LoRA input; regularises small datasets.
             target_modules: Linear layers that get adapters; defaults to all attention and MLP projections.
-            gradient_checkpointing: Recompute activations in backward: much less memory, ~30% slower.
+            gradient_checkpointing: Recompute activations in backward: much less memory, slower steps
+                (measured in ``benchmarks/RESULTS.md``).
                 ``auto``: on with CUDA; on the CPU off when one micro-batch's estimated activations fit
                 comfortably in the available RAM, else on (the choice and its reason are in the summary).
             release_freed_memory: Give freed activations back to the OS (glibc, CPU): lower peak RSS, but
@@ -261,27 +269,34 @@ class FinSightModule(L.LightningModule):
             log.info("LM head on trained positions only is off: %s", reason)
         return reason is None
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Accumulate token-weighted loss and perplexity, overall and per source."""
-        # As in training, only the trained positions reach the LM head: a whole batch's full-vocabulary
-        # logits, plus the copies the loss and the perplexity metric make of them, were a run's peak memory.
+    def sample_losses(self, batch: dict[str, torch.Tensor]) -> SampleLosses:
+        """Each sample's next-token loss over its trained tokens: the one loss of validation, test, predict and
+        ``compare_base`` (which calls it with the adapter disabled).
+
+        As in training, only the trained positions reach the LM head: a whole batch's full-vocabulary logits,
+        plus the copies the loss and the perplexity metric make of them, were a run's peak memory.
+        """
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE_INDEX
         logits = self.trained_logits(batch["input_ids"], batch["attention_mask"], trained).float()
         per_token = F.cross_entropy(logits, targets[trained], reduction="none")
         # Boolean indexing keeps row-major order, so nonzero()'s row index names each token's sample.
         loss_sum = per_token.new_zeros(trained.shape[0]).index_add_(0, trained.nonzero()[:, 0], per_token)
-        n_tokens = trained.sum(dim=1)
-        keep = n_tokens > 0
-        per_sample = loss_sum[keep] / n_tokens[keep]
+        return SampleLosses(loss_sum, trained.sum(dim=1), logits, targets[trained])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate token-weighted loss and perplexity, overall and per source."""
+        losses = self.sample_losses(batch)
+        per_sample, n_tokens = losses.means()
         # Weighting each sample's mean by its token count gives the mean over all validation tokens.
-        self.val_loss.update(per_sample, n_tokens[keep])
-        self.val_ppl.update(logits[None], targets[trained][None])
+        self.val_loss.update(per_sample, n_tokens)
+        self.val_ppl.update(losses.logits[None], losses.targets[None])
         names = list(self.val_source_loss.keys())
-        for source_index in batch["source_index"][keep].unique().tolist():
+        sources = batch["source_index"][losses.kept]
+        for source_index in sources.unique().tolist():
             if source_index < len(names):
-                sel = batch["source_index"][keep] == source_index
-                self.val_source_loss[names[source_index]].update(per_sample[sel], n_tokens[keep][sel])
+                sel = sources == source_index
+                self.val_source_loss[names[source_index]].update(per_sample[sel], n_tokens[sel])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
@@ -301,9 +316,9 @@ class FinSightModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-conversation loss on the assistant tokens: which samples the model finds hard."""
-        loss_sum, n_tokens = token_losses(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        losses = self.sample_losses(batch)
         return {"sample_id": batch["sample_id"], "source_index": batch["source_index"],
-                "loss": loss_sum / n_tokens.clamp(min=1), "trained_tokens": n_tokens}
+                "loss": losses.loss_sum / losses.n_tokens.clamp(min=1), "trained_tokens": losses.n_tokens}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Held-out loss and perplexity, with the same accounting as validation."""
@@ -328,15 +343,8 @@ class FinSightModule(L.LightningModule):
         """AdamW over the adapter with a linear warmup/decay stepped once per optimizer step."""
         from transformers import get_linear_schedule_with_warmup
 
-        params = self.trainable_parameters()
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and _deepspeed_offloads_optimizer(self.trainer.strategy):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(params, lr=self.hparams.learning_rate,
-                                         weight_decay=self.hparams.weight_decay, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate,
-                                          weight_decay=self.hparams.weight_decay)
+        optimizer = adamw_for(self.trainer.strategy, self.trainable_parameters(), lr=self.hparams.learning_rate,
+                              weight_decay=self.hparams.weight_decay)
         total = max(1, int(planned_optimizer_steps(self.trainer)))
         warmup = warmup_steps(total, self.hparams.warmup_ratio)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
@@ -423,8 +431,3 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """Warmup length in optimizer steps (rounded up, as Hugging Face does)."""
     return math.ceil(total_steps * warmup_ratio)
 
-
-def _deepspeed_offloads_optimizer(strategy: Any) -> bool:
-    config = getattr(strategy, "config", None) or {}
-    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
-    return device == "cpu"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import sampled_fit
 
-from finsight.cli.lightning_cli import entry, main
+from finsight.__main__ import entry
+from finsight.cli.lightning_cli import main
 from finsight.inference.decoding import PromptTooLongError
 
 QUESTION = "What is an expense ratio?"

@@ -90,7 +90,7 @@ def test_bad_rows_are_dropped_counted_and_reported(tiny_tokenizer, tmp_path, cas
         from rich.console import Console
 
         console = Console(width=250, record=True)
-        console.print(dm.report.table())
+        console.print(dm.report.table().rich())
         assert "unreadable lines " + ", ".join(map(str, bad_lines)) in console.export_text()
 
 
@@ -230,6 +230,7 @@ def test_every_user_error_shares_one_base_caught_once_by_the_entry(monkeypatch, 
     import pkgutil
 
     import finsight
+    from finsight.__main__ import entry
     from finsight.cli import lightning_cli
     from finsight.errors import FinSightError
 
@@ -249,5 +250,5 @@ def test_every_user_error_shares_one_base_caught_once_by_the_entry(monkeypatch, 
         raise EvalSetError("eval file 'x.jsonl' row 3: expected a 'messages' list")
 
     monkeypatch.setattr(lightning_cli, "main", raise_eval_set_error)
-    assert lightning_cli.entry() == 1
+    assert entry() == 1
     assert capsys.readouterr().err == "error: eval file 'x.jsonl' row 3: expected a 'messages' list\n"

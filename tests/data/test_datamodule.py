@@ -77,7 +77,7 @@ def test_report_json_round_trip_and_table(bundled, tmp_path):
     from rich.console import Console
 
     console = Console(width=200, record=True)
-    console.print(bundled.report.table())
+    console.print(bundled.report.table().rich())
     text = console.export_text()
     assert "reddit_finance" in text and "empty_turn=9" in text and "0.9" in text
     assert "| company_qa | 160 |" in bundled.report.markdown()

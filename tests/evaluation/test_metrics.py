@@ -19,9 +19,9 @@ from finsight.evaluation.metrics import (
     extract_numbers,
     file_examples,
     heldout_examples,
-    markdown_table,
     numeric_agreement,
     repetition_rate,
+    results_table,
     rouge_l,
     stays_finsight,
     token_f1,
@@ -178,7 +178,7 @@ def test_results_files_hold_both_rows_and_their_difference(tmp_path):
     table = md_path.read_text()
     assert "| ROUGE-L F | 0.5000 | 0.2500 | 0.2500 |" in table
     assert "| answers | 4 | 4 | – |" in table
-    assert markdown_table({FINE_TUNED: {"loss": 1.0}}).splitlines()[0] == "| metric | fine_tuned |"
+    assert results_table({FINE_TUNED: {"loss": 1.0}}).markdown().splitlines()[0] == "| metric | fine_tuned |"
 
 
 # ------------------------------------------------------------------------------------------ finsight test

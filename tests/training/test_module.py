@@ -7,11 +7,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import prepared_datamodule, sample_sources
 
 from finsight import FinSightDataModule, FinSightModule, compat
 from finsight.cli.lightning_cli import main
-from finsight.training.module import PrecisionError, planned_optimizer_steps, token_losses, warmup_steps
+from finsight.training.module import PrecisionError, planned_optimizer_steps, warmup_steps
 
 
 @pytest.fixture()
@@ -23,6 +24,13 @@ def datamodule(tiny_model_dir):
     return dm
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: per-sample summed next-token loss from the full logits, and trained tokens per sample."""
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                reduction="none")
+    return per_token.sum(dim=1), (labels[:, 1:] != -100).sum(dim=1)
+
+
 def make_trainer(root: Path, **kwargs) -> L.Trainer:
     defaults = dict(accelerator="cpu", devices=1, precision="32-true", max_steps=3, logger=False,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -30,19 +38,24 @@ def make_trainer(root: Path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
-def test_loss_equals_the_hugging_face_loss(tiny_model_dir, datamodule):
+def test_the_per_sample_loss_equals_the_full_logit_loss_and_the_hugging_face_loss(tiny_model_dir, datamodule):
+    """``sample_losses`` (validation, test, predict, compare_base) runs the head on trained positions only."""
     module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32")
     module.configure_model()
     module.eval()
     batch = next(iter(datamodule.train_dataloader()))
     with torch.no_grad():
-        logits = module(batch["input_ids"], batch["attention_mask"])
-        loss_sum, n_tokens = token_losses(logits, batch["labels"])
-        ours = loss_sum.sum() / n_tokens.sum()
+        losses = module.sample_losses(batch)
+        loss_sum, n_tokens = token_losses(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         theirs = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               labels=batch["labels"]).loss
-    assert n_tokens.sum() == (batch["labels"][:, 1:] != -100).sum()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.loss_sum, loss_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(losses.n_tokens, n_tokens) and n_tokens.sum() == (batch["labels"][:, 1:] != -100).sum()
+    assert losses.logits.shape == (int(n_tokens.sum()), module.model.config.vocab_size)
+    assert losses.targets.tolist() == batch["labels"][:, 1:][batch["labels"][:, 1:] != -100].tolist()
+    torch.testing.assert_close(losses.loss_sum.sum() / losses.n_tokens.sum(), theirs, rtol=1e-5, atol=1e-5)
+    means, weights = losses.means()
+    torch.testing.assert_close((means * weights).sum() / weights.sum(), theirs, rtol=1e-5, atol=1e-5)
 
 
 def _full_logit_loss(module, batch):

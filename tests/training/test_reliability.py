@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fit_worker import PAUSE_ENV
 from helpers import ROOT
 
 from finsight.cli.lightning_cli import main
 from finsight.training.checkpoint import (
-    PAUSE_ENV,
     AtomicCheckpointIO,
     CheckpointError,
     stale_temporaries,
@@ -66,6 +66,8 @@ class Run:
                 "limit_val_batches": 2,
                 "log_every_n_steps": 1,
                 "enable_progress_bar": False,
+                # finsight's writer, plus a pause in the save PAUSE_ENV names (the kill-during-save tests).
+                "plugins": [{"class_path": "fit_worker.PausingCheckpointIO"}],
                 "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                            "init_args": {"save_dir": str(self.folder / "logs"), "name": "finsight",
                                          "version": "run"}},
@@ -395,7 +397,7 @@ def test_fit_from_a_truncated_checkpoint_prints_one_line_and_exits_1(
     read by the Trainer) both end with the one-line error and exit status 1."""
     from helpers import tiny_fit_args
 
-    from finsight.cli.lightning_cli import entry
+    from finsight.__main__ import entry
 
     truncated = tmp_path / "lightning_logs" / "quickstart" / "run" / "checkpoints" / "last.ckpt"
     truncated.parent.mkdir(parents=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from helpers import ROOT
 from jsonargparse import Namespace
@@ -158,17 +159,16 @@ def test_deepspeed_needs_no_cuda():
 ])
 def test_cli_stops_with_one_line_error_before_loading_anything(strategy_args, tmp_path, without_deepspeed):
     missing_model = tmp_path / "not-a-model"  # loading it would fail differently
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(StrategyUnavailableError) as raised:
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *strategy_args,
               f"--model.model_name={missing_model}"])
-    message = exit_info.value.code
-    assert isinstance(message, str) and "\n" not in message
-    assert message == f"finsight: error: DeepSpeed strategy requested, but the deepspeed package is not installed ({DEEPSPEED_INSTALL})"
+    assert str(raised.value) == ("DeepSpeed strategy requested, but the deepspeed package is not installed "
+                                 f"({DEEPSPEED_INSTALL})")
 
 
 HIDE_DEEPSPEED = ("import importlib.util as u, sys; find_spec = u.find_spec; "
                   "u.find_spec = lambda name, *a: None if name == 'deepspeed' else find_spec(name, *a); "
-                  "from finsight.cli.lightning_cli import entry; sys.exit(entry())")
+                  "from finsight.__main__ import entry; sys.exit(entry())")
 
 
 def test_command_line_error_has_no_traceback():
@@ -180,7 +180,7 @@ def test_command_line_error_has_no_traceback():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last == f"finsight: error: DeepSpeed strategy requested, but the deepspeed package is not installed ({DEEPSPEED_INSTALL})"
+    assert last == f"error: DeepSpeed strategy requested, but the deepspeed package is not installed ({DEEPSPEED_INSTALL})"
 
 
 def test_yaml_merges_with_the_quickstart_config(capsys):
@@ -205,10 +205,18 @@ def test_yaml_merges_with_the_quickstart_config(capsys):
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed")
 def test_strategy_carries_the_built_config_and_offloads_the_optimizer():
-    from finsight.training.module import _deepspeed_offloads_optimizer
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from finsight.training.deepspeed import adamw_for
 
     strategy = FinSightDeepSpeedStrategy(stage=2, offload_param=True)
     assert strategy.config == deepspeed_config(stage=2, offload_param=True)
     assert strategy.exclude_frozen_parameters is True
-    # The key path the module reads to switch to DeepSpeedCPUAdam.
-    assert _deepspeed_offloads_optimizer(strategy)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    # Offloaded optimizer state: DeepSpeed's CPU Adam (DeepSpeed refuses torch's there); elsewhere torch's AdamW.
+    offloaded = adamw_for(strategy, params, lr=1e-3, weight_decay=0.1)
+    assert type(offloaded) is DeepSpeedCPUAdam and offloaded.adam_w_mode
+    kept = adamw_for(FinSightDeepSpeedStrategy(stage=2, offload_optimizer=False), params, lr=1e-3, weight_decay=0.1)
+    assert type(kept) is torch.optim.AdamW and type(adamw_for(DDPStrategy(), params, lr=1e-3, weight_decay=0.1)) is torch.optim.AdamW
+    assert kept.defaults["weight_decay"] == 0.1
