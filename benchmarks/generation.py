@@ -93,9 +93,12 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
 
     from finsight.cli.chat import adapter_base_model, load_from_adapter
     from finsight.inference.generation_model import build_generation_model, load_generation_model
+    from finsight.model.settings import QuantizationSettings
+
+    sdpa_nf4 = QuantizationSettings(attn_implementation="sdpa")
 
     torch.manual_seed(0)
-    quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
+    quantized, tokenizer, _ = load_from_adapter(adapter, None, sdpa_nf4)
     base_path = quantized.get_base_model().config._name_or_path
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
     rows: list[dict] = []
@@ -116,7 +119,7 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     folder, reference = adapter_base_model(adapter, None)
     for dtype in ("float32", "bfloat16"):
         started = time.perf_counter()
-        merged = load_generation_model(reference, adapter=folder, dtype=dtype, attn_implementation="sdpa").model
+        merged = load_generation_model(reference, adapter=folder, dtype=dtype, settings=sdpa_nf4).model
         measure(f"finsight merged {dtype}, from the files (chat)", merged, time.perf_counter() - started)
         measure(f"finsight merged {dtype}, from the files + prompt lookup 3", merged, lookup=3)
         del merged
@@ -190,15 +193,18 @@ def ceilings(adapter: str, n_prompts: int, max_new_tokens: int, compile_: bool) 
     """The 4-bit path's tokens/s, then per dtype the merged model's bound, forward loop, generate (compiled)."""
     from finsight.cli.chat import adapter_base_model, load_from_adapter
     from finsight.inference.generation_model import load_generation_model
+    from finsight.model.settings import QuantizationSettings
 
-    quantized, tokenizer, _ = load_from_adapter(adapter, None, "nf4", "float32", "sdpa")
+    sdpa_nf4 = QuantizationSettings(attn_implementation="sdpa")
+
+    quantized, tokenizer, _ = load_from_adapter(adapter, None, sdpa_nf4)
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
     rows = [{"path": "4-bit (training layers), generate", "tokens_per_s":
              time_generation(quantized, tokenizer, prompts, max_new_tokens)[0]}]
     del quantized
     folder, reference = adapter_base_model(adapter, None)
     for dtype in ("float32", "bfloat16"):
-        model = load_generation_model(reference, adapter=folder, dtype=dtype, attn_implementation="sdpa").model
+        model = load_generation_model(reference, adapter=folder, dtype=dtype, settings=sdpa_nf4).model
         print(f"[{load_average()}] {dtype} ceilings ...", file=sys.stderr, flush=True)
         rows.append({"path": f"merged {dtype}: matrix multiplies alone (bound)", "tokens_per_s": matmul_bound(model)})
         rows.append({"path": f"merged {dtype}: forward pass in a loop",

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from finsight.data.chat import IGNORE_INDEX
+from finsight.model.settings import QuantizationSettings
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -81,6 +82,9 @@ def build_tiny_model_folder(folder: Path, tokenizer) -> Path:
 # native), and the tests compare with float32 references on every machine. tests/model/test_precision.py covers
 # the choice itself.
 FLOAT32_PRECISION = "--trainer.precision=32-true"
+
+TINY_NF4 = QuantizationSettings(kind="nf4", compute_dtype="float32", attn_implementation="sdpa")
+"""The tests' 4-bit settings: NF4 with double quantization, float32 compute (bitwise comparable everywhere)."""
 
 
 def sample_sources(reddit_fraction: float = 0.67, intro_rows: int = 40) -> list[dict]:

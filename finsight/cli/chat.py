@@ -43,8 +43,9 @@ from finsight.inference.decoding import (
     PromptTooLongError,
     chat_generation_config,
 )
-from finsight.model.loading import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
-from finsight.model.precision import choose_precision
+from finsight.model.loading import load_base_model
+from finsight.model.precision import ComputeDtype, choose_precision
+from finsight.model.settings import NF4, AttentionChoice, QuantizationKind, QuantizationSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,9 @@ def _default_compute_dtype() -> ComputeDtype:
     return choose_precision().compute_dtype
 
 
-def load_base(model_name: str, quantization: QuantizationKind, compute_dtype: ComputeDtype,
-              attn_implementation: AttentionChoice) -> tuple[Any, Any]:
+def load_base(model_name: str, settings: QuantizationSettings) -> tuple[Any, Any]:
     """The base model, quantized as in training (on the GPU when there is one), and its tokenizer."""
-    model, _, _ = load_base_model(model_name, quantization=quantization, compute_dtype=compute_dtype,
-                                  attn_implementation=attn_implementation, on_gpu=True)
+    model, _, _ = load_base_model(model_name, settings, on_gpu=True)
     return model, load_chat_tokenizer(model_name)
 
 
@@ -79,30 +78,34 @@ def adapter_base_model(adapter: str, model_name: str | None) -> tuple[str, str]:
     return str(config_file.parent), model_name
 
 
-def load_from_adapter(adapter: str, model_name: str | None, quantization: QuantizationKind,
-                      compute_dtype: ComputeDtype, attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
+def load_from_adapter(adapter: str, model_name: str | None, settings: QuantizationSettings) -> tuple[Any, Any, str]:
     """Base model (named, or the one recorded in ``adapter_config.json``) with the PEFT adapter on it."""
     from peft import PeftModel  # the training model's route only: a chat from the cache never imports PEFT
 
     folder, model_name = adapter_base_model(adapter, model_name)
-    base, tokenizer = load_base(model_name, quantization, compute_dtype, attn_implementation)
+    base, tokenizer = load_base(model_name, settings)
     model = PeftModel.from_pretrained(base, folder)
     return model, tokenizer, f"{model_name} + adapter {adapter}"
 
 
-def load_from_checkpoint(ckpt_path: str, model_name: str | None, quantization: QuantizationKind | None,
-                         compute_dtype: ComputeDtype,
-                         attn_implementation: AttentionChoice) -> tuple[Any, Any, str]:
+def checkpoint_overrides(quantization: QuantizationKind | None, compute_dtype: ComputeDtype,
+                         attn_implementation: AttentionChoice) -> dict[str, Any]:
+    """The flat settings the chat puts over a checkpoint's own: its compute dtype and attention kernel always,
+    the quantization only when given (else the checkpoint's)."""
+    overrides: dict[str, Any] = {"compute_dtype": compute_dtype, "attn_implementation": attn_implementation}
+    if quantization:
+        overrides["quantization"] = quantization
+    return overrides
+
+
+def load_from_checkpoint(ckpt_path: str, model_name: str | None, overrides: dict[str, Any]) -> tuple[Any, Any, str]:
     """The training module of a checkpoint (verified first), with the chat's loading options on top."""
     # Only checkpoints need the training module (and with it Lightning): imported here, not at start-up.
     from finsight.training.module import FinSightModule
 
-    overrides: dict[str, Any] = {"gradient_checkpointing": False, "compute_dtype": compute_dtype,
-                                 "attn_implementation": attn_implementation}
+    overrides = {"gradient_checkpointing": False, **overrides}
     if model_name:
         overrides["model_name"] = model_name
-    if quantization:
-        overrides["quantization"] = quantization
     module = FinSightModule.from_checkpoint(Path(ckpt_path).expanduser(), **overrides)
     name = module.hparams.model_name
     return module.model, load_chat_tokenizer(name), f"{name} + checkpoint {ckpt_path}"
@@ -173,6 +176,10 @@ def chat(
     """
     output = sys.stdout
     compute = compute_dtype or _default_compute_dtype()
+    # Adapter and base model: these settings; a checkpoint: its own, with these on top.
+    settings = QuantizationSettings(kind=quantization or "nf4", compute_dtype=compute,
+                                    attn_implementation=attn_implementation)
+    overrides = checkpoint_overrides(quantization, compute, attn_implementation)
     if not (ckpt_path or adapter or model_name):
         raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
     # Standard output carries only the answers (scripts read it): whatever the libraries print while the
@@ -180,17 +187,16 @@ def chat(
     with contextlib.redirect_stdout(sys.stderr):
         on_cpu_merged = inference != "4bit" and not torch.cuda.is_available()
         if ckpt_path and on_cpu_merged and cache:
-            generator, tokenizer, described = _from_checkpoint_on_cpu(
-                ckpt_path, model_name, quantization, compute, attn_implementation, inference, dtype)
+            generator, tokenizer, described = _from_checkpoint_on_cpu(ckpt_path, model_name, overrides, inference,
+                                                                      dtype)
         elif ckpt_path or not on_cpu_merged:
-            generator, tokenizer, described = _through_training_model(
-                ckpt_path, adapter, model_name, quantization, compute, attn_implementation, inference, dtype)
+            generator, tokenizer, described = _through_training_model(ckpt_path, adapter, model_name, settings,
+                                                                      overrides, inference, dtype)
         else:
             # On a CPU the answer comes from the merged dense model: built from the files, or the cached copy.
             folder, reference = adapter_base_model(adapter, model_name) if adapter else (None, model_name)
-            generator = cached_generation_model(reference, adapter=folder, quantization=quantization or "nf4",
-                                                compute_dtype=compute, dtype=dtype,
-                                                attn_implementation=attn_implementation, cache=cache)
+            generator = cached_generation_model(reference, adapter=folder, settings=settings, dtype=dtype,
+                                                cache=cache)
             tokenizer = load_chat_tokenizer(reference)
             described = f"{reference} + adapter {adapter}" if adapter else f"{reference} (base model, no adapter)"
     print(f"Generation model: {generator.described}", file=sys.stderr)
@@ -205,8 +211,7 @@ def chat(
 
 
 def _through_training_model(ckpt_path: str | None, adapter: str | None, model_name: str | None,
-                            quantization: QuantizationKind | None, compute: ComputeDtype,
-                            attn_implementation: AttentionChoice, inference: InferenceChoice,
+                            settings: QuantizationSettings, overrides: dict[str, Any], inference: InferenceChoice,
                             dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
     """Load the model as in training (4-bit base, adapter), then pick what generates from it."""
     from finsight.inference.generation_model import (
@@ -214,31 +219,27 @@ def _through_training_model(ckpt_path: str | None, adapter: str | None, model_na
     )
 
     if ckpt_path:
-        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, quantization, compute,
-                                                           attn_implementation)
+        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, overrides)
     elif adapter:
-        model, tokenizer, described = load_from_adapter(adapter, model_name, quantization or "nf4", compute,
-                                                        attn_implementation)
+        model, tokenizer, described = load_from_adapter(adapter, model_name, settings)
     else:
-        model, tokenizer = load_base(model_name, quantization or "nf4", compute, attn_implementation)
+        model, tokenizer = load_base(model_name, settings)
         described = f"{model_name} (base model, no adapter)"
     return generation_model(model, inference=inference, dtype=dtype), tokenizer, described
 
 
-def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, quantization: QuantizationKind | None,
-                            compute: ComputeDtype, attn_implementation: AttentionChoice,
+def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, overrides: dict[str, Any],
                             inference: InferenceChoice, dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
     """A checkpoint's merged model from the generation cache, else built through the training model and cached."""
     built: list[tuple[GenerationModel, Any, str]] = []  # the training route's result, when it ran
 
     def training_route() -> tuple[GenerationModel, Any, str]:
-        built.append(_through_training_model(ckpt_path, None, model_name, quantization, compute,
-                                             attn_implementation, inference, dtype))
+        built.append(_through_training_model(ckpt_path, None, model_name, NF4, overrides,
+                                             inference, dtype))
         return built[-1]
 
     found = cached_checkpoint_model(ckpt_path, lambda: training_route()[0], model_name=model_name,
-                                    quantization=quantization, compute_dtype=compute, dtype=dtype,
-                                    attn_implementation=attn_implementation)
+                                    overrides=overrides, dtype=dtype)
     if found is None:  # not keyable (a DeepSpeed folder, a damaged file, a base not on disk): no cache
         return training_route()
     if built:  # a miss: the model was built (and cached) through the training route

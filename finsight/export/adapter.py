@@ -77,11 +77,9 @@ class AdapterExport(Callback):
             self._cache_chat_model(pl_module, target)
 
     def _cache_chat_model(self, pl_module: L.LightningModule, adapter: Path) -> None:
-        hparams = pl_module.hparams
         try:
-            self.chat_model_entry = cache_trained_model(
-                pl_module.model, hparams.model_name, str(adapter), quantization=hparams.quantization,
-                double_quant=hparams.double_quant, compute_dtype=hparams.compute_dtype)
+            self.chat_model_entry = cache_trained_model(pl_module.model, pl_module.hparams.model_name, str(adapter),
+                                                        pl_module.quantization_settings)
         except Exception as error:  # noqa: BLE001 - training is done and the adapter written: never fail here
             log.warning("Could not cache the chat's model (%s: %s); the first chat builds it",
                         type(error).__name__, error)

@@ -23,14 +23,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
 import torch
 
 from finsight.inference.decoding import GenerationModel, InferenceDtype, merged_weights
-from finsight.model.loading import AttentionChoice, ComputeDtype, QuantizationKind, load_base_model
+from finsight.model.loading import load_base_model
+from finsight.model.settings import NF4, AttentionChoice, QuantizationSettings
 from finsight.references import cache_root, resolve_model
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def entry_key(reference: str, adapter: str | None, settings: dict[str, str | boo
 def _load(entry: Path, dtype: str, attn_implementation: AttentionChoice) -> GenerationModel:
     started = time.perf_counter()
     facts = json.loads((entry / ENTRY_FILE).read_text())
-    model, _, _ = load_base_model(str(entry), quantization="none", compute_dtype=dtype,  # type: ignore[arg-type]
-                                  attn_implementation=attn_implementation, on_gpu=False)
+    dense = QuantizationSettings(kind="none", compute_dtype=dtype, attn_implementation=attn_implementation)  # type: ignore[arg-type]
+    model, _, _ = load_base_model(str(entry), dense, on_gpu=False)
     os.utime(entry / ENTRY_FILE)  # the last use, for keeping the most recent entries
     described = (f"{facts['weights']} (CPU; loaded from the cache {entry} "
                  f"in {time.perf_counter() - started:.1f}s)")
@@ -141,10 +142,8 @@ def _keep_recent(folder: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _settings(quantization: QuantizationKind, double_quant: bool, compute_dtype: ComputeDtype,
-              dtype: str) -> dict[str, str | bool]:
-    return {"quantization": quantization, "double_quant": double_quant, "compute_dtype": compute_dtype,
-            "dtype": dtype}
+def _settings(settings: QuantizationSettings, dtype: str) -> dict[str, str | bool]:
+    return {**settings.key(), "dtype": dtype}
 
 
 def _facts(reference: str, adapter: str | None, settings: dict[str, str | bool], written_by: str,
@@ -177,29 +176,26 @@ def _cached_or_built(entry: Path | None, target: str, attn_implementation: Atten
     return generator
 
 
-def cached_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
-                            double_quant: bool = True, compute_dtype: ComputeDtype = "float32",
-                            dtype: InferenceDtype = "auto", attn_implementation: AttentionChoice = "auto",
+def cached_generation_model(reference: str, *, adapter: str | None,
+                            settings: QuantizationSettings = NF4, dtype: InferenceDtype = "auto",
                             cache: bool = True) -> GenerationModel:
     """:func:`finsight.inference.generation_model.load_generation_model`, loaded from the cache when it was built before.
 
     On a miss the model is built (PEFT and bitsandbytes are imported only then) and, with ``cache``, saved
     for the next time. ``cache=False`` neither reads nor writes the cache.
     """
-    target = compute_dtype if dtype == "auto" else dtype
-    settings = _settings(quantization, double_quant, compute_dtype, target)
-    key = entry_key(reference, adapter, settings) if cache else None
+    target = settings.compute_dtype if dtype == "auto" else dtype
+    recorded = _settings(settings, target)
+    key = entry_key(reference, adapter, recorded) if cache else None
 
     def build() -> GenerationModel:
         # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
         from finsight.inference.generation_model import load_generation_model
 
-        return load_generation_model(reference, adapter=adapter, quantization=quantization,
-                                     double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
-                                     attn_implementation=attn_implementation)
+        return load_generation_model(reference, adapter=adapter, settings=settings, dtype=dtype)
 
-    return _cached_or_built(generation_cache_dir() / key if key else None, target, attn_implementation, build,
-                            _facts(reference, adapter, settings, "chat"))
+    return _cached_or_built(generation_cache_dir() / key if key else None, target, settings.attn_implementation,
+                            build, _facts(reference, adapter, recorded, "chat"))
 
 
 def checkpoint_facts(ckpt_path: str | Path) -> dict[str, object] | None:
@@ -226,14 +222,14 @@ def checkpoint_facts(ckpt_path: str | Path) -> dict[str, object] | None:
 
 
 def cached_checkpoint_model(ckpt_path: str, build: Callable[[], GenerationModel], *, model_name: str | None,
-                            quantization: QuantizationKind | None, compute_dtype: ComputeDtype,
-                            dtype: InferenceDtype = "auto", attn_implementation: AttentionChoice = "auto",
+                            overrides: Mapping[str, object], dtype: InferenceDtype = "auto",
                             ) -> tuple[GenerationModel, str] | None:
     """A checkpoint's merged model from the cache, or ``build()`` (the training route) saved there.
 
     Returns the model and its base reference (``model_name``, else the checkpoint's), or None when the
     checkpoint cannot be keyed (see :func:`checkpoint_facts`) or its base has no local files: then the caller
-    builds without the cache. ``quantization`` None means the checkpoint's own setting.
+    builds without the cache. ``overrides``: the flat keys the chat sets over the checkpoint's own
+    (``compute_dtype``, ``attn_implementation``, ``quantization``), as ``build`` applies them.
     """
     facts = checkpoint_facts(ckpt_path)
     if facts is None:
@@ -242,18 +238,19 @@ def cached_checkpoint_model(ckpt_path: str, build: Callable[[], GenerationModel]
     reference = model_name or trained.get("model_name")
     if not reference:
         return None
-    target = compute_dtype if dtype == "auto" else dtype
-    settings = _settings(quantization or trained.get("quantization", "nf4"), trained.get("double_quant", True),
-                         compute_dtype, target)
-    key = entry_key(reference, None, settings, checkpoint=facts)
+    settings = QuantizationSettings.from_hparams({**trained, **overrides})
+    target = settings.compute_dtype if dtype == "auto" else dtype
+    recorded = _settings(settings, target)
+    key = entry_key(reference, None, recorded, checkpoint=facts)
     if key is None:
         return None
-    record = _facts(reference, None, settings, "chat", checkpoint=str(ckpt_path))
-    return _cached_or_built(generation_cache_dir() / key, target, attn_implementation, build, record), reference
+    record = _facts(reference, None, recorded, "chat", checkpoint=str(ckpt_path))
+    return (_cached_or_built(generation_cache_dir() / key, target, settings.attn_implementation, build, record),
+            reference)
 
 
-def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *, quantization: QuantizationKind,
-                        double_quant: bool, compute_dtype: ComputeDtype) -> Path | None:
+def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str,
+                        settings: QuantizationSettings) -> Path | None:
     """Save the merged model of a just-written adapter where a chat with it on this machine looks first.
 
     ``model`` is the training model (4-bit base, LoRA) whose adapter was written to ``adapter``; the entry is
@@ -262,8 +259,8 @@ def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *,
     is built from ``model`` (:func:`finsight.inference.generation_model.build_generation_model`, the same tensors as built
     from the files). Returns the entry, or None when the base has no local files or the disk lacks room.
     """
-    settings = _settings(quantization, double_quant, compute_dtype, compute_dtype)
-    key = entry_key(reference, adapter, settings)
+    recorded = _settings(settings, settings.compute_dtype)
+    key = entry_key(reference, adapter, recorded)
     if key is None:
         return None
     entry = generation_cache_dir() / key
@@ -271,9 +268,9 @@ def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str, *,
         return entry
     from finsight.inference.generation_model import build_generation_model
 
-    dtype = getattr(torch, compute_dtype)
+    dtype = getattr(torch, settings.compute_dtype)
     dense = build_generation_model(model, dtype)
-    weights = merged_weights(quantization if quantization != "none" else None, dtype, adapter=True)
+    weights = merged_weights(settings.kind if settings.quantized else None, dtype, adapter=True)
     stored = _store(GenerationModel(dense, "merged", weights, weights=weights), entry,
-                    _facts(reference, adapter, settings, "fit"))
+                    _facts(reference, adapter, recorded, "fit"))
     return entry if stored else None

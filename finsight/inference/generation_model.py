@@ -37,13 +37,8 @@ from transformers import AutoModelForCausalLM
 
 from finsight import compat
 from finsight.inference.decoding import GenerationModel, InferenceChoice, InferenceDtype, merged_weights
-from finsight.model.loading import (
-    AttentionChoice,
-    ComputeDtype,
-    QuantizationKind,
-    load_base_model,
-    quantization_config,
-)
+from finsight.model.loading import load_base_model, quantization_config
+from finsight.model.settings import NF4, QuantizationSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +120,7 @@ def _merged(dense: torch.nn.Module, lora: Any, adapter_state: dict[str, torch.Te
     return dense.eval()
 
 
-def nf4_round_trip(model: torch.nn.Module, kind: QuantizationKind, double_quant: bool,
-                   compute_dtype: torch.dtype) -> int:
+def nf4_round_trip(model: torch.nn.Module, settings: QuantizationSettings) -> int:
     """Replace every weight that loading in 4-bit would quantize by its quantized-then-dequantized value.
 
     Which layers: the ones transformers replaces by bitsandbytes layers (``compat.transformers.bnb_quantized_layer_names``).
@@ -134,41 +128,38 @@ def nf4_round_trip(model: torch.nn.Module, kind: QuantizationKind, double_quant:
     (blocksize, double quantization, quant type, storage), then ``dequantize_4bit``: bit for bit the
     weights the 4-bit layers compute with. Returns the number of layers changed.
     """
-    config = quantization_config(kind, double_quant, str(compute_dtype).removeprefix("torch."))  # type: ignore[arg-type]
+    config = quantization_config(settings)
     if config is None:
         return 0
-    settings = bnb.nn.Linear4bit(1, 1, bias=False, compute_dtype=compute_dtype,
-                                 compress_statistics=config.bnb_4bit_use_double_quant,
-                                 quant_type=config.bnb_4bit_quant_type,
-                                 quant_storage=config.bnb_4bit_quant_storage, device="meta").weight
+    layer = bnb.nn.Linear4bit(1, 1, bias=False, compute_dtype=getattr(torch, settings.compute_dtype),
+                              compress_statistics=config.bnb_4bit_use_double_quant,
+                              quant_type=config.bnb_4bit_quant_type,
+                              quant_storage=config.bnb_4bit_quant_storage, device="meta").weight
     names = compat.transformers.bnb_quantized_layer_names(model, config)
     with torch.no_grad():
         for name in names:
             weight = model.get_submodule(name).weight
-            packed, state = quantize_4bit(weight.data.contiguous(), blocksize=settings.blocksize,
-                                          compress_statistics=settings.compress_statistics,
-                                          quant_type=settings.quant_type, quant_storage=settings.quant_storage)
+            packed, state = quantize_4bit(weight.data.contiguous(), blocksize=layer.blocksize,
+                                          compress_statistics=layer.compress_statistics,
+                                          quant_type=layer.quant_type, quant_storage=layer.quant_storage)
             weight.data = dequantize_4bit(packed, state)
     return len(names)
 
 
-def load_generation_model(reference: str, *, adapter: str | None, quantization: QuantizationKind = "nf4",
-                          double_quant: bool = True, compute_dtype: ComputeDtype = "float32",
-                          dtype: InferenceDtype = "auto",
-                          attn_implementation: AttentionChoice = "auto") -> GenerationModel:
+def load_generation_model(reference: str, *, adapter: str | None,
+                          settings: QuantizationSettings = NF4,
+                          dtype: InferenceDtype = "auto") -> GenerationModel:
     """The merged generation model of a base reference and a PEFT adapter folder, built from the files on the CPU.
 
     Equal, tensor for tensor, to :func:`build_generation_model` of the training model loaded with the same
-    settings (``quantization``, ``double_quant``, ``compute_dtype``), and cheaper: no 4-bit layers, no LoRA
-    layers over them. ``adapter=None`` gives the base alone.
+    ``settings``, and cheaper: no 4-bit layers, no LoRA layers over them. ``adapter=None`` gives the base alone.
     """
     started = time.perf_counter()
-    compute = getattr(torch, compute_dtype)
+    compute = getattr(torch, settings.compute_dtype)
     target = compute if dtype == "auto" else getattr(torch, dtype)
     # The base unquantized, in the compute dtype: the values the 4-bit loader would quantize.
-    dense, _, _ = load_base_model(reference, quantization="none", compute_dtype=compute_dtype,
-                                  attn_implementation=attn_implementation, on_gpu=False)
-    quantized = nf4_round_trip(dense, quantization, double_quant, compute)
+    dense, _, _ = load_base_model(reference, settings.replace(kind="none"), on_gpu=False)
+    quantized = nf4_round_trip(dense, settings)
     with torch.no_grad():
         # Parameters only, as loading in ``target`` would give: transformers keeps buffers such as RoPE's
         # frequencies in float32 whatever the model's dtype (``model.to(bfloat16)`` would round them too).
@@ -179,7 +170,7 @@ def load_generation_model(reference: str, *, adapter: str | None, quantization: 
     # PEFT initialises LoRA weights (drawing random numbers) before they are overwritten: keep the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         merged = _merged(dense, lora, state)
-    what = merged_weights(quantization if quantized else None, target, adapter is not None)
+    what = merged_weights(settings.kind if quantized else None, target, adapter is not None)
     described = f"{what} (CPU; loaded and built in {time.perf_counter() - started:.1f}s)"
     log.info("Generation model: %s", described)
     return GenerationModel(merged, "merged", described, weights=what)

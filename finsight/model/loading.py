@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -20,38 +20,34 @@ from finsight import compat
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.model.lora_dropout import fuse_lora_dropout
 from finsight.model.memory import (
-    GradientCheckpointing,
-    ReleaseFreedMemory,
     choose_gradient_checkpointing,
     choose_memory_release,
     layers_to_recompute,
     return_freed_memory_to_the_os,
 )
 from finsight.model.precision import ComputeDtype
+from finsight.model.settings import AttentionChoice, LoraSettings, MemorySettings, QuantizationSettings
 from finsight.references import resolve_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
-
-QuantizationKind = Literal["nf4", "fp4", "none"]
-AttentionChoice = Literal["auto", "flash_attention_2", "sdpa", "eager"]
-
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def torch_dtype(name: ComputeDtype) -> torch.dtype:
     """Map a config string onto a torch dtype."""
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def quantization_config(kind: QuantizationKind, double_quant: bool, compute_dtype: ComputeDtype):
+def quantization_config(settings: QuantizationSettings) -> BitsAndBytesConfig | None:
     """The ``BitsAndBytesConfig`` for 4-bit QLoRA, or ``None`` for plain LoRA on unquantized weights."""
-    if kind == "none":
+    if not settings.quantized:
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=kind,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+        bnb_4bit_quant_type=settings.kind,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
     )
 
 
@@ -84,21 +80,20 @@ class LoadedModel:
     recomputed_layers: int | None = None  # with gradient checkpointing: how many decoder layers recompute
 
 
-def load_base_model(reference: str, *, quantization: QuantizationKind, double_quant: bool = True,
-                    compute_dtype: ComputeDtype, attn_implementation: AttentionChoice,
-                    on_gpu: bool | None = None) -> tuple[Any, str, str]:
+def load_base_model(reference: str, settings: QuantizationSettings,
+                    on_gpu: bool | None = None) -> tuple[PreTrainedModel, str, str]:
     """The base model of a reference, quantized as asked, and the attention kernel chosen with its reason.
 
     4-bit weights are placed on the GPU at load time (when there is one) and must never be moved later;
     ``on_gpu=True`` places unquantized weights there too (the chat; in training Lightning moves them).
     """
-    attention, reason = choose_attention(attn_implementation, compute_dtype)
-    bnb = quantization_config(quantization, double_quant, compute_dtype)
+    attention, reason = choose_attention(settings.attn_implementation, settings.compute_dtype)
+    bnb = quantization_config(settings)
     place = (bnb is not None if on_gpu is None else on_gpu) and torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(reference),
         quantization_config=bnb,
-        dtype=torch_dtype(compute_dtype),
+        dtype=torch_dtype(settings.compute_dtype),
         attn_implementation=attention,
         device_map={"": torch.cuda.current_device()} if place else None,
     )
@@ -111,20 +106,12 @@ def load_base_model(reference: str, *, quantization: QuantizationKind, double_qu
 
 def load_peft_model(
     reference: str,
+    quantization: QuantizationSettings,
+    lora: LoraSettings,
+    memory: MemorySettings,
     *,
-    quantization: QuantizationKind,
-    double_quant: bool,
-    compute_dtype: ComputeDtype,
-    attn_implementation: AttentionChoice,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    target_modules: list[str],
-    gradient_checkpointing: GradientCheckpointing,
     adapter_path: str | None = None,
     micro_batch: tuple[int, int] | None = None,
-    release_freed_memory: ReleaseFreedMemory = "auto",
-    activation_budget_gib: float | None = None,
 ) -> LoadedModel:
     """Load the base model (4-bit where asked), wrap it with LoRA and prepare it for training.
 
@@ -135,21 +122,21 @@ def load_peft_model(
     ``activation_budget_gib`` (with checkpointing on) recomputes only the layers whose activations would not
     fit in it, see :func:`layers_to_recompute`.
     """
-    model, attention, reason = load_base_model(reference, quantization=quantization, double_quant=double_quant,
-                                               compute_dtype=compute_dtype, attn_implementation=attn_implementation)
+    model, attention, reason = load_base_model(reference, quantization)
+    compute_dtype = quantization.compute_dtype
     log.info("Attention: %s (%s)", attention, reason)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     checkpointing, checkpointing_reason = choose_gradient_checkpointing(
-        gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
+        memory.gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
     layers = model.config.num_hidden_layers
     recomputed = layers if checkpointing else 0
-    if checkpointing and activation_budget_gib is not None:
-        recomputed, budget_reason = layers_to_recompute(model.config, micro_batch,
-                                                        torch_dtype(compute_dtype).itemsize, activation_budget_gib)
+    if checkpointing and memory.activation_budget_gib is not None:
+        recomputed, budget_reason = layers_to_recompute(model.config, micro_batch, torch_dtype(compute_dtype).itemsize,
+                                                        memory.activation_budget_gib)
         checkpointing_reason = f"{checkpointing_reason}; {budget_reason}"
         checkpointing = recomputed > 0
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
-    release, release_reason = choose_memory_release(release_freed_memory, checkpointing, recomputed == layers,
+    release, release_reason = choose_memory_release(memory.release_freed_memory, checkpointing, recomputed == layers,
                                                     compute_dtype)
     # Imported here: PEFT is most of a chat's start-up, and a chat served from the generation cache
     # (finsight.inference.cache) needs only this module's loader.
@@ -166,14 +153,9 @@ def load_peft_model(
     if adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     else:
-        lora = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=list(target_modules),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
     fused = fuse_lora_dropout(model)
     if fused:
         log.info("LoRA dropout of %d adapters keeps one-byte masks for backward", fused)

@@ -22,9 +22,16 @@ from finsight import compat
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
-from finsight.model.loading import DEFAULT_TARGET_MODULES, AttentionChoice, QuantizationKind, load_peft_model
+from finsight.model.loading import load_peft_model
 from finsight.model.memory import GradientCheckpointing, ReleaseFreedMemory
 from finsight.model.precision import ComputeDtypeChoice, resolve_compute_dtype
+from finsight.model.settings import (
+    AttentionChoice,
+    LoraSettings,
+    MemorySettings,
+    QuantizationKind,
+    QuantizationSettings,
+)
 from finsight.training.checkpoint import CheckpointContentError, loadable_checkpoint, read_checkpoint
 from finsight.training.deepspeed import adamw_for, at_optimizer_step, trainable_gradients
 
@@ -118,7 +125,7 @@ class FinSightModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.target_modules = list(target_modules or DEFAULT_TARGET_MODULES)
+
         self.model: torch.nn.Module | None = None
         self.model_info = None
         self.compute_dtype_reason = "set in the config"
@@ -144,22 +151,9 @@ class FinSightModule(L.LightningModule):
         # Resolved once and recorded: checkpoints, export and chat read the dtype the model trained in.
         hp.compute_dtype, self.compute_dtype_reason = resolve_compute_dtype(hp.compute_dtype, precision)
         log.info("Compute dtype: %s (%s)", hp.compute_dtype, self.compute_dtype_reason)
-        self.model_info = load_peft_model(
-            hp.model_name,
-            quantization=hp.quantization,
-            double_quant=hp.double_quant,
-            compute_dtype=hp.compute_dtype,
-            attn_implementation=hp.attn_implementation,
-            lora_r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=self.target_modules,
-            gradient_checkpointing=hp.gradient_checkpointing,
-            release_freed_memory=hp.get("release_freed_memory", "auto"),
-            activation_budget_gib=hp.get("activation_budget_gib"),
-            adapter_path=hp.adapter_path,
-            micro_batch=self._micro_batch(),
-        )
+        self.model_info = load_peft_model(hp.model_name, self.quantization_settings, LoraSettings.from_hparams(hp),
+                                          MemorySettings.from_hparams(hp), adapter_path=hp.adapter_path,
+                                          micro_batch=self._micro_batch())
         self.model = self.model_info.model
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: without this
         # LoRA dropout would never be active.
@@ -167,6 +161,12 @@ class FinSightModule(L.LightningModule):
         log.info("Trainable parameters: %s of %s (%.2f%%)", f"{self.model_info.trainable_parameters:,}",
                  f"{self.model_info.total_parameters:,}",
                  100 * self.model_info.trainable_parameters / self.model_info.total_parameters)
+
+    @property
+    def quantization_settings(self) -> QuantizationSettings:
+        """The base model's quantization as trained (after ``configure_model``, with the resolved compute dtype):
+        what export and the generation cache build the same weights from."""
+        return QuantizationSettings.from_hparams(self.hparams)
 
     def _micro_batch(self) -> tuple[int, int] | None:
         """(batch size, max length) of the attached data module, for ``gradient_checkpointing: auto``."""

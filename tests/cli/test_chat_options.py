@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from helpers import sampled_fit
+from helpers import TINY_NF4, sampled_fit
 
 from finsight.inference.decoding import ChatSession, chat_generation_config
 from finsight.inference.generation_model import build_generation_model
@@ -19,14 +19,14 @@ QUESTION = "What is an expense ratio?"
 @pytest.fixture(scope="module")
 def chat_model(tiny_model_dir):
     """The tiny model as the chat runs it (dequantized, merged), with a non-zero adapter."""
-    from finsight.model.loading import DEFAULT_TARGET_MODULES, load_peft_model, load_tokenizer
+    from finsight.model.loading import load_peft_model, load_tokenizer
+    from finsight.model.settings import LoraSettings, MemorySettings
 
     # PEFT draws LoRA A from the global generator: seeded, the model (and so its greedy answer) does not
     # depend on which tests ran before.
     torch.manual_seed(0)
-    loaded = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                             attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                             target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False)
+    loaded = load_peft_model(str(tiny_model_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=0.0),
+                             MemorySettings(gradient_checkpointing=False))
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():
             if "lora_B" in name:

@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from finsight import FinSightModule, compat
 from finsight.inference.generation_model import build_generation_model
+from finsight.model.settings import LoraSettings
 
 
 def _gemv_4bit_stand_in(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absmax: torch.Tensor,
@@ -114,7 +115,7 @@ def _fit_against_the_dense_oracle(model_dir, tmp_path) -> tuple[list[float], boo
     loaded = _quantized_state(module.model)
     # The oracle's base: the loaded 4-bit weights dequantized once, dense float32 layers.
     dense = build_generation_model(module.model, torch.float32, merge_adapter=False)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=module.target_modules,
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(LoraSettings.from_hparams(module.hparams).target_modules),
                       task_type="CAUSAL_LM")
     oracle = FinSightModule(**settings)
     oracle.model = get_peft_model(dense, lora).train()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import chat_prompt_ids, sampled_fit
+from helpers import TINY_NF4, chat_prompt_ids, sampled_fit
 
 from finsight.evaluation.samples import DEFAULT_SAMPLE_PROMPTS
 from finsight.inference.decoding import (
@@ -23,11 +23,11 @@ from finsight.inference.decoding import (
 
 @pytest.fixture(scope="module")
 def peft_model(tiny_model_dir):
-    from finsight.model.loading import DEFAULT_TARGET_MODULES, load_peft_model, load_tokenizer
+    from finsight.model.loading import load_peft_model, load_tokenizer
+    from finsight.model.settings import LoraSettings, MemorySettings
 
-    loaded = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                             attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
-                             target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=True)
+    loaded = load_peft_model(str(tiny_model_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=0.1),
+                             MemorySettings(gradient_checkpointing=True))
     return loaded.model, load_tokenizer(str(tiny_model_dir))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_NF4
 
 from finsight.inference import cache
 from finsight.inference.cache import ENTRY_FILE, cached_generation_model, entry_key, generation_cache_dir
@@ -20,11 +21,11 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200]])
 
 def _training_model(base_dir: Path, seed: int, lora_dropout: float = 0.0) -> torch.nn.Module:
     """The tiny model as training holds it (4-bit, LoRA) with non-zero B matrices (fresh ones merge to nothing)."""
-    from finsight.model.loading import DEFAULT_TARGET_MODULES, load_peft_model
+    from finsight.model.loading import load_peft_model
+    from finsight.model.settings import LoraSettings, MemorySettings
 
-    model = load_peft_model(str(base_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                            attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=lora_dropout,
-                            target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
+    model = load_peft_model(str(base_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=lora_dropout),
+                            MemorySettings(gradient_checkpointing=False)).model
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -59,7 +60,7 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cached_model_is_the_built_model(tiny_model_dir, adapter_dir, cache_dir, dtype):
     built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype=dtype,
-                                    attn_implementation="sdpa")
+                                    settings=TINY_NF4)
     assert "loaded and built" in built.described
     entries = list(cache_dir.iterdir())
     assert len(entries) == 1 and (entries[0] / ENTRY_FILE).is_file() and (entries[0] / "model.safetensors").is_file()
@@ -67,7 +68,7 @@ def test_cached_model_is_the_built_model(tiny_model_dir, adapter_dir, cache_dir,
     assert facts["adapter"] == str(adapter_dir) and facts["settings"]["dtype"] == dtype
 
     cached = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype=dtype,
-                                     attn_implementation="sdpa")
+                                     settings=TINY_NF4)
     assert f"loaded from the cache {entries[0]}" in cached.described
     assert cached.weights == built.weights == f"NF4 weights dequantized to {dtype} with the adapter merged, on cpu"
     ours, theirs = _tensors(cached.model), _tensors(built.model)
@@ -106,7 +107,7 @@ def test_key_follows_the_adapter_bytes_the_base_files_and_the_settings(tiny_mode
 
 def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(tiny_model_dir, adapter_dir,
                                                                                cache_dir, monkeypatch, caplog):
-    off = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa",
+    off = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4,
                                   cache=False)
     assert "loaded and built" in off.described and not cache_dir.exists()
 
@@ -118,13 +119,13 @@ def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(t
 
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="finsight"):
         patch.setattr(cache.Path, "mkdir", read_only)
-        refused = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+        refused = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
     assert "loaded and built" in refused.described and "Permission denied" in caplog.text
     caplog.clear()
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: Usage)
     with caplog.at_level(logging.WARNING, logger="finsight"):
-        full = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+        full = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
     assert "loaded and built" in full.described
     assert "Not caching the generation model: 0.1 GB free" in caplog.text
     assert not [item for item in cache_dir.iterdir() if (item / ENTRY_FILE).exists()]
@@ -133,14 +134,14 @@ def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(t
 def test_only_the_most_recently_used_entries_are_kept(tiny_model_dir, adapter_dir, cache_dir, monkeypatch):
     monkeypatch.setattr(cache, "KEEP", 2)
     first = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="float32",
-                                    attn_implementation="sdpa")
+                                    settings=TINY_NF4)
     cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="bfloat16",
-                            attn_implementation="sdpa")
+                            settings=TINY_NF4)
     # Using the first entry again makes it the most recent: the bfloat16 one is evicted by the third.
     again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="float32",
-                                    attn_implementation="sdpa")
+                                    settings=TINY_NF4)
     assert "from the cache" in again.described and "from the cache" not in first.described
-    cached_generation_model(str(tiny_model_dir), adapter=None, dtype="float32", attn_implementation="sdpa")
+    cached_generation_model(str(tiny_model_dir), adapter=None, dtype="float32", settings=TINY_NF4)
     kept = [json.loads((item / ENTRY_FILE).read_text()) for item in cache_dir.iterdir()]
     assert sorted((facts["adapter"] is None, facts["settings"]["dtype"]) for facts in kept) == [
         (False, "float32"), (True, "float32")]
@@ -182,15 +183,15 @@ def test_chat_standard_output_carries_only_the_answer(adapter_dir, cache_dir, mo
 
 
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_model_dir, adapter_dir, cache_dir, caplog):
-    built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
     (entry,) = cache_dir.iterdir()
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk filled up, a copy cut short
     with caplog.at_level(logging.WARNING, logger="finsight"):
-        rebuilt = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+        rebuilt = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
     assert f"Generation cache entry {entry} is unreadable" in caplog.text and "building the model again" in caplog.text
     assert "loaded and built" in rebuilt.described
-    again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), attn_implementation="sdpa")
+    again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
     assert "from the cache" in again.described
     with torch.no_grad():
         assert torch.equal(again.model(input_ids=IDS).logits, built.model(input_ids=IDS).logits)
@@ -204,19 +205,18 @@ def test_the_model_fit_caches_is_the_one_the_chat_builds(tiny_model_dir, tmp_pat
 
     training = _training_model(tiny_model_dir, seed=7, lora_dropout=0.1)
     training.save_pretrained(tmp_path / "adapter")
-    entry = cache_trained_model(training, str(tiny_model_dir), str(tmp_path / "adapter"), quantization="nf4",
-                                double_quant=True, compute_dtype="float32")
+    entry = cache_trained_model(training, str(tiny_model_dir), str(tmp_path / "adapter"), TINY_NF4)
     assert entry is not None and json.loads((entry / ENTRY_FILE).read_text())["written_by"] == "fit"
     # The chat reads the base model from adapter_config.json and finds that entry...
     base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    cached = cached_generation_model(base, adapter=str(tmp_path / "adapter"), attn_implementation="sdpa")
+    cached = cached_generation_model(base, adapter=str(tmp_path / "adapter"), settings=TINY_NF4)
     assert f"loaded from the cache {entry}" in cached.described
     # ... which is, tensor for tensor, the model the chat would build from the files.
-    built = load_generation_model(base, adapter=str(tmp_path / "adapter"), attn_implementation="sdpa")
+    built = load_generation_model(base, adapter=str(tmp_path / "adapter"), settings=TINY_NF4)
     assert cached.weights == built.weights
     ours, theirs = _tensors(cached.model), _tensors(built.model)
     assert ours.keys() == theirs.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
     # The adapter is in it: the projections differ from the base's (same NF4 values, nothing merged).
-    plain = load_generation_model(base, adapter=None, attn_implementation="sdpa").model.state_dict()
+    plain = load_generation_model(base, adapter=None, settings=TINY_NF4).model.state_dict()
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])

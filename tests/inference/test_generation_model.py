@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from helpers import PROMPTS, chat_prompt_ids
+from helpers import PROMPTS, TINY_NF4, chat_prompt_ids
 
 from finsight.inference.decoding import generate
 from finsight.inference.generation_model import build_generation_model, generation_model
@@ -18,11 +18,11 @@ LOGITS_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def trained_like(tiny_model_dir):
     """The tiny 4-bit PEFT model with a non-zero adapter (fresh LoRA B is zero and would prove nothing)."""
-    from finsight.model.loading import DEFAULT_TARGET_MODULES, load_peft_model, load_tokenizer
+    from finsight.model.loading import load_peft_model, load_tokenizer
+    from finsight.model.settings import LoraSettings, MemorySettings
 
-    loaded = load_peft_model(str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                             attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
-                             target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False)
+    loaded = load_peft_model(str(tiny_model_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=0.1),
+                             MemorySettings(gradient_checkpointing=False))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():
@@ -93,13 +93,13 @@ def test_model_built_from_the_files_equals_the_dequantized_training_model(tiny_m
     from transformers import AutoModelForCausalLM
 
     from finsight.inference.generation_model import load_generation_model
-    from finsight.model.loading import DEFAULT_TARGET_MODULES, load_peft_model
+    from finsight.model.loading import load_peft_model
+    from finsight.model.settings import LoraSettings, MemorySettings
 
     base_dir = tmp_path / "base"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=saved_dtype).save_pretrained(base_dir)
-    training = load_peft_model(str(base_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-                               attn_implementation="sdpa", lora_r=8, lora_alpha=16, lora_dropout=0.1,
-                               target_modules=list(DEFAULT_TARGET_MODULES), gradient_checkpointing=False).model
+    training = load_peft_model(str(base_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=0.1),
+                               MemorySettings(gradient_checkpointing=False)).model
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, parameter in training.named_parameters():
@@ -110,8 +110,8 @@ def test_model_built_from_the_files_equals_the_dequantized_training_model(tiny_m
     original = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).state_dict()
     for dtype in (torch.float32, torch.bfloat16):
         expected = build_generation_model(training, dtype)
-        built = load_generation_model(str(base_dir), adapter=str(tmp_path / "adapter"), compute_dtype="float32",
-                                      dtype=str(dtype).removeprefix("torch."), attn_implementation="sdpa")
+        built = load_generation_model(str(base_dir), adapter=str(tmp_path / "adapter"),
+                                      dtype=str(dtype).removeprefix("torch."), settings=TINY_NF4)
         assert built.kind == "merged" and "NF4 weights dequantized" in built.described
         # Buffers too: non-persistent ones (RoPE's frequencies) are not in the state dict.
         ours = {**built.model.state_dict(), **dict(built.model.named_buffers())}
@@ -133,12 +133,12 @@ def test_base_built_from_the_files_equals_the_dequantized_base(trained_like, tin
     from finsight.inference.generation_model import load_generation_model
 
     model, _ = trained_like
-    built = load_generation_model(str(tiny_model_dir), adapter=None, attn_implementation="sdpa")
+    built = load_generation_model(str(tiny_model_dir), adapter=None, settings=TINY_NF4)
     expected = build_generation_model(model, torch.float32, merge_adapter=False).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in built.model.state_dict().items())
     assert built.described.startswith("NF4 weights dequantized to float32 without adapter, on cpu")
     # quantization "none" (plain LoRA training) keeps the saved weights as they are.
-    unquantized = load_generation_model(str(tiny_model_dir), adapter=None, quantization="none")
+    unquantized = load_generation_model(str(tiny_model_dir), adapter=None, settings=TINY_NF4.replace(kind="none"))
     name = "model.layers.1.mlp.down_proj.weight"
     saved = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()[name]
     assert torch.equal(unquantized.model.state_dict()[name], saved)

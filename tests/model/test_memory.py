@@ -10,7 +10,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from helpers import prepared_datamodule
+from helpers import TINY_NF4, prepared_datamodule
 from rich.console import Console
 from transformers import AutoConfig
 
@@ -129,14 +129,13 @@ def test_freed_memory_goes_back_to_the_os_with_recomputation_or_when_asked(tiny_
                                                                            release):
     # The allocator setting trades step speed for peak memory: by default it follows the memory-bound choice.
     import finsight.model.loading as model_module
+    from finsight.model.settings import LoraSettings, MemorySettings
 
     calls = []
     monkeypatch.setattr("finsight.model.loading.return_freed_memory_to_the_os", lambda: calls.append(True) or True)
     loaded = model_module.load_peft_model(
-        str(tiny_model_dir), quantization="nf4", double_quant=True, compute_dtype="float32",
-        attn_implementation="sdpa", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        target_modules=list(model_module.DEFAULT_TARGET_MODULES), gradient_checkpointing=recompute,
-        release_freed_memory=release)
+        str(tiny_model_dir), TINY_NF4, LoraSettings(r=4, alpha=8, dropout=0.0),
+        MemorySettings(gradient_checkpointing=recompute, release_freed_memory=release))
     assert loaded.gradient_checkpointing is recompute
     expected = recompute if release == "auto" else release
     assert calls == ([True] if expected else [])
