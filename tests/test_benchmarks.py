@@ -1,14 +1,19 @@
 """benchmarks/compare.py (the ``finbench`` package): the FLOP count, the TRL data set-up that must mask exactly
-like finsight, the report, and (slow) the whole comparison at tiny size on CPU."""
+like finsight, the report, and (slow) the whole comparison at tiny size on CPU; benchmarks/fit_cache.py at tiny
+size."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from finbench import cli, finsight_runner, flops, harness, report, trl_runner
 from finbench.synthetic import write_synthetic
+from helpers import ROOT
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
 
@@ -215,3 +220,15 @@ def test_compare_runs_both_stacks_at_tiny_size_with_the_gpu_bookkeeping(tiny_mod
     assert parity["same_batches"] and parity["agree"], parity
     assert parity["samples"]["identical_labels"] == parity["samples"]["finsight"] == saved["train_samples"]
     assert "Loss parity" in (tmp_path / "report.md").read_text()
+
+
+def test_the_fit_cache_benchmark_prints_the_save_against_both_first_chats(tiny_model_dir):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fit_cache.py"), "--model", str(tiny_model_dir),
+                             "--repeats", "1"], capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{tiny_model_dir}, NF4, compute float32, CPU: ")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "(s)" not in line]
+    assert rows == ["save at the end of fit", "first chat, nothing cached", "first chat, cached"]
+    assert lines[-1].startswith("entry on disk: ") and "saves" in lines[-1]
