@@ -45,7 +45,7 @@ from finsight.inference.decoding import (
 )
 from finsight.model.loading import load_base_model
 from finsight.model.precision import ComputeDtype, choose_precision
-from finsight.model.settings import NF4, AttentionChoice, QuantizationKind, QuantizationSettings
+from finsight.model.settings import AttentionChoice, QuantizationKind, QuantizationSettings
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def chat(
     with contextlib.redirect_stdout(sys.stderr):
         on_cpu_merged = inference != "4bit" and not torch.cuda.is_available()
         if ckpt_path and on_cpu_merged and cache:
-            generator, tokenizer, described = _from_checkpoint_on_cpu(ckpt_path, model_name, overrides, inference,
-                                                                      dtype)
+            generator, tokenizer, described = _from_checkpoint_on_cpu(ckpt_path, model_name, settings, overrides,
+                                                                      inference, dtype)
         elif ckpt_path or not on_cpu_merged:
             generator, tokenizer, described = _through_training_model(ckpt_path, adapter, model_name, settings,
                                                                       overrides, inference, dtype)
@@ -228,14 +228,14 @@ def _through_training_model(ckpt_path: str | None, adapter: str | None, model_na
     return generation_model(model, inference=inference, dtype=dtype), tokenizer, described
 
 
-def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, overrides: dict[str, Any],
+def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, settings: QuantizationSettings,
+                            overrides: dict[str, Any],
                             inference: InferenceChoice, dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
     """A checkpoint's merged model from the generation cache, else built through the training model and cached."""
     built: list[tuple[GenerationModel, Any, str]] = []  # the training route's result, when it ran
 
     def training_route() -> tuple[GenerationModel, Any, str]:
-        built.append(_through_training_model(ckpt_path, None, model_name, NF4, overrides,
-                                             inference, dtype))
+        built.append(_through_training_model(ckpt_path, None, model_name, settings, overrides, inference, dtype))
         return built[-1]
 
     found = cached_checkpoint_model(ckpt_path, lambda: training_route()[0], model_name=model_name,

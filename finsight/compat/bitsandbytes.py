@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from finsight.compat.noise import DropLinesStartingWith
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -63,9 +65,8 @@ KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = (
 NO_PACKED_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
-class _DropNoPackedKernelNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NO_PACKED_KERNEL_NOTICE)
+class _DropNoPackedKernelNotice(DropLinesStartingWith):
+    prefix = NO_PACKED_KERNEL_NOTICE
 
 
 LOG_FILTERS: tuple[tuple[str, type[logging.Filter]], ...] = (

@@ -8,9 +8,11 @@ and a CUDA machine asked to train on its CPU has to be given DeepSpeed's CPU acc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from finsight.compat.noise import DropLinesStartingWith
 
 DISTRIBUTION = "deepspeed"
 TESTED = ">=0.19.8,<0.20"
@@ -26,7 +28,7 @@ def use_cpu_accelerator() -> None:
 
 
 @contextmanager
-def cpu_device_rank(local_rank: Callable[[], int]) -> Iterator[None]:
+def cpu_device_rank(local_rank: int) -> Iterator[None]:
     """While open, ``deepspeed.initialize`` takes the process's local rank where Lightning passes no device.
 
     Lightning's ``init_deepspeed`` hands ``args.device_rank=None`` on the CPU, which DeepSpeed compares with 0.
@@ -37,7 +39,7 @@ def cpu_device_rank(local_rank: Callable[[], int]) -> Iterator[None]:
 
     def initialize_with_rank(*args: Any, **kwargs: Any) -> Any:
         if getattr(kwargs.get("args"), "device_rank", 0) is None:
-            kwargs["args"].device_rank = local_rank()
+            kwargs["args"].device_rank = local_rank
         return initialize(*args, **kwargs)
 
     deepspeed.initialize = initialize_with_rank
@@ -64,9 +66,11 @@ KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = ()
 NO_ACCELERATOR_NOTICE = "Setting accelerator to CPU. If you have GPU or other accelerator"
 
 
-class _DropNoAcceleratorNotice(logging.Filter):
+class _DropNoAcceleratorNotice(DropLinesStartingWith):
+    prefix = NO_ACCELERATOR_NOTICE
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(NO_ACCELERATOR_NOTICE):
+        if super().filter(record):
             return True
         import torch  # loaded already (DeepSpeed is logging); this module imports no heavy library itself
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from finsight.compat.noise import DropLinesStartingWith
+
 if TYPE_CHECKING:
     import lightning as L
     from torch.utils.data import Sampler
@@ -130,9 +132,8 @@ KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = (
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 
 
-class _DropLitLoggerTip(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LITLOGGER_TIP)
+class _DropLitLoggerTip(DropLinesStartingWith):
+    prefix = LITLOGGER_TIP
 
 
 LOG_FILTERS: tuple[tuple[str, type[logging.Filter]], ...] = (

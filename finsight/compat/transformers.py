@@ -102,7 +102,7 @@ def length_grouped_indices(lengths: Sequence[int], batch_size: int, generator: t
     """
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    return list(get_length_grouped_indices(list(lengths), batch_size, generator=generator))
+    return list(get_length_grouped_indices(lengths, batch_size, generator=generator))
 
 
 KNOWN_WARNINGS: tuple[tuple[str, str, type[Warning]], ...] = ()

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 
 from finsight import compat
 from finsight.inference.decoding import GenerationModel, InferenceChoice, InferenceDtype, merged_weights
-from finsight.model.loading import load_base_model, quantization_config
+from finsight.model.loading import load_base_model, quantization_config, torch_dtype
 from finsight.model.settings import NF4, QuantizationSettings
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def nf4_round_trip(model: torch.nn.Module, settings: QuantizationSettings) -> in
     config = quantization_config(settings)
     if config is None:
         return 0
-    layer = bnb.nn.Linear4bit(1, 1, bias=False, compute_dtype=getattr(torch, settings.compute_dtype),
+    layer = bnb.nn.Linear4bit(1, 1, bias=False, compute_dtype=torch_dtype(settings.compute_dtype),
                               compress_statistics=config.bnb_4bit_use_double_quant,
                               quant_type=config.bnb_4bit_quant_type,
                               quant_storage=config.bnb_4bit_quant_storage, device="meta").weight
@@ -155,7 +155,7 @@ def load_generation_model(reference: str, *, adapter: str | None,
     ``settings``, and cheaper: no 4-bit layers, no LoRA layers over them. ``adapter=None`` gives the base alone.
     """
     started = time.perf_counter()
-    compute = getattr(torch, settings.compute_dtype)
+    compute = torch_dtype(settings.compute_dtype)
     target = compute if dtype == "auto" else getattr(torch, dtype)
     # The base unquantized, in the compute dtype: the values the 4-bit loader would quantize.
     dense, _, _ = load_base_model(reference, settings.replace(kind="none"), on_gpu=False)

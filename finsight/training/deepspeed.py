@@ -188,7 +188,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super().init_deepspeed()
             return
-        with compat.deepspeed.cpu_device_rank(lambda: self.local_rank):
+        with compat.deepspeed.cpu_device_rank(self.local_rank):
             super().init_deepspeed()
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:

@@ -125,7 +125,6 @@ class FinSightModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-
         self.model: torch.nn.Module | None = None
         self.model_info = None
         self.compute_dtype_reason = "set in the config"
