@@ -8,7 +8,7 @@ from finsight.evaluation.held_out import HeldOutEvaluator
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.evaluation.samples import GenerationSamples
 from finsight.export.adapter import AdapterExport
-from finsight.training.checkpoint import AtomicCheckpointIO
+from finsight.training.checkpoint import AtomicCheckpointIO, LatestCheckpoint
 from finsight.training.deepspeed import FinSightBatchSizeFinder, FinSightDeepSpeedStrategy
 from finsight.training.monitoring import TrainingMonitor
 from finsight.training.reliability import ExactResume, NonFiniteGuard, SampleLog, StepSeededRNG
@@ -22,6 +22,7 @@ __all__ = [
     "GenerationSamples",
     "HeldOutEvaluator",
     "JsonlPredictionWriter",
+    "LatestCheckpoint",
     "NonFiniteGuard",
     "SampleLog",
     "StepSeededRNG",

@@ -32,6 +32,23 @@ def checkpoint_every_n_train_steps(callback: Any) -> int:
     return int(callback._every_n_train_steps or 0)
 
 
+def checkpoint_train_time_interval(callback: Any) -> float:
+    """A ``ModelCheckpoint``'s ``train_time_interval`` in minutes (0 when off), for the start-up summary."""
+    interval = callback._train_time_interval
+    return interval.total_seconds() / 60 if interval is not None else 0.0
+
+
+def save_last_now(callback: Any, trainer: L.Trainer) -> None:
+    """Write a ``ModelCheckpoint``'s ``last`` checkpoint now, unless this step is already saved or no fit runs.
+
+    Lightning (2.6) refreshes ``last`` after a validation only when a top-k checkpoint was saved at the same
+    step, and at the end of fit only when none was ever saved; its skip test and its ``last`` writer (which
+    keeps ``last_model_path`` and removes the previous file) are private.
+    """
+    if not callback._should_skip_saving_checkpoint(trainer):
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The trainer a module is attached to, or None: ``module.trainer`` raises when there is none.
 

@@ -16,6 +16,7 @@ from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
 from finsight.model.precision import choose_precision
 from finsight.run_dir import rank_zero_log_dir
+from finsight.training.checkpoint import LatestCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table.add_row("validation", f"every {interval} of an epoch")
     for callback in trainer.checkpoint_callbacks:
         every = compat.lightning.checkpoint_every_n_train_steps(callback)
-        cadence = f"every {every} optimizer steps" if every else "after each validation"
+        minutes = compat.lightning.checkpoint_train_time_interval(callback)
+        cadence = (f"every {every} optimizer steps" if every else f"every {minutes:g} minutes" if minutes
+                   else "after each validation")
+        if isinstance(callback, LatestCheckpoint) and (every or minutes):
+            cadence += ", after each validation and at the end"
         table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))
     table.add_row("strategy", type(trainer.strategy).__name__)

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from finsight import compat
 from finsight.errors import FinSightError
+from finsight.training.checkpoint import newest_last_checkpoint
 
 
 class NonFiniteError(FinSightError, RuntimeError):
@@ -80,7 +81,7 @@ class NonFiniteGuard(Callback):
 
     @staticmethod
     def _fail(trainer: L.Trainer, what: str) -> None:
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
+        last = newest_last_checkpoint(trainer)
         where = f"; the last good checkpoint is {last}" if last else ""
         # global_step counts the optimizer steps done, so this is the step that was about to be taken.
         raise NonFiniteError(

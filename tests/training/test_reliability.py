@@ -156,6 +156,21 @@ class Run:
         return torch.load(self.checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
 
 
+class LatestRun(Run):
+    """A run whose best checkpoint is kept by ``mode: max`` on a falling val/loss (only the first validation
+    is ever the best) and whose ``last.ckpt`` is ``LatestCheckpoint``'s: every validation after the first
+    does not improve, and ``last.ckpt`` must follow them anyway."""
+
+    def _overrides(self) -> dict:
+        overrides = super()._overrides()
+        callbacks = overrides["trainer"]["callbacks"]
+        callbacks[0] = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"monitor": "val/loss", "mode": "max", "save_top_k": 1, "save_last": False,
+                                      "filename": "step{step}", "auto_insert_metric_name": False}}
+        callbacks.insert(1, {"class_path": "finsight.callbacks.LatestCheckpoint"})
+        return overrides
+
+
 def _kill(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
@@ -277,6 +292,16 @@ def reference_run(tiny_model_dir, tmp_path_factory, request):
     return run, process
 
 
+@pytest.fixture(scope="module")
+def latest_reference_run(tiny_model_dir, tmp_path_factory, request):
+    """The uninterrupted ``LatestRun``, started in the background."""
+    run = LatestRun(tmp_path_factory.mktemp("latest-reference"), tiny_model_dir)
+    main(run.args(), run=False).datamodule.prepare_data()
+    process = run.start()
+    request.addfinalizer(lambda: _kill(process))
+    return run, process
+
+
 def _reference(reference_run) -> Run:
     run, process = reference_run
     if process.returncode is None:
@@ -333,6 +358,22 @@ def test_kill_between_checkpoints_and_during_a_save_resumes_exactly(reference_ru
     run.finish(run.start("--ckpt_path=last"))
     assert not stale_temporaries(run.checkpoints / "last.ckpt")
     assert_resumed_like(_reference(reference_run), run, committed=[4, 6])
+
+
+def test_kill_after_a_validation_that_did_not_improve_resumes_from_that_validation(
+        latest_reference_run, tiny_model_dir, tmp_path):
+    """Validations at 3, 6 and 9; only step 3 is the best. Killed at step 7, the run resumes from step 6
+    (Lightning's own last.ckpt would still hold step 3) and ends exactly like the uninterrupted run, whose
+    last.ckpt is its final step."""
+    reference = _reference(latest_reference_run)
+    assert Path(_callback_state(reference.last(), "ModelCheckpoint")["best_model_path"]).name == "step3.ckpt"
+
+    run = LatestRun(tmp_path / "interrupted", tiny_model_dir)
+    marker = tmp_path / "frozen"
+    run.kill_when(run.start(_freeze_at(7, marker)), marker.exists)
+    assert run.last()["global_step"] == 6
+    run.finish(run.start("--ckpt_path=last"))
+    assert_resumed_like(reference, run, committed=[6])
 
 
 @pytest.mark.slow

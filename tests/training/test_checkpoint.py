@@ -1,0 +1,68 @@
+"""``LatestCheckpoint``: ``last.ckpt`` is the newest state whether or not validation improved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_fit_args
+
+from finsight.cli.lightning_cli import main
+from finsight.training.checkpoint import CheckpointSettingsError, LatestCheckpoint
+
+# Validation at steps 2, 4 and 6 of a 7-step run; ``mode: max`` on a falling val/loss makes only the first
+# validation the best, so every later one "does not improve".
+STEPS, VALIDATE_EVERY = 7, 2
+
+
+def _callbacks(latest: bool) -> list[dict]:
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/loss", "mode": "max", "save_top_k": 1, "save_last": not latest,
+                          "filename": "step{step}", "auto_insert_metric_name": False}}
+    return [best, *([{"class_path": "finsight.callbacks.LatestCheckpoint"}] if latest else [])]
+
+
+def _fit(tiny_model_dir: Path, root: Path, latest: bool):
+    config = root / "callbacks.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": _callbacks(latest)}}))
+    args = tiny_fit_args(tiny_model_dir, root, "--config", str(config), f"--trainer.max_steps={STEPS}",
+                         f"--trainer.val_check_interval={VALIDATE_EVERY}")
+    torch.set_num_threads(1)
+    return main(args)
+
+
+def _step(path: str | Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.mark.slow
+def test_lightnings_own_last_checkpoint_stays_at_the_last_improvement(tiny_model_dir, tmp_path):
+    """The failure LatestCheckpoint exists for: ModelCheckpoint(save_last=True) alone ends at step 2."""
+    cli = _fit(tiny_model_dir, tmp_path, latest=False)
+    last = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    assert cli.trainer.global_step == STEPS
+    assert _step(last) == VALIDATE_EVERY
+
+
+def test_last_checkpoint_is_the_final_step_after_non_improving_validations(tiny_model_dir, tmp_path):
+    cli = _fit(tiny_model_dir, tmp_path, latest=True)
+    best, latest = cli.trainer.checkpoint_callbacks
+    assert isinstance(latest, LatestCheckpoint) and best.dirpath == latest.dirpath
+    folder = Path(latest.dirpath)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", f"step{VALIDATE_EVERY}.ckpt"]
+    assert Path(best.best_model_path).name == f"step{VALIDATE_EVERY}.ckpt"
+    assert _step(folder / "last.ckpt") == STEPS
+    # The last checkpoint holds the best checkpoint's record, so a resume keeps tracking the best.
+    state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    best_state = next(v for k, v in state.items() if k.startswith("ModelCheckpoint"))
+    assert Path(best_state["best_model_path"]).name == f"step{VALIDATE_EVERY}.ckpt"
+
+
+def test_contradicting_cadences_are_refused_by_name():
+    with pytest.raises(CheckpointSettingsError, match="every_n_minutes=5 and every_n_train_steps=100 both set"):
+        LatestCheckpoint(every_n_minutes=5, every_n_train_steps=100)
+    with pytest.raises(CheckpointSettingsError, match="every_n_minutes must be > 0, got 0"):
+        LatestCheckpoint(every_n_minutes=0)
