@@ -178,3 +178,36 @@ class PausingCheckpointIO(AtomicCheckpointIO):
         if name == path.name and str(checkpoint.get("global_step")) == step:
             file = _PausingWriter(file)
         super().write(checkpoint, file, path)
+
+
+# "<file name>@<global step>": FullDiskCheckpointIO's save of that file at that step runs out of space after
+# part of it is written, as a real full disk does (the OSError inside torch.save's stream writer).
+FULL_DISK_ENV = "FINSIGHT_TEST_FULL_DISK"
+
+
+class NoSpaceAfter:
+    """A file whose writes fail with ENOSPC once ``limit`` bytes are written."""
+
+    def __init__(self, file: BinaryIO, limit: int = 4096) -> None:
+        self.file, self.limit, self.written = file, limit, 0
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > self.limit:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class FullDiskCheckpointIO(AtomicCheckpointIO):
+    """finsight's atomic checkpoint writer on a disk that fills during the save ``FULL_DISK_ENV`` names."""
+
+    def write(self, checkpoint: dict[str, Any], file: BinaryIO, path: Path) -> None:
+        name, _, step = os.environ.get(FULL_DISK_ENV, "").rpartition("@")
+        if name == path.name and str(checkpoint.get("global_step")) == step:
+            file = NoSpaceAfter(file)
+        super().write(checkpoint, file, path)

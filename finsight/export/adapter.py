@@ -4,6 +4,7 @@ Hugging Face model, or a GGUF file."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import Callback
 
+from finsight.atomic import atomic_path
 from finsight.data.tokenizer import load_chat_tokenizer
+from finsight.errors import FinSightError
 from finsight.export.gguf import GGUFType, write_gguf
 from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
@@ -32,10 +35,32 @@ log = logging.getLogger(__name__)
 def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
     folder = Path(folder)
-    module.model.save_pretrained(str(folder))
     tokenizer = tokenizer or load_chat_tokenizer(module.hparams.model_name)
-    tokenizer.save_pretrained(str(folder))
+    with export_folder(folder, "the adapter") as temporary:
+        module.model.save_pretrained(str(temporary))
+        tokenizer.save_pretrained(str(temporary))
     return folder
+
+
+# A folder finsight wrote before (PEFT adapter or Hugging Face model) holds one of these; any other non-empty
+# folder is the user's and is never replaced.
+EXPORT_MARKERS = ("adapter_config.json", "config.json")
+
+
+def export_folder(folder: Path, what: str) -> contextlib.AbstractContextManager[Path]:
+    """The temporary an export folder is written into, renamed onto ``folder`` once complete (atomic_path).
+
+    Refuses to replace a non-empty folder that is not an earlier export: ``--output .`` must not delete the
+    user's files.
+    """
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / m).exists() for m in EXPORT_MARKERS):
+        raise ExportTargetError(f"{folder} is a non-empty folder that holds no earlier export "
+                                f"({' or '.join(EXPORT_MARKERS)}); choose an empty or new --output folder")
+    return atomic_path(folder, what)
+
+
+class ExportTargetError(FinSightError, ValueError):
+    """An export folder that would replace files that are not an earlier export."""
 
 
 class AdapterExport(Callback):
@@ -137,8 +162,9 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
                           name=f"{stem}-finsight", source_gguf=source)
         log.info("GGUF model (adapter merged into the %s) written to %s", described, path)
         return path
-    model.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
+    with export_folder(target, "the merged model") as temporary:
+        model.save_pretrained(str(temporary))
+        tokenizer.save_pretrained(str(temporary))
     log.info("Merged model (adapter merged into the %s, %s) written to %s", described,
              str(model.dtype).removeprefix("torch."), target)
     return target

@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
 
+from finsight.atomic import atomic_path
 from finsight.errors import FinSightError
 
 if TYPE_CHECKING:
@@ -128,9 +129,19 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arch = gguf.MODEL_ARCH.LLAMA
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    with atomic_path(path, f"the GGUF file {path.name}") as temporary:
+        _write(gguf.GGUFWriter(str(temporary), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]), model, tokenizer,
+               gguf_type, name=name, source_gguf=source_gguf, head_dim=head_dim, heads=heads, kv_heads=kv_heads,
+               rope_theta=float(rope_theta))
+    log.info("GGUF (%s) written to %s", gguf_type, path)
+    return path
+
+
+def _write(writer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf_type: GGUFType, *,
+           name: str, source_gguf: str | Path | None, head_dim: int, heads: int, kv_heads: int,
+           rope_theta: float) -> None:
+    """Fill and write an open ``GGUFWriter`` (the temporary file ``write_gguf`` renames into place)."""
+    config = model.config
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -166,14 +177,14 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
         special.add_special_token.setdefault("bos", adds_bos)
         special.add_to_gguf(writer, quiet=True)
 
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise GGUFExportError(f"no GGUF tensor name for {key!r} of {architecture}")
+            raise GGUFExportError(f"no GGUF tensor name for {key!r} of {type(model).__name__}")
         data = tensor.detach().to(torch.float32).cpu()
         if key.endswith("q_proj.weight"):
             data = _rope_permute(data, heads)
@@ -185,5 +196,3 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    log.info("GGUF (%s) written to %s", gguf_type, path)
-    return path

@@ -35,9 +35,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
 from finsight import compat
+from finsight.atomic import atomic_path
 from finsight.errors import FinSightError
-
-TEMP_MARKER = ".tmp-"
 
 
 class CheckpointError(FinSightError, RuntimeError):
@@ -51,17 +50,6 @@ class CheckpointContentError(FinSightError, ValueError):
 def _is_local(path: str | Path) -> bool:
     """Whether a checkpoint path is a local file (not ``s3://``, ``gs://``, ...), as Lightning decides it."""
     return get_protocol(str(path)) == "file"
-
-
-def temporary_path(path: Path) -> Path:
-    """The hidden temporary a checkpoint is written to; its name never matches ``last*.ckpt`` or ``*.ckpt``,
-    so Lightning's ``ckpt_path="last"`` lookup and top-k bookkeeping never pick up a partial file."""
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
-
-
-def stale_temporaries(path: Path) -> list[Path]:
-    """Temporaries of ``path`` left behind by a process killed while it was writing."""
-    return sorted(path.parent.glob(f".{path.name}{TEMP_MARKER}*"))
 
 
 def verify_checkpoint_file(path: str | Path) -> None:
@@ -169,20 +157,6 @@ def verify_ckpt_path_argument(args: list[str]) -> None:
         verify_checkpoint_file(path)
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Make the rename itself durable (a power cut could otherwise undo it); not possible on Windows."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves are atomic and durable, and whose loads reject damaged files.
 
@@ -200,20 +174,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in stale_temporaries(path):
-            stale.unlink(missing_ok=True)
-        temporary = temporary_path(path)
-        try:
-            with open(temporary, "wb") as file:
-                self.write(checkpoint, file, path)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
+        with atomic_path(path, f"checkpoint {path.name}", expected_bytes=tensor_bytes(checkpoint)) as temporary:
+            try:
+                with open(temporary, "wb") as file:
+                    self.write(checkpoint, file, path)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except RuntimeError as error:
+                # torch.save reports a failed write as a RuntimeError; the OSError it hit is its context.
+                cause = error.__context__ or error.__cause__
+                if isinstance(cause, OSError):
+                    raise cause from error
+                raise
 
     def write(self, checkpoint: dict[str, Any], file: BinaryIO, path: Path) -> None:
         """Serialize ``checkpoint`` into ``file``, the open temporary that becomes ``path`` once complete."""
@@ -293,3 +265,14 @@ def newest_last_checkpoint(trainer: L.Trainer) -> str:
     paths = [Path(c.last_model_path) for c in trainer.checkpoint_callbacks
              if getattr(c, "last_model_path", "") and Path(c.last_model_path).exists()]
     return str(max(paths, key=lambda p: p.stat().st_mtime)) if paths else ""
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a nested checkpoint: about what its file needs on disk."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0

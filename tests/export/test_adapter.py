@@ -132,3 +132,41 @@ def test_quickstart_gguf_base_round_trips(tmp_path):
                 "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
         assert written.get_field(key).contents() == original.get_field(key).contents(), key
+
+
+def test_a_gguf_export_that_fails_half_way_leaves_no_file_under_its_name(trained, tmp_path, monkeypatch):
+    import finsight.export.gguf as gguf_export
+
+    run, _ = trained
+    real_write = gguf_export._write
+
+    def crash_after_the_header(writer, *args, **kwargs):
+        real_write(writer, *args, **kwargs)  # the whole file is on disk under the temporary name
+        assert Path(writer.path).name.startswith(".") and Path(writer.path).stat().st_size > 0
+        raise KeyboardInterrupt  # as a Ctrl-C before the rename
+
+    monkeypatch.setattr(gguf_export, "_write", crash_after_the_header)
+    with pytest.raises(KeyboardInterrupt):
+        main(["export", "--checkpoint", str(run["best"]), "--output", str(tmp_path), "--gguf", "true"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_export_replaces_an_earlier_export_whole_and_refuses_other_folders(trained, tmp_path):
+    from finsight.export.adapter import ExportTargetError
+
+    run, _ = trained
+    target = tmp_path / "adapter"
+    main(["export", "--checkpoint", str(run["best"]), "--output", str(target)])
+    (target / "left-over.bin").write_bytes(b"from an earlier export")
+    first = (target / "adapter_model.safetensors").read_bytes()
+    main(["export", "--checkpoint", str(run["best"]), "--output", str(target)])
+    assert not (target / "left-over.bin").exists()
+    assert (target / "adapter_model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportTargetError, match=r"my-notes is a non-empty folder that holds no earlier export"):
+        main(["export", "--checkpoint", str(run["best"]), "--output", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -66,3 +66,24 @@ def test_contradicting_cadences_are_refused_by_name():
         LatestCheckpoint(every_n_minutes=5, every_n_train_steps=100)
     with pytest.raises(CheckpointSettingsError, match="every_n_minutes must be > 0, got 0"):
         LatestCheckpoint(every_n_minutes=0)
+
+
+def test_a_full_disk_during_a_save_stops_the_run_with_one_error_line_and_keeps_the_last_checkpoint(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The step-4 last.ckpt runs out of space half-way: one ``error:`` line naming the folder and the space
+    needed, exit status 1, and last.ckpt still the complete checkpoint of step 2."""
+    from fit_worker import FULL_DISK_ENV
+    from helpers import run_finsight
+
+    monkeypatch.setenv(FULL_DISK_ENV, "last.ckpt@4")
+    args = tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=6", "--trainer.val_check_interval=2",
+                         "--trainer.plugins=fit_worker.FullDiskCheckpointIO")
+    output = run_finsight(args, tmp_path / "cache", expect_failure=True)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    folder = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
+    assert errors == [line for line in output.splitlines() if "error:" in line]  # one line, no traceback
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left in {folder} to write checkpoint "
+                                                     "last.ckpt: it needs about "), output[-3000:]
+    assert "Traceback" not in output
+    assert _step(folder / "last.ckpt") == 2
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]

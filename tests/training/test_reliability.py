@@ -25,13 +25,9 @@ import yaml
 from fit_worker import PAUSE_ENV
 from helpers import ROOT
 
+from finsight.atomic import stale_temporaries
 from finsight.cli.lightning_cli import main
-from finsight.training.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    stale_temporaries,
-    verify_checkpoint_file,
-)
+from finsight.training.checkpoint import AtomicCheckpointIO, CheckpointError, verify_checkpoint_file
 from finsight.training.reliability import ExactResume, NonFiniteError, NonFiniteGuard, StepSeededRNG
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

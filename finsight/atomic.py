@@ -1,0 +1,113 @@
+"""Files and folders that appear complete or not at all, and a full disk reported as one clear error.
+
+A run killed or out of space while it writes an export (an adapter folder, a merged model, a ``.gguf``) must
+not leave something under the final name that PEFT or llama.cpp chokes on later. Everything is written under
+a hidden temporary name in the same folder (same filesystem, so the rename is atomic) and renamed into place
+only once complete; an older version stays readable until then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from finsight.errors import FinSightError
+
+TEMP_MARKER = ".tmp-"
+
+
+class DiskFullError(FinSightError, OSError):
+    """A write that failed for lack of space; what was there before is intact."""
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 GB``-style sizes for messages."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def disk_full_error(folder: Path, needed: int, what: str) -> DiskFullError:
+    """The one-line error for ``ENOSPC``: the folder, the space needed and the space free."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    error = DiskFullError(f"no space left in {folder} to write {what}: it needs about {human_bytes(needed)}, "
+                          f"{human_bytes(free)} free; the previous files are intact")
+    error.errno = errno.ENOSPC  # still an ENOSPC OSError to code that checks; str() stays the one line
+    return error
+
+
+def temporary_sibling(path: Path) -> Path:
+    """The hidden temporary ``path`` is written under; it never matches ``*.ckpt``, ``*.gguf`` or a folder
+    name a loader looks for."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporaries of ``path`` left behind by a process killed while it was writing."""
+    return sorted(path.parent.glob(f".{path.name}{TEMP_MARKER}*"))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "", expected_bytes: int = 0) -> Iterator[Path]:
+    """Yield a temporary path to write a file or folder into; rename it onto ``path`` when the block ends.
+
+    A file replaces an older one atomically (``os.replace``). A folder cannot be renamed over a non-empty
+    one, so an older folder is moved aside first and removed after: a reader sees the old folder, then
+    (for an instant) none, then the new one, never a mix. On an exception nothing is left but what was there
+    before; ``ENOSPC`` becomes :class:`DiskFullError` naming the folder and the space needed
+    (``expected_bytes``, or what had been written when the disk filled).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(path):
+        _remove(stale)
+    temporary = temporary_sibling(path)
+    try:
+        yield temporary
+        if temporary.is_dir() and path.is_dir():
+            aside = path.with_name(f".{path.name}.old{TEMP_MARKER}{os.getpid()}")
+            _remove(aside)
+            os.rename(path, aside)
+            os.rename(temporary, path)
+            _remove(aside)
+        else:
+            os.replace(temporary, path)
+    except OSError as error:
+        written = _size(temporary)
+        _remove(temporary)
+        if error.errno == errno.ENOSPC:
+            raise disk_full_error(path.parent, max(expected_bytes, written), what or path.name) from error
+        raise
+    except BaseException:
+        _remove(temporary)
+        raise
+    fsync_directory(path.parent)
