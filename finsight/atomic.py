@@ -76,38 +76,61 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, what: str = "", expected_bytes: int = 0) -> Iterator[Path]:
-    """Yield a temporary path to write a file or folder into; rename it onto ``path`` when the block ends.
+def is_no_space(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised while handling, an ``ENOSPC``: ``torch.save`` reports a failed
+    write as a ``RuntimeError`` whose context is the ``OSError``."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def replace_with(temporary: Path, path: Path) -> None:
+    """Rename a complete ``temporary`` (file or folder) onto ``path``.
 
     A file replaces an older one atomically (``os.replace``). A folder cannot be renamed over a non-empty
     one, so an older folder is moved aside first and removed after: a reader sees the old folder, then
-    (for an instant) none, then the new one, never a mix. On an exception nothing is left but what was there
-    before; ``ENOSPC`` becomes :class:`DiskFullError` naming the folder and the space needed
-    (``expected_bytes``, or what had been written when the disk filled).
+    (for an instant) none, then the new one, never a mix.
+    """
+    if temporary.is_dir() and path.is_dir():
+        aside = path.with_name(f".{path.name}.old{TEMP_MARKER}{os.getpid()}")
+        _remove(aside)
+        os.rename(path, aside)
+        os.rename(temporary, path)
+        _remove(aside)
+    else:
+        os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Clear what a killed writer of ``path`` left (the next complete write replaces ``path`` anyway)."""
+    for stale in stale_temporaries(path):
+        _remove(stale)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "", expected_bytes: int = 0) -> Iterator[Path]:
+    """Yield a temporary path to write a file or folder into; :func:`replace_with` renames it onto ``path``
+    when the block ends.
+
+    On an exception nothing is left but what was there before; ``ENOSPC`` becomes :class:`DiskFullError`
+    naming the folder and the space needed (``expected_bytes``, or what had been written when it failed).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temporaries(path):
-        _remove(stale)
+    remove_stale_temporaries(path)
     temporary = temporary_sibling(path)
     try:
         yield temporary
-        if temporary.is_dir() and path.is_dir():
-            aside = path.with_name(f".{path.name}.old{TEMP_MARKER}{os.getpid()}")
-            _remove(aside)
-            os.rename(path, aside)
-            os.rename(temporary, path)
-            _remove(aside)
-        else:
-            os.replace(temporary, path)
-    except OSError as error:
+        replace_with(temporary, path)
+    except BaseException as error:
         written = _size(temporary)
         _remove(temporary)
-        if error.errno == errno.ENOSPC:
+        if is_no_space(error):
             raise disk_full_error(path.parent, max(expected_bytes, written), what or path.name) from error
         raise
-    except BaseException:
-        _remove(temporary)
-        raise
-    fsync_directory(path.parent)

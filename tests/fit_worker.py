@@ -211,3 +211,26 @@ class FullDiskCheckpointIO(AtomicCheckpointIO):
         if name == path.name and str(checkpoint.get("global_step")) == step:
             file = NoSpaceAfter(file)
         super().write(checkpoint, file, path)
+
+
+class KillInsideSave(Callback):
+    """SIGKILL this process inside the checkpoint save at ``step``, right after the save's first file is
+    complete (under DeepSpeed: the model states, before the optimizer states), as a crash mid-save would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step != self.step:
+            return
+        import signal
+
+        real_save = torch.save
+
+        def save_then_die(*args: Any, **kwargs: Any) -> None:
+            real_save(*args, **kwargs)
+            print(f"KillInsideSave: killed after writing {args[1] if len(args) > 1 else kwargs.get('f')}",
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_then_die

@@ -20,6 +20,7 @@ import pytest
 
 from finsight.data.chat import IGNORE_INDEX
 from finsight.model.settings import QuantizationSettings
+from finsight.training.checkpoint import best_checkpoint_callback, newest_last_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -171,8 +172,8 @@ def sampled_fit(model_dir: Path, tmp_path_factory) -> dict:
         _RUNS["sampled"] = {
             "log_dir": Path(cli.trainer.log_dir),
             "adapter": exported_adapter(cli),
-            "best": Path(cli.trainer.checkpoint_callback.best_model_path),
-            "last": Path(cli.trainer.checkpoint_callback.last_model_path),
+            "best": Path(best_checkpoint_callback(cli.trainer).best_model_path),
+            "last": Path(newest_last_checkpoint(cli.trainer)),
             "callback": next(c for c in cli.trainer.callbacks if type(c).__name__ == "GenerationSamples"),
         }
     return _RUNS["sampled"]

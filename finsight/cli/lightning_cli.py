@@ -26,7 +26,7 @@ from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
 from finsight.run_dir import rank_zero_log_dir
-from finsight.training.checkpoint import verify_ckpt_path_argument
+from finsight.training.checkpoint import best_checkpoint_callback, verify_ckpt_path_argument
 from finsight.training.deepspeed import exit_if_strategy_unavailable
 from finsight.training.module import FinSightModule
 from finsight.training.reliability import reliability_callbacks
@@ -133,8 +133,9 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
         if log_dir:
             console.print(f"[bold green]Logs:[/] {Path(log_dir).resolve()}  "
                           f"(tensorboard --logdir {Path(log_dir).parent})")
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path:
-            console.print(f"[bold green]Best checkpoint:[/] {trainer.checkpoint_callback.best_model_path}")
+        best = best_checkpoint_callback(trainer)
+        if best is not None and best.best_model_path:
+            console.print(f"[bold green]Best checkpoint:[/] {best.best_model_path}")
 
 
 def _resume_into_latest_version(trainer_config: Any) -> None:

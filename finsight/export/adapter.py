@@ -23,7 +23,7 @@ from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
 from finsight.inference.generation_model import build_generation_model, resolve_dtype
 from finsight.references import fetch_pypi_gguf
-from finsight.training.checkpoint import read_checkpoint
+from finsight.training.checkpoint import best_checkpoint_callback, read_checkpoint
 from finsight.training.module import FinSightModule
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class AdapterExport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Load the best checkpoint's adapter into the module (every rank), then write it (rank 0)."""
-        callback = trainer.checkpoint_callback
+        callback = best_checkpoint_callback(trainer)
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best and Path(best).exists():  # a file, or a folder under DeepSpeed
             pl_module.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)

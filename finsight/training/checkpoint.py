@@ -175,17 +175,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         with atomic_path(path, f"checkpoint {path.name}", expected_bytes=tensor_bytes(checkpoint)) as temporary:
-            try:
-                with open(temporary, "wb") as file:
-                    self.write(checkpoint, file, path)
-                    file.flush()
-                    os.fsync(file.fileno())
-            except RuntimeError as error:
-                # torch.save reports a failed write as a RuntimeError; the OSError it hit is its context.
-                cause = error.__context__ or error.__cause__
-                if isinstance(cause, OSError):
-                    raise cause from error
-                raise
+            with open(temporary, "wb") as file:
+                self.write(checkpoint, file, path)
+                file.flush()
+                os.fsync(file.fileno())
 
     def write(self, checkpoint: dict[str, Any], file: BinaryIO, path: Path) -> None:
         """Serialize ``checkpoint`` into ``file``, the open temporary that becomes ``path`` once complete."""
@@ -258,6 +251,13 @@ class LatestCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write ``last`` at the end of fit, so ``--ckpt_path last`` after a finished run starts from its end."""
         compat.lightning.save_last_now(self, trainer)
+
+
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that keeps the best checkpoint: the first with a ``monitor`` (Lightning's
+    ``trainer.checkpoint_callback`` is merely the first, which may be a ``LatestCheckpoint``)."""
+    monitoring = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    return monitoring[0] if monitoring else trainer.checkpoint_callback
 
 
 def newest_last_checkpoint(trainer: L.Trainer) -> str:

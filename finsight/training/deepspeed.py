@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,7 +29,9 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from finsight import compat
+from finsight.atomic import TEMP_MARKER, disk_full_error, is_no_space, remove_stale_temporaries, replace_with
 from finsight.errors import FinSightError
+from finsight.training.checkpoint import tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,26 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
             super().init_deepspeed()
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's checkpoint folder, written atomically: every rank writes its part under a temporary
+        name (the same on every rank), and rank 0 renames the complete folder onto ``filepath``; a kill in
+        between leaves the previous folder readable. A full disk is one :class:`DiskFullError`."""
+        target = Path(self.broadcast(str(filepath)))
+        temporary = target.with_name(f".{target.name}{TEMP_MARKER}step{checkpoint.get('global_step', 0)}")
+        if self.is_global_zero:
+            remove_stale_temporaries(target)
+        self.barrier()
+        try:
+            self._save_trained_state(checkpoint, temporary, storage_options)
+        except BaseException as error:
+            if is_no_space(error):
+                raise disk_full_error(target.parent, tensor_bytes(checkpoint), f"checkpoint {target.name}") from error
+            raise
+        self.barrier()
+        if self.is_global_zero:
+            replace_with(temporary, target)
+        self.barrier()
+
+    def _save_trained_state(self, checkpoint: dict, filepath: Path, storage_options: Any | None) -> None:
         """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.
 
         ``exclude_frozen_parameters`` leaves out frozen *parameters*, but a 4-bit layer's state dict also

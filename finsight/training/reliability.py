@@ -152,6 +152,7 @@ class ExactResume(Callback):
         super().__init__()
         self._trainer: L.Trainer | None = None
         self._metrics: dict[str, Any] = {}
+        self._saved_settings: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -159,12 +160,16 @@ class ExactResume(Callback):
     def state_dict(self) -> dict[str, Any]:
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
         return {"callback_metrics": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                                     for k, v in metrics.items()}}
+                                     for k, v in metrics.items()},
+                "run_settings": run_settings(self._trainer) if self._trainer is not None else {}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._metrics = dict(state_dict.get("callback_metrics", {}))
+        self._saved_settings = dict(state_dict.get("run_settings", {}))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved, self._saved_settings = self._saved_settings, {}
+        refuse_changed_resume(saved, run_settings(trainer))
         if self._metrics:
             device = pl_module.device
             for name, value in self._metrics.items():
@@ -174,6 +179,44 @@ class ExactResume(Callback):
         if compat.lightning.validation_skipped_at_resume(trainer):
             compat.lightning.run_skipped_validation_first(trainer)
 
+
+
+class ResumeChangedError(FinSightError, ValueError):
+    """``--ckpt_path`` with settings that decide what each step trains on, changed since the checkpoint."""
+
+
+# What decides which samples each optimizer step holds and how its loss is normalised: with any of these
+# changed, the resumed run is not the continuation of the checkpoint's run (the data order, the loader
+# position and the step boundaries saved in it mean something else).
+RESUME_SETTINGS = ("data.batch_size", "data.max_length", "data.seed", "data.sources")
+
+
+def run_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint, as plain values (saved in checkpoints)."""
+    settings: dict[str, Any] = {"trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+                                "trainer.devices (world size)": trainer.world_size}
+    data = getattr(trainer, "datamodule", None)
+    for key in RESUME_SETTINGS:
+        name = key.removeprefix("data.")
+        if data is not None and hasattr(data, name):
+            # JSON-shaped so that source configs compare by content, not by object identity.
+            settings[key] = json.loads(json.dumps(getattr(data, name), default=_plain))
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    return vars(value) if hasattr(value, "__dict__") else str(value)
+
+
+def refuse_changed_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise one ``ResumeChangedError`` naming every setting that differs from the checkpoint's run."""
+    changed = [f"{key} was {saved[key]!r}, now {current[key]!r}" for key in saved
+               if key in current and saved[key] != current[key]]
+    if changed:
+        raise ResumeChangedError(
+            "--ckpt_path: this run changes what the checkpoint's steps were trained with: " + "; ".join(changed)
+            + ". Resume with the checkpoint's settings, or start a new run without --ckpt_path "
+            "(--model.adapter_path <exported adapter> continues from its weights)")
 
 
 def reliability_callbacks() -> list[Callback]:

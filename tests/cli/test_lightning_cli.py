@@ -12,6 +12,7 @@ import yaml
 from helpers import CONFIGS, exported_adapter, tiny_fit_args
 
 from finsight.cli.lightning_cli import main
+from finsight.training.checkpoint import newest_last_checkpoint
 
 
 def test_fit_writes_a_loadable_adapter_and_tensorboard_events(tiny_model_dir, tmp_path):
@@ -84,7 +85,7 @@ def test_help_documents_options_from_docstrings(capsys):
 
 def test_checkpoint_holds_only_the_adapter(tiny_model_dir, tmp_path):
     cli = main(tiny_fit_args(tiny_model_dir, tmp_path))
-    ckpt_path = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt_path = Path(newest_last_checkpoint(cli.trainer))
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     keys = list(checkpoint["state_dict"])
     assert keys and all("lora_" in k for k in keys)
@@ -113,7 +114,7 @@ def test_console_command_turns_a_bad_source_into_one_line(tmp_path):
 
 def test_validate_and_predict_subcommands_run_on_a_checkpoint(tiny_model_dir, tmp_path):
     fit = main(tiny_fit_args(tiny_model_dir, tmp_path))
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = newest_last_checkpoint(fit.trainer)
     common = [a for a in tiny_fit_args(tiny_model_dir, tmp_path)[1:] if not a.startswith("--trainer.max_steps")
               and not a.startswith("--trainer.val_check_interval")]
     validate = main(["validate", *common, f"--ckpt_path={ckpt}"])

@@ -87,3 +87,21 @@ def test_a_full_disk_during_a_save_stops_the_run_with_one_error_line_and_keeps_t
     assert "Traceback" not in output
     assert _step(folder / "last.ckpt") == 2
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_a_resume_with_changed_settings_is_refused_naming_each_change(tiny_model_dir, tmp_path):
+    from finsight.training.reliability import ResumeChangedError
+
+    torch.set_num_threads(1)
+    main(tiny_fit_args(tiny_model_dir, tmp_path))
+    with pytest.raises(ResumeChangedError) as caught:
+        main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last",
+                           "--data.batch_size=1", "--trainer.accumulate_grad_batches=2", "--data.max_length=256"))
+    message = str(caught.value)
+    assert message.startswith("--ckpt_path: this run changes what the checkpoint's steps were trained with: ")
+    assert "trainer.accumulate_grad_batches was 1, now 2" in message
+    assert "data.batch_size was 2, now 1" in message and "data.max_length was 512, now 256" in message
+    assert "data.seed" not in message and "data.sources" not in message and "\n" not in message
+    # Unchanged settings resume.
+    resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
+    assert resumed.trainer.global_step == 3

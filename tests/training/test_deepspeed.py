@@ -294,3 +294,26 @@ def test_deepspeed_nan_gradient_stops_like_the_plain_strategy_and_resume_continu
     assert got[0]["samples"] == uninterrupted[2]["samples"]
     assert got[0]["loss"] == pytest.approx(uninterrupted[2]["loss"], rel=RELATIVE_TOLERANCE)
     assert got[0]["grad_norm"] == pytest.approx(uninterrupted[2]["grad_norm"], rel=RELATIVE_TOLERANCE)
+
+
+@needs_deepspeed
+def test_deepspeed_killed_inside_a_checkpoint_folder_write_resumes_from_the_previous_one(setup, runs, tmp_path):
+    """Killed after the first file of step 2's checkpoint folder: the partial folder is only a hidden
+    temporary, last.ckpt is step 1's complete folder, and the resume trains steps 2 and 3 exactly."""
+    kill = '--trainer.callbacks+={"class_path": "fit_worker.KillInsideSave", "init_args": {"step": 2}}'
+    killed = fit(setup, "deepspeed-kill", kill, deepspeed=True, root=tmp_path / "ds", expect_error=True)
+    assert "KillInsideSave: killed after writing" in killed["output"], killed["output"][-3000:]
+    checkpoints = killed["log_dir"] / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == [".step2.ckpt.tmp-step2", "last.ckpt", "step1.ckpt"], names
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 1
+
+    resumed = fit(setup, "deepspeed-kill", "--ckpt_path=last", deepspeed=True, root=tmp_path / "ds")
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # cleared by the next save
+    uninterrupted = runs["deepspeed1"]["ranks"][0]["steps"]
+    got = resumed["ranks"][0]["steps"]
+    assert [s["step"] for s in got] == [2, 3]
+    for step, expected in zip(got, uninterrupted[1:]):
+        assert step["samples"] == expected["samples"]
+        assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
+        assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)

@@ -12,6 +12,7 @@ from helpers import prepared_datamodule, sample_sources
 
 from finsight import FinSightDataModule, FinSightModule, compat
 from finsight.cli.lightning_cli import main
+from finsight.training.checkpoint import newest_last_checkpoint
 from finsight.training.module import PrecisionError, planned_optimizer_steps, warmup_steps
 
 
@@ -193,7 +194,7 @@ def test_checkpoint_size_is_near_the_adapter_and_resume_restores_everything(tiny
     from helpers import tiny_fit_args
 
     cli = main(tiny_fit_args(tiny_model_dir, tmp_path))
-    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    ckpt = Path(newest_last_checkpoint(cli.trainer))
     trainable = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     budget = trainable * (4 + 4 + 4)  # fp32 weight + Adam's two moments
     ratio = ckpt.stat().st_size / budget
@@ -244,7 +245,7 @@ def test_export_command_writes_adapter_and_merged_model(tiny_model_dir, tmp_path
     from transformers import AutoModelForCausalLM
 
     cli = main(tiny_fit_args(tiny_model_dir, tmp_path))
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = newest_last_checkpoint(cli.trainer)
     adapter = main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "adapter")])
     assert (Path(adapter) / "adapter_model.safetensors").is_file()
     merged = main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "merged"), "--merged", "true",

@@ -27,7 +27,12 @@ from helpers import ROOT
 
 from finsight.atomic import stale_temporaries
 from finsight.cli.lightning_cli import main
-from finsight.training.checkpoint import AtomicCheckpointIO, CheckpointError, verify_checkpoint_file
+from finsight.training.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    newest_last_checkpoint,
+    verify_checkpoint_file,
+)
 from finsight.training.reliability import ExactResume, NonFiniteError, NonFiniteGuard, StepSeededRNG
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -406,7 +411,7 @@ def a_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     assert any(isinstance(c, NonFiniteGuard) for c in cli.trainer.callbacks)
     assert any(isinstance(c, StepSeededRNG) for c in cli.trainer.callbacks)
     assert any(isinstance(c, ExactResume) for c in cli.trainer.callbacks)
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+    return Path(newest_last_checkpoint(cli.trainer))
 
 
 @pytest.mark.parametrize("damage", ["empty", "cut_to_half", "cut_last_bytes", "flipped_byte", "not_a_checkpoint"])
