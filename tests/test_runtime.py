@@ -8,6 +8,7 @@ import pytest
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from finsight.cli.lightning_cli import main
+from finsight.training.checkpoint import LatestCheckpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,7 +29,10 @@ def test_validation_every_500_optimizer_steps_at_any_accumulation(accumulation):
 def test_checkpoint_and_early_stopping_follow_the_methodology():
     cli = build()
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
-    assert checkpoint.monitor == "val/loss" and checkpoint.save_last and checkpoint.save_top_k == 1
+    assert checkpoint.monitor == "val/loss" and not checkpoint.save_last and checkpoint.save_top_k == 1
+    latest = next(c for c in cli.trainer.callbacks if isinstance(c, LatestCheckpoint))
+    assert latest.save_last and latest.save_top_k == 0 and latest.monitor is None
+    assert latest._train_time_interval.total_seconds() == 15 * 60 and latest.dirpath == checkpoint.dirpath
     assert checkpoint._save_on_train_epoch_end is False  # saves after each validation: every 500 steps
     stopping = next(c for c in cli.trainer.callbacks if isinstance(c, EarlyStopping))
     assert (stopping.monitor, stopping.patience, stopping.min_delta) == ("val/loss", 3, -0.05)

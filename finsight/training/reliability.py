@@ -169,7 +169,10 @@ class ExactResume(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved, self._saved_settings = self._saved_settings, {}
-        refuse_changed_resume(saved, run_settings(trainer))
+        # Only a user's --ckpt_path: Lightning's batch size finder saves and restores a scratch checkpoint
+        # (``.scale_batch_size_<uuid>.ckpt``) around its trials of other batch sizes.
+        if trainer.ckpt_path is not None and not Path(trainer.ckpt_path).name.startswith(".scale_batch_size_"):
+            refuse_changed_resume(saved, run_settings(trainer))
         if self._metrics:
             device = pl_module.device
             for name, value in self._metrics.items():

@@ -282,10 +282,8 @@ def one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_model_dir, tmp_path_factory, request):
-    """The uninterrupted run every interrupted run must reproduce (started once, in the background)."""
-    run = Run(tmp_path_factory.mktemp("reference"), tiny_model_dir)
+def _start_reference(run: Run, request) -> tuple[Run, subprocess.Popen]:
+    """Start an uninterrupted run in the background (killed when the module's tests end)."""
     # Prepare the data here, once: runs started together would otherwise all build the same cache.
     main(run.args(), run=False).datamodule.prepare_data()
     process = run.start()
@@ -294,13 +292,15 @@ def reference_run(tiny_model_dir, tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory, request):
+    """The uninterrupted run every interrupted run must reproduce (started once, in the background)."""
+    return _start_reference(Run(tmp_path_factory.mktemp("reference"), tiny_model_dir), request)
+
+
+@pytest.fixture(scope="module")
 def latest_reference_run(tiny_model_dir, tmp_path_factory, request):
     """The uninterrupted ``LatestRun``, started in the background."""
-    run = LatestRun(tmp_path_factory.mktemp("latest-reference"), tiny_model_dir)
-    main(run.args(), run=False).datamodule.prepare_data()
-    process = run.start()
-    request.addfinalizer(lambda: _kill(process))
-    return run, process
+    return _start_reference(LatestRun(tmp_path_factory.mktemp("latest-reference"), tiny_model_dir), request)
 
 
 def _reference(reference_run) -> Run:
