@@ -102,6 +102,9 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_change(tiny_model
     assert "trainer.accumulate_grad_batches was 1, now 2" in message
     assert "data.batch_size was 2, now 1" in message and "data.max_length was 512, now 256" in message
     assert "data.seed" not in message and "data.sources" not in message and "\n" not in message
+    with pytest.raises(ResumeChangedError, match=r"data.sources was \[.*\], now \[\{'name': 'intro'"):
+        main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last",
+                           '--data.sources=[{"name": "intro", "format": "intro", "rows": 14}]'))
     # Unchanged settings resume.
     resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
     assert resumed.trainer.global_step == 3
