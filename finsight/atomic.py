@@ -42,10 +42,11 @@ def disk_full_error(folder: Path, needed: int, what: str) -> DiskFullError:
     return error
 
 
-def temporary_sibling(path: Path) -> Path:
+def temporary_sibling(path: Path, tag: str | None = None) -> Path:
     """The hidden temporary ``path`` is written under; it never matches ``*.ckpt``, ``*.gguf`` or a folder
-    name a loader looks for."""
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    name a loader looks for. ``tag`` (default: this process id) must be the same on every rank that writes
+    a part of it."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid() if tag is None else tag}")
 
 
 def stale_temporaries(path: Path) -> list[Path]:

@@ -49,6 +49,14 @@ def save_last_now(callback: Any, trainer: L.Trainer) -> None:
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
+def is_batch_size_finder_checkpoint(path: str | None) -> bool:
+    """Whether ``path`` is the scratch checkpoint Lightning's batch size finder saves before its trials and
+    restores after them (``.scale_batch_size_<uuid>.ckpt``, a private name), not a user's ``--ckpt_path``."""
+    from pathlib import Path
+
+    return path is not None and Path(path).name.startswith(".scale_batch_size_")
+
+
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The trainer a module is attached to, or None: ``module.trainer`` raises when there is none.
 

@@ -29,7 +29,13 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from finsight import compat
-from finsight.atomic import TEMP_MARKER, disk_full_error, is_no_space, remove_stale_temporaries, replace_with
+from finsight.atomic import (
+    disk_full_error,
+    is_no_space,
+    remove_stale_temporaries,
+    replace_with,
+    temporary_sibling,
+)
 from finsight.errors import FinSightError
 from finsight.training.checkpoint import tensor_bytes
 
@@ -199,7 +205,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         name (the same on every rank), and rank 0 renames the complete folder onto ``filepath``; a kill in
         between leaves the previous folder readable. A full disk is one :class:`DiskFullError`."""
         target = Path(self.broadcast(str(filepath)))
-        temporary = target.with_name(f".{target.name}{TEMP_MARKER}step{checkpoint.get('global_step', 0)}")
+        temporary = temporary_sibling(target, tag=f"step{checkpoint.get('global_step', 0)}")
         if self.is_global_zero:
             remove_stale_temporaries(target)
         self.barrier()

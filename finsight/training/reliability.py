@@ -169,9 +169,8 @@ class ExactResume(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved, self._saved_settings = self._saved_settings, {}
-        # Only a user's --ckpt_path: Lightning's batch size finder saves and restores a scratch checkpoint
-        # (``.scale_batch_size_<uuid>.ckpt``) around its trials of other batch sizes.
-        if trainer.ckpt_path is not None and not Path(trainer.ckpt_path).name.startswith(".scale_batch_size_"):
+        # Only a user's --ckpt_path: the batch size finder restores its own checkpoint of other batch sizes.
+        if trainer.ckpt_path is not None and not compat.lightning.is_batch_size_finder_checkpoint(trainer.ckpt_path):
             refuse_changed_resume(saved, run_settings(trainer))
         if self._metrics:
             device = pl_module.device
