@@ -6,9 +6,9 @@ with what it saves, in one process on one machine:
 
 1. ``save at the end of fit``: ``cache_trained_model`` as ``AdapterExport`` runs it after a CPU ``fit`` (the
    dense model built from the training model, then written as a cache entry), and the entry's size on disk.
-2. ``first chat, nothing cached``: ``load_generation_model``, what the first ``finsight chat --adapter`` builds
+2. ``first chat, nothing cached``: ``merged_from_files``, what the first ``finsight chat --adapter`` builds
    from the files without that entry.
-3. ``first chat, cached``: ``cached_generation_model`` finding the entry (what every chat after a CPU ``fit``
+3. ``first chat, cached``: ``get_generation_model`` finding the entry (what every chat after a CPU ``fit``
    loads).
 
 The adapter is a fresh LoRA (r=64 on every projection, as the quickstart trains) with random non-zero ``B``:
@@ -47,7 +47,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from finsight.inference import cache
-    from finsight.inference.generation_model import load_generation_model
+    from finsight.inference.generation_model import get_generation_model
+    from finsight.inference.merge import merged_from_files
+    from finsight.inference.weights import TrainedWeights
     from finsight.model.loading import load_peft_model
     from finsight.model.settings import LoraSettings, MemorySettings, QuantizationSettings
     from finsight.references import resolve_model
@@ -64,6 +66,7 @@ def main() -> None:
     adapter = work / "adapter"
     model.save_pretrained(adapter)
     cache.generation_cache_dir = lambda: work / "generation"  # a cache of this run's own
+    weights = TrainedWeights.of_adapter(adapter, settings, model_name=reference)
 
     rows: dict[str, list[float]] = {"save at the end of fit": [], "first chat, nothing cached": [],
                                     "first chat, cached": []}
@@ -72,16 +75,16 @@ def main() -> None:
         for stale in (work / "generation").glob("*"):
             shutil.rmtree(stale)
         started = time.perf_counter()
-        entry = cache.cache_trained_model(model, reference, str(adapter), settings)
+        entry = cache.cache_trained_model(model, weights)
         rows["save at the end of fit"].append(time.perf_counter() - started)
         assert entry is not None, "the base has no local files: nothing to key the entry on"
         entry_size = folder_bytes(entry)
         started = time.perf_counter()
-        built = load_generation_model(reference, adapter=str(adapter), settings=settings)
+        built = merged_from_files(weights)
         rows["first chat, nothing cached"].append(time.perf_counter() - started)
         del built
         started = time.perf_counter()
-        cached = cache.cached_generation_model(reference, adapter=str(adapter), settings=settings)
+        cached = get_generation_model(weights)
         rows["first chat, cached"].append(time.perf_counter() - started)
         assert "from the cache" in cached.described, cached.described
         del cached

@@ -12,7 +12,7 @@ weights.
    * ``merged float32 (from the 4-bit model)``: ``finsight.inference.generation_model.build_generation_model`` (what
      ``finsight test`` and the training samples use): the NF4 weights dequantized with bitsandbytes, the
      adapter merged with PEFT;
-   * ``merged float32`` / ``bfloat16 (from the files)``: ``finsight.inference.generation_model.load_generation_model`` (what
+   * ``merged float32`` / ``bfloat16 (from the files)``: ``finsight.inference.merge.merged_from_files`` (what
      ``finsight chat`` uses on a CPU): the same tensors, built without 4-bit layers; ``+ prompt lookup 3``:
      the same model with ``prompt_lookup_num_tokens=3`` (``finsight chat --prompt_lookup_tokens 3``);
    * ``transformers + PEFT merged float32`` / ``bfloat16``: ``AutoModelForCausalLM`` in that dtype,
@@ -91,14 +91,16 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finsight.cli.chat import adapter_base_model, load_from_adapter
-    from finsight.inference.generation_model import build_generation_model, load_generation_model
+    from finsight.inference.merge import build_generation_model, merged_from_files, quantized_from_files
+    from finsight.inference.weights import TrainedWeights
+    from finsight.model.loading import load_tokenizer
     from finsight.model.settings import QuantizationSettings
 
     sdpa_nf4 = QuantizationSettings(attn_implementation="sdpa")
 
     torch.manual_seed(0)
-    quantized, tokenizer, _ = load_from_adapter(adapter, None, sdpa_nf4)
+    weights = TrainedWeights.of_adapter(adapter, sdpa_nf4)
+    quantized, tokenizer = quantized_from_files(weights), load_tokenizer(weights.reference)
     base_path = quantized.get_base_model().config._name_or_path
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
     rows: list[dict] = []
@@ -116,10 +118,9 @@ def in_process(adapter: str, n_prompts: int, max_new_tokens: int) -> list[dict]:
     merged = build_generation_model(quantized, torch.float32)
     measure("finsight merged float32, from the 4-bit model (test, samples)", merged, time.perf_counter() - started)
     del merged, quantized
-    folder, reference = adapter_base_model(adapter, None)
     for dtype in ("float32", "bfloat16"):
         started = time.perf_counter()
-        merged = load_generation_model(reference, adapter=folder, dtype=dtype, settings=sdpa_nf4).model
+        merged = merged_from_files(weights, dtype).model
         measure(f"finsight merged {dtype}, from the files (chat)", merged, time.perf_counter() - started)
         measure(f"finsight merged {dtype}, from the files + prompt lookup 3", merged, lookup=3)
         del merged
@@ -191,20 +192,21 @@ def compiled_generation(model, tokenizer, prompts: list[list[int]], max_new_toke
 
 def ceilings(adapter: str, n_prompts: int, max_new_tokens: int, compile_: bool) -> list[dict]:
     """The 4-bit path's tokens/s, then per dtype the merged model's bound, forward loop, generate (compiled)."""
-    from finsight.cli.chat import adapter_base_model, load_from_adapter
-    from finsight.inference.generation_model import load_generation_model
+    from finsight.inference.merge import merged_from_files, quantized_from_files
+    from finsight.inference.weights import TrainedWeights
+    from finsight.model.loading import load_tokenizer
     from finsight.model.settings import QuantizationSettings
 
     sdpa_nf4 = QuantizationSettings(attn_implementation="sdpa")
 
-    quantized, tokenizer, _ = load_from_adapter(adapter, None, sdpa_nf4)
+    weights = TrainedWeights.of_adapter(adapter, sdpa_nf4)
+    quantized, tokenizer = quantized_from_files(weights), load_tokenizer(weights.reference)
     prompts = [prompt_ids(tokenizer, q) for q in PROMPTS[:n_prompts]]
     rows = [{"path": "4-bit (training layers), generate", "tokens_per_s":
              time_generation(quantized, tokenizer, prompts, max_new_tokens)[0]}]
     del quantized
-    folder, reference = adapter_base_model(adapter, None)
     for dtype in ("float32", "bfloat16"):
-        model = load_generation_model(reference, adapter=folder, dtype=dtype, settings=sdpa_nf4).model
+        model = merged_from_files(weights, dtype).model
         print(f"[{load_average()}] {dtype} ceilings ...", file=sys.stderr, flush=True)
         rows.append({"path": f"merged {dtype}: matrix multiplies alone (bound)", "tokens_per_s": matmul_bound(model)})
         rows.append({"path": f"merged {dtype}: forward pass in a loop",

@@ -7,14 +7,14 @@ oldest exchanges are dropped, the system prompt stays). ``--prompt "..."`` print
 settings are read from its hyper-parameters). Type ``/reset`` to start over, ``/exit`` or Ctrl-D to leave;
 Ctrl-C during an answer stops that answer.
 
-On a CPU the answers come from the trained weights as dense layers: NF4 dequantized, adapter merged
-(``finsight.inference.generation_model.load_generation_model``), built straight from the base model and adapter files, which
-generates several times faster than the 4-bit layers and starts without the training stack (no Lightning).
-That model is kept on disk (``finsight.inference.cache``: saved at the end of a CPU ``fit``, or by the first
-chat that finds none); a chat that finds it loads it without importing PEFT or bitsandbytes (``--cache
-false``: build every time). ``--ckpt_path`` builds it through the training model (Lightning, 4-bit layers)
-the first time and from then on loads it from the same cache, keyed by the checkpoint's adapter tensors and
-hyper-parameters. ``--inference 4bit`` and GPUs load the model as in training. Answers are sampled
+The model comes from ``finsight.inference.generation_model.get_generation_model``, as for ``finsight test``
+and export. On a CPU the answers come from the trained weights as dense layers: NF4 dequantized, adapter
+merged, built straight from the base model and the adapter (folder or checkpoint), which generates several
+times faster than the 4-bit layers and starts without the training stack (no Lightning). That model is kept
+on disk (``finsight.inference.cache``: saved at the end of a CPU ``fit``, or by the first chat that finds
+none), keyed by the adapter's bytes (a checkpoint: its adapter tensors and hyper-parameters); a chat that
+finds it loads it without importing PEFT or bitsandbytes (``--cache false``: build every time).
+``--inference 4bit`` and GPUs load the model as in training. Answers are sampled
 (``--temperature``, ``--top_p``, ``--repetition_penalty``, ``--no_repeat_ngram_size``, ``--seed``);
 ``--temperature 0`` answers greedily.
 """
@@ -22,28 +22,24 @@ hyper-parameters. ``--inference 4bit`` and GPUs load the model as in training. A
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 from jsonargparse import auto_cli
 
 from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.errors import FinSightError
-from finsight.inference.cache import cached_checkpoint_model, cached_generation_model
 from finsight.inference.decoding import (
     ChatSession,
-    GenerationModel,
     InferenceChoice,
     InferenceDtype,
     PromptTooLongError,
     chat_generation_config,
 )
-from finsight.model.loading import load_base_model
+from finsight.inference.generation_model import get_generation_model
+from finsight.inference.weights import TrainedWeights
 from finsight.model.precision import ComputeDtype, choose_precision
 from finsight.model.settings import AttentionChoice, QuantizationKind, QuantizationSettings
 
@@ -59,35 +55,6 @@ def _default_compute_dtype() -> ComputeDtype:
     return choose_precision().compute_dtype
 
 
-def load_base(model_name: str, settings: QuantizationSettings) -> tuple[Any, Any]:
-    """The base model, quantized as in training (on the GPU when there is one), and its tokenizer."""
-    model, _, _ = load_base_model(model_name, settings, on_gpu=True)
-    return model, load_chat_tokenizer(model_name)
-
-
-def adapter_base_model(adapter: str, model_name: str | None) -> tuple[str, str]:
-    """The adapter folder, checked, and its base model (named, or the one recorded in ``adapter_config.json``)."""
-    config_file = Path(adapter).expanduser() / "adapter_config.json"
-    if not config_file.is_file():
-        raise ChatLoadError(f"adapter folder {adapter!r} has no adapter_config.json (expected a PEFT adapter "
-                            "folder such as <log_dir>/adapter written by finsight fit)")
-    if model_name is None:
-        model_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
-        if not model_name:
-            raise ChatLoadError(f"{config_file} does not name its base model; give --model_name")
-    return str(config_file.parent), model_name
-
-
-def load_from_adapter(adapter: str, model_name: str | None, settings: QuantizationSettings) -> tuple[Any, Any, str]:
-    """Base model (named, or the one recorded in ``adapter_config.json``) with the PEFT adapter on it."""
-    from peft import PeftModel  # the training model's route only: a chat from the cache never imports PEFT
-
-    folder, model_name = adapter_base_model(adapter, model_name)
-    base, tokenizer = load_base(model_name, settings)
-    model = PeftModel.from_pretrained(base, folder)
-    return model, tokenizer, f"{model_name} + adapter {adapter}"
-
-
 def checkpoint_overrides(quantization: QuantizationKind | None, compute_dtype: ComputeDtype,
                          attn_implementation: AttentionChoice) -> dict[str, Any]:
     """The flat settings the chat puts over a checkpoint's own: its compute dtype and attention kernel always,
@@ -98,17 +65,16 @@ def checkpoint_overrides(quantization: QuantizationKind | None, compute_dtype: C
     return overrides
 
 
-def load_from_checkpoint(ckpt_path: str, model_name: str | None, overrides: dict[str, Any]) -> tuple[Any, Any, str]:
-    """The training module of a checkpoint (verified first), with the chat's loading options on top."""
-    # Only checkpoints need the training module (and with it Lightning): imported here, not at start-up.
-    from finsight.training.module import FinSightModule
-
-    overrides = {"gradient_checkpointing": False, **overrides}
+def chat_weights(adapter: str | None, ckpt_path: str | None, model_name: str | None,
+                 settings: QuantizationSettings, overrides: dict[str, Any]) -> TrainedWeights:
+    """The weights the chat answers with, checked: a checkpoint, an adapter folder, or a base model alone."""
+    if ckpt_path:
+        return TrainedWeights.of_checkpoint(ckpt_path, overrides, model_name=model_name)
+    if adapter:
+        return TrainedWeights.of_adapter(adapter, settings, model_name=model_name)
     if model_name:
-        overrides["model_name"] = model_name
-    module = FinSightModule.from_checkpoint(Path(ckpt_path).expanduser(), **overrides)
-    name = module.hparams.model_name
-    return module.model, load_chat_tokenizer(name), f"{name} + checkpoint {ckpt_path}"
+        return TrainedWeights.of_base(model_name, settings)
+    raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
 
 
 def chat(
@@ -180,25 +146,12 @@ def chat(
     settings = QuantizationSettings(kind=quantization or "nf4", compute_dtype=compute,
                                     attn_implementation=attn_implementation)
     overrides = checkpoint_overrides(quantization, compute, attn_implementation)
-    if not (ckpt_path or adapter or model_name):
-        raise ChatLoadError("finsight chat needs --adapter, --ckpt_path or --model_name")
+    weights = chat_weights(adapter, ckpt_path, model_name, settings, overrides)
     # Standard output carries only the answers (scripts read it): whatever the libraries print while the
     # model loads (DeepSpeed's accelerator notice, for one) goes to stderr, with the line about the model.
     with contextlib.redirect_stdout(sys.stderr):
-        on_cpu_merged = inference != "4bit" and not torch.cuda.is_available()
-        if ckpt_path and on_cpu_merged and cache:
-            generator, tokenizer, described = _from_checkpoint_on_cpu(ckpt_path, model_name, settings, overrides,
-                                                                      inference, dtype)
-        elif ckpt_path or not on_cpu_merged:
-            generator, tokenizer, described = _through_training_model(ckpt_path, adapter, model_name, settings,
-                                                                      overrides, inference, dtype)
-        else:
-            # On a CPU the answer comes from the merged dense model: built from the files, or the cached copy.
-            folder, reference = adapter_base_model(adapter, model_name) if adapter else (None, model_name)
-            generator = cached_generation_model(reference, adapter=folder, settings=settings, dtype=dtype,
-                                                cache=cache)
-            tokenizer = load_chat_tokenizer(reference)
-            described = f"{reference} + adapter {adapter}" if adapter else f"{reference} (base model, no adapter)"
+        generator = get_generation_model(weights, inference=inference, dtype=dtype, cache=cache)
+        tokenizer = load_chat_tokenizer(weights.reference)
     print(f"Generation model: {generator.described}", file=sys.stderr)
     decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size,
                                       prompt_lookup_tokens)
@@ -207,45 +160,7 @@ def chat(
     if prompt is not None:
         session.ask(prompt, stream=output)
         return 0
-    return _interactive(session, described, output)
-
-
-def _through_training_model(ckpt_path: str | None, adapter: str | None, model_name: str | None,
-                            settings: QuantizationSettings, overrides: dict[str, Any], inference: InferenceChoice,
-                            dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
-    """Load the model as in training (4-bit base, adapter), then pick what generates from it."""
-    from finsight.inference.generation_model import (
-        generation_model,  # brings bitsandbytes and PEFT: only on this route
-    )
-
-    if ckpt_path:
-        model, tokenizer, described = load_from_checkpoint(ckpt_path, model_name, overrides)
-    elif adapter:
-        model, tokenizer, described = load_from_adapter(adapter, model_name, settings)
-    else:
-        model, tokenizer = load_base(model_name, settings)
-        described = f"{model_name} (base model, no adapter)"
-    return generation_model(model, inference=inference, dtype=dtype), tokenizer, described
-
-
-def _from_checkpoint_on_cpu(ckpt_path: str, model_name: str | None, settings: QuantizationSettings,
-                            overrides: dict[str, Any],
-                            inference: InferenceChoice, dtype: InferenceDtype) -> tuple[GenerationModel, Any, str]:
-    """A checkpoint's merged model from the generation cache, else built through the training model and cached."""
-    built: list[tuple[GenerationModel, Any, str]] = []  # the training route's result, when it ran
-
-    def training_route() -> tuple[GenerationModel, Any, str]:
-        built.append(_through_training_model(ckpt_path, None, model_name, settings, overrides, inference, dtype))
-        return built[-1]
-
-    found = cached_checkpoint_model(ckpt_path, lambda: training_route()[0], model_name=model_name,
-                                    overrides=overrides, dtype=dtype)
-    if found is None:  # not keyable (a DeepSpeed folder, a damaged file, a base not on disk): no cache
-        return training_route()
-    if built:  # a miss: the model was built (and cached) through the training route
-        return built[-1]
-    generator, reference = found
-    return generator, load_chat_tokenizer(reference), f"{reference} + checkpoint {ckpt_path}"
+    return _interactive(session, weights.described, output)
 
 
 def _interactive(session: Any, described: str, output: TextIO) -> int:

@@ -7,11 +7,12 @@ the transformers model's names. Both follow how PEFT lays out its modules, not a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 DISTRIBUTION = "peft"
@@ -62,6 +63,19 @@ def is_lora_tensor(name: str) -> bool:
 def base_weight_name(name: str) -> str:
     """A PEFT-wrapped layer's weight under the transformers model's own name (PEFT adds ``.base_layer.``)."""
     return name.replace(".base_layer.", ".")
+
+
+def adapter_state_of_module(state: Mapping[str, torch.Tensor], module_attribute: str,
+                            adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """A module's adapter tensors (a training checkpoint's ``state_dict``) under the names PEFT saves them with.
+
+    The checkpoint names them ``<module_attribute>.base_model.model.<layer>.lora_A.<adapter_name>.weight``;
+    ``save_pretrained`` and ``set_peft_model_state_dict`` use the same name without the attribute and without
+    the adapter's name, which PEFT inserts itself when loading.
+    """
+    prefix, infix = f"{module_attribute}.", f".{adapter_name}."
+    return {name.removeprefix(prefix).replace(infix, "."): tensor for name, tensor in state.items()
+            if name.startswith(prefix) and is_lora_tensor(name)}
 
 
 # PEFT reads transformers' deprecated ``is_gradient_checkpointing`` while wrapping a model (transformers 5.23+).

@@ -39,7 +39,7 @@ from finsight.evaluation.metrics import (
 )
 from finsight.evaluation.samples import evaluate_answers, run_tokenizer
 from finsight.inference.decoding import InferenceChoice, stop_token_ids
-from finsight.inference.generation_model import generation_model
+from finsight.inference.generation_model import get_generation_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -138,7 +138,7 @@ class HeldOutEvaluator(Callback):
         with trainer.precision_plugin.forward_context():
             for name in names:
                 # The same weights as the loss: the trained model, or its base without the LoRA update.
-                generator = generation_model(pl_module.model, inference=self.inference, merge_adapter=name != BASE)
+                generator = get_generation_model(pl_module.model, inference=self.inference, merge_adapter=name != BASE)
                 built.append(generator.described)
                 context = (pl_module.model.disable_adapter() if name == BASE and generator.kind == "4bit"
                            else contextlib.nullcontext())

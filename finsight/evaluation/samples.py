@@ -25,7 +25,7 @@ from finsight.evaluation.metrics import (
     prompt_examples,
 )
 from finsight.inference.decoding import InferenceChoice, generate, stop_token_ids
-from finsight.inference.generation_model import generation_model
+from finsight.inference.generation_model import get_generation_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,7 +72,7 @@ def _markdown_cell(text: str) -> str:
 class GenerationSamples(Callback):
     """Answers a fixed set of prompts at every validation and logs them, so progress can be read, not guessed.
 
-    Greedy and batched, with the trained weights as ``finsight.inference.generation_model.generation_model`` builds them
+    Greedy and batched, with the trained weights as ``finsight.inference.generation_model.get_generation_model`` builds them
     (on a CPU: NF4 dequantized, adapter merged, several times faster than the 4-bit layers, same greedy
     tokens); the training model's state (modes, cache flag, RNG) is left as it was: a run with this
     callback ends with the same weights as one without. Logged to
@@ -120,7 +120,7 @@ class GenerationSamples(Callback):
         encoder = ChatEncoder.untruncated(tokenizer)
         examples = (prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
                     + prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity"))
-        model = generation_model(pl_module.model, inference=self.inference).model
+        model = get_generation_model(pl_module.model, inference=self.inference).model
         # The precision context gives generation the same autocast as the validation steps.
         with trainer.precision_plugin.forward_context():
             evaluator = evaluate_answers(model, tokenizer, examples, max_new_tokens=self.max_new_tokens,

@@ -11,19 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
-import torch
 from jsonargparse import auto_cli
 from lightning.pytorch.callbacks import Callback
 
 from finsight.atomic import atomic_path
+from finsight.checkpoint_files import read_checkpoint
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.errors import FinSightError
 from finsight.export.gguf import GGUFType, write_gguf
 from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
-from finsight.inference.generation_model import build_generation_model, resolve_dtype
+from finsight.inference.generation_model import get_generation_model
+from finsight.inference.weights import TrainedWeights
 from finsight.references import fetch_pypi_gguf
-from finsight.training.checkpoint import best_checkpoint_callback, read_checkpoint
+from finsight.training.checkpoint import best_checkpoint_callback
 from finsight.training.module import FinSightModule
 
 if TYPE_CHECKING:
@@ -103,8 +104,9 @@ class AdapterExport(Callback):
 
     def _cache_chat_model(self, pl_module: L.LightningModule, adapter: Path) -> None:
         try:
-            self.chat_model_entry = cache_trained_model(pl_module.model, pl_module.hparams.model_name, str(adapter),
-                                                        pl_module.quantization_settings)
+            weights = TrainedWeights.of_adapter(adapter, pl_module.quantization_settings,
+                                                model_name=pl_module.hparams.model_name)
+            self.chat_model_entry = cache_trained_model(pl_module.model, weights)
         except Exception as error:  # noqa: BLE001 - training is done and the adapter written: never fail here
             log.warning("Could not cache the chat's model (%s: %s); the first chat builds it",
                         type(error).__name__, error)
@@ -138,24 +140,22 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
         gguf_type: Weights in the GGUF file: ``f16``, ``bf16`` or ``q8_0`` (8-bit, about half the size of f16).
         model_name: Base model reference, when it moved since training (defaults to the checkpoint's).
     """
-    overrides: dict[str, Any] = {"gradient_checkpointing": False}
-    if model_name:
-        overrides["model_name"] = model_name
-    if (merged or gguf) and merge_into == "original":
-        overrides["quantization"] = "none"
-    module = FinSightModule.from_checkpoint(checkpoint, **overrides)
     target = Path(output)
     if not merged and not gguf:
-        write_adapter(module, target)
+        overrides: dict[str, Any] = {"gradient_checkpointing": False}
+        if model_name:
+            overrides["model_name"] = model_name
+        write_adapter(FinSightModule.from_checkpoint(checkpoint, **overrides), target)
         log.info("Adapter written to %s", target)
         return target
+    weights = TrainedWeights.of_checkpoint(checkpoint, {"quantization": "none"} if merge_into == "original" else {},
+                                           model_name=model_name)
     # The GGUF writer converts to the file's type itself; float32 loses nothing on the way there.
-    weights = torch.float32 if gguf else resolve_dtype(dtype, module.model)
-    model = build_generation_model(module.model, weights)
-    tokenizer = load_chat_tokenizer(module.hparams.model_name)
+    model = get_generation_model(weights, inference="merged", dtype="float32" if gguf else dtype, cache=False).model
+    tokenizer = load_chat_tokenizer(weights.reference)
     described = f"{'dequantized NF4' if merge_into == 'dequantized' else 'original'} base weights"
     if gguf:
-        reference = str(module.hparams.model_name)
+        reference = weights.reference
         source = _source_gguf(reference)
         stem = Path(reference.rpartition("/")[2]).stem.split(".")[0] or "model"
         path = write_gguf(model, tokenizer, target / f"{stem}-finsight-{gguf_type}.gguf", gguf_type,

@@ -1,6 +1,6 @@
 """The chat's merged model kept on disk, so the next chat with the same adapter starts in seconds.
 
-Building the chat's model from the files (:func:`finsight.inference.generation_model.load_generation_model`) imports PEFT and
+Building the chat's model from the files (:func:`finsight.inference.merge.merged_from_files`) imports PEFT and
 bitsandbytes and passes every quantized weight through NF4 and back: most of a short chat's start-up. The
 result depends only on the files and the settings, so the first chat saves it (``save_pretrained``,
 safetensors) under ``<cache>/generation/<key>`` and later chats load it as an ordinary transformers model,
@@ -23,15 +23,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import cast
 
 import torch
 
-from finsight.inference.decoding import GenerationModel, InferenceDtype, merged_weights
+from finsight.inference.decoding import GenerationModel, merged_weights
+from finsight.inference.weights import TrainedWeights
 from finsight.model.loading import load_base_model
-from finsight.model.settings import NF4, AttentionChoice, QuantizationSettings
+from finsight.model.settings import AttentionChoice, QuantizationSettings
 from finsight.references import cache_root, resolve_model
 
 log = logging.getLogger(__name__)
@@ -53,14 +52,6 @@ def generation_cache_dir() -> Path:
     return cache_root() / "generation"
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_folder(reference: str) -> Path | None:
     """The local folder a base reference loads from, or None when it is not on disk (nothing to key on)."""
     resolved = resolve_model(reference)
@@ -73,25 +64,18 @@ def _base_folder(reference: str) -> Path | None:
     return Path(config).parent if isinstance(config, str) else None
 
 
-def entry_key(reference: str, adapter: str | None, settings: dict[str, str | bool],
-              checkpoint: dict[str, object] | None = None) -> str | None:
+def entry_key(weights: TrainedWeights, settings: dict[str, str | bool]) -> str | None:
     """The cache key of a merged model, or None when the base model's files cannot be found locally.
 
     Base files are keyed by name, size and modification time (hashing gigabytes at every start would cost
-    what the cache saves); the adapter, small, by its bytes; a checkpoint by :func:`checkpoint_facts`.
+    what the cache saves); the adapter, small, by its bytes (``TrainedWeights.cache_facts``).
     """
-    base = _base_folder(reference)
+    base = _base_folder(weights.reference)
     if base is None:
         return None
-    facts: dict[str, object] = {"format": FORMAT, "settings": settings, "base": str(base)}
-    if checkpoint is not None:
-        facts["checkpoint"] = checkpoint
+    facts: dict[str, object] = {"format": FORMAT, "settings": settings, "base": str(base), **weights.cache_facts()}
     facts["base_files"] = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns)
                                  for item in base.iterdir() if item.is_file())
-    if adapter is not None:
-        folder = Path(adapter)
-        facts["adapter"] = sorted((item.name, _file_digest(item)) for item in folder.iterdir()
-                                  if item.is_file() and item.name.startswith("adapter_"))
     facts["versions"] = {name: importlib.metadata.version(name) for name in _VALUE_LIBRARIES}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -146,131 +130,64 @@ def _settings(settings: QuantizationSettings, dtype: str) -> dict[str, str | boo
     return {**settings.key(), "dtype": dtype}
 
 
-def _facts(reference: str, adapter: str | None, settings: dict[str, str | bool], written_by: str,
-           checkpoint: str | None = None) -> dict:
-    """The entry's record, for whoever looks into the cache folder (the key says nothing readable)."""
-    source = {"checkpoint": checkpoint} if checkpoint is not None else {"adapter": adapter}
-    return {"base": reference, **source, "settings": settings, "written_by": written_by,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def cache_entry(weights: TrainedWeights, dtype: str) -> Path | None:
+    """The entry that holds (or will hold) the merged model of ``weights`` in ``dtype``; None when not keyable."""
+    key = entry_key(weights, _settings(weights.settings, dtype))
+    return generation_cache_dir() / key if key else None
 
 
-def _cached_or_built(entry: Path | None, target: str, attn_implementation: AttentionChoice,
-                     build: Callable[[], GenerationModel], facts: dict[str, object]) -> GenerationModel:
-    """The entry's model when it holds a complete one; else ``build()``, saved as the entry (unless None)."""
-    if entry is not None and (entry / ENTRY_FILE).is_file():
-        try:
-            return _load(entry, target, attn_implementation)
-        except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)
-            log.warning("Generation cache entry %s is unreadable (%s: %s); building the model again",
-                        entry, type(error).__name__, str(error)[:200])
-            shutil.rmtree(entry, ignore_errors=True)
-    generator = build()
-    if entry is not None:
-        try:
-            stored = _store(generator, entry, facts)
-        except OSError as error:  # a read-only or full cache folder costs the next chat time, not this answer
-            log.warning("Not caching the generation model in %s (%s)", entry, error)
-            stored = False
-        if stored:
-            log.info("Generation model cached in %s: the next chat with this model loads it from there", entry)
-    return generator
-
-
-def cached_generation_model(reference: str, *, adapter: str | None,
-                            settings: QuantizationSettings = NF4, dtype: InferenceDtype = "auto",
-                            cache: bool = True) -> GenerationModel:
-    """:func:`finsight.inference.generation_model.load_generation_model`, loaded from the cache when it was built before.
-
-    On a miss the model is built (PEFT and bitsandbytes are imported only then) and, with ``cache``, saved
-    for the next time. ``cache=False`` neither reads nor writes the cache.
-    """
-    target = settings.compute_dtype if dtype == "auto" else dtype
-    recorded = _settings(settings, target)
-    key = entry_key(reference, adapter, recorded) if cache else None
-
-    def build() -> GenerationModel:
-        # Imported on a miss only: bitsandbytes and PEFT are most of the start-up a cached chat saves.
-        from finsight.inference.generation_model import load_generation_model
-
-        return load_generation_model(reference, adapter=adapter, settings=settings, dtype=dtype)
-
-    return _cached_or_built(generation_cache_dir() / key if key else None, target, settings.attn_implementation,
-                            build, _facts(reference, adapter, recorded, "chat"))
-
-
-def checkpoint_facts(ckpt_path: str | Path) -> dict[str, object] | None:
-    """What a training checkpoint's merged model depends on besides the base files, or None when not keyable.
-
-    Its hyper-parameters (base reference, quantization, LoRA rank and alpha, ...) and a digest of its adapter
-    tensors, read memory-mapped (the optimizer state beside them is never read). None for a DeepSpeed folder
-    or a file torch cannot read: the training route then loads it and reports what is wrong.
-    """
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
+def load_entry(entry: Path, dtype: str, attn_implementation: AttentionChoice) -> GenerationModel | None:
+    """The entry's model when it holds a complete, readable one; None otherwise (a broken entry is removed)."""
+    if not (entry / ENTRY_FILE).is_file():
         return None
-    digest = hashlib.sha256()
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        hyper_parameters, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
-        for name in sorted(state):
-            digest.update(name.encode())
-            digest.update(state[name].detach().reshape(-1).contiguous().view(torch.uint8).numpy())
-    except Exception:  # noqa: BLE001 - any unreadable file: not cached, the training route names the problem
+        return _load(entry, dtype, attn_implementation)
+    except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)
+        log.warning("Generation cache entry %s is unreadable (%s: %s); building the model again",
+                    entry, type(error).__name__, str(error)[:200])
+        shutil.rmtree(entry, ignore_errors=True)
         return None
-    return {"hyper_parameters": json.loads(json.dumps(hyper_parameters, sort_keys=True, default=str)),
-            "adapter_sha256": digest.hexdigest()}
 
 
-def cached_checkpoint_model(ckpt_path: str, build: Callable[[], GenerationModel], *, model_name: str | None,
-                            overrides: Mapping[str, object], dtype: InferenceDtype = "auto",
-                            ) -> tuple[GenerationModel, str] | None:
-    """A checkpoint's merged model from the cache, or ``build()`` (the training route) saved there.
+def store_entry(generator: GenerationModel, entry: Path, weights: TrainedWeights, dtype: str,
+                written_by: str) -> bool:
+    """Save a just-built merged model as ``entry``; False (logged) when the cache folder cannot take it.
 
-    Returns the model and its base reference (``model_name``, else the checkpoint's), or None when the
-    checkpoint cannot be keyed (see :func:`checkpoint_facts`) or its base has no local files: then the caller
-    builds without the cache. ``overrides``: the flat keys the chat sets over the checkpoint's own
-    (``compute_dtype``, ``attn_implementation``, ``quantization``), as ``build`` applies them.
+    A read-only or full cache folder costs the next chat time, never this answer.
     """
-    facts = checkpoint_facts(ckpt_path)
-    if facts is None:
-        return None
-    trained = cast(dict, facts["hyper_parameters"])
-    reference = model_name or trained.get("model_name")
-    if not reference:
-        return None
-    settings = QuantizationSettings.from_hparams({**trained, **overrides})
-    target = settings.compute_dtype if dtype == "auto" else dtype
-    recorded = _settings(settings, target)
-    key = entry_key(reference, None, recorded, checkpoint=facts)
-    if key is None:
-        return None
-    record = _facts(reference, None, recorded, "chat", checkpoint=str(ckpt_path))
-    return (_cached_or_built(generation_cache_dir() / key, target, settings.attn_implementation, build, record),
-            reference)
+    source = ({"checkpoint": str(weights.checkpoint)} if weights.checkpoint is not None
+              else {"adapter": str(weights.adapter) if weights.adapter is not None else None})
+    facts = {"base": weights.reference, **source, "settings": _settings(weights.settings, dtype),
+             "written_by": written_by, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        stored = _store(generator, entry, facts)
+    except OSError as error:
+        log.warning("Not caching the generation model in %s (%s)", entry, error)
+        return False
+    if stored:
+        log.info("Generation model cached in %s: the next chat with this model loads it from there", entry)
+    return stored
 
 
-def cache_trained_model(model: torch.nn.Module, reference: str, adapter: str,
-                        settings: QuantizationSettings) -> Path | None:
+def cache_trained_model(model: torch.nn.Module, weights: TrainedWeights) -> Path | None:
     """Save the merged model of a just-written adapter where a chat with it on this machine looks first.
 
-    ``model`` is the training model (4-bit base, LoRA) whose adapter was written to ``adapter``; the entry is
-    the one :func:`cached_generation_model` finds for that adapter with the same settings and the default
+    ``model`` is the training model (4-bit base, LoRA) whose adapter ``weights`` names; the entry is the one
+    :func:`finsight.inference.generation_model.get_generation_model` finds for those weights with the default
     dtype (the compute dtype), so the first chat after ``fit`` starts as fast as later ones. The merged model
-    is built from ``model`` (:func:`finsight.inference.generation_model.build_generation_model`, the same tensors as built
+    is built from ``model`` (:func:`finsight.inference.merge.build_generation_model`, the same tensors as built
     from the files). Returns the entry, or None when the base has no local files or the disk lacks room.
     """
-    recorded = _settings(settings, settings.compute_dtype)
-    key = entry_key(reference, adapter, recorded)
-    if key is None:
+    dtype = weights.settings.compute_dtype
+    entry = cache_entry(weights, dtype)
+    if entry is None:
         return None
-    entry = generation_cache_dir() / key
     if (entry / ENTRY_FILE).is_file():
         return entry
-    from finsight.inference.generation_model import build_generation_model
+    from finsight.inference.merge import build_generation_model
 
-    dtype = getattr(torch, settings.compute_dtype)
-    dense = build_generation_model(model, dtype)
-    weights = merged_weights(settings.kind if settings.quantized else None, dtype, adapter=True)
-    stored = _store(GenerationModel(dense, "merged", weights, weights=weights), entry,
-                    _facts(reference, adapter, recorded, "fit"))
+    dense = build_generation_model(model, getattr(torch, dtype))
+    described = merged_weights(weights.settings.kind if weights.settings.quantized else None,
+                               getattr(torch, dtype), adapter=True)
+    stored = store_entry(GenerationModel(dense, "merged", described, weights=described), entry, weights, dtype, "fit")
     return entry if stored else None

@@ -30,6 +30,7 @@ from finsight.model.settings import AttentionChoice, LoraSettings, MemorySetting
 from finsight.references import resolve_model
 
 if TYPE_CHECKING:
+    from peft import LoraConfig
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def load_peft_model(
                                                     compute_dtype)
     # Imported here: PEFT is most of a chat's start-up, and a chat served from the generation cache
     # (finsight.inference.cache) needs only this module's loader.
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if release and not return_freed_memory_to_the_os():
         release, release_reason = False, "not available: needs glibc's malloc (Linux)"
@@ -153,15 +154,21 @@ def load_peft_model(
     if adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     else:
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(lora))
     fused = fuse_lora_dropout(model)
     if fused:
         log.info("LoRA dropout of %d adapters keeps one-byte masks for backward", fused)
     trainable, total = model.get_nb_trainable_parameters()
     return LoadedModel(model, attention, reason, trainable, total, checkpointing, checkpointing_reason,
                        release, release_reason, recomputed if checkpointing else None)
+
+
+def lora_config(lora: LoraSettings) -> LoraConfig:
+    """PEFT's config for a fresh adapter of these settings (the training run's, and a checkpoint's when merged)."""
+    from peft import LoraConfig  # imported on use: a chat served from the cache never needs PEFT
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
 def load_tokenizer(reference: str) -> Any:

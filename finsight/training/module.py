@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight import compat
+from finsight.checkpoint_files import CheckpointContentError, loadable_checkpoint, read_checkpoint
 from finsight.data.batching import STEP_TOKENS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
@@ -32,7 +33,6 @@ from finsight.model.settings import (
     QuantizationKind,
     QuantizationSettings,
 )
-from finsight.training.checkpoint import CheckpointContentError, loadable_checkpoint, read_checkpoint
 from finsight.training.deepspeed import adamw_for, at_optimizer_step, trainable_gradients
 
 log = logging.getLogger(__name__)

@@ -65,8 +65,13 @@ def test_a_checkpoint_chat_is_cached_by_its_adapter_and_hyper_parameters(tiny_mo
 
     import torch
 
-    from finsight.cli import chat as chat_command
-    from finsight.inference.cache import ENTRY_FILE, checkpoint_facts, generation_cache_dir
+    from finsight.checkpoint_files import CheckpointError
+    from finsight.inference import merge
+    from finsight.inference.cache import ENTRY_FILE, generation_cache_dir
+    from finsight.inference.weights import TrainedWeights
+
+    def facts_of(path):
+        return TrainedWeights.of_checkpoint(path).cache_facts()["checkpoint"]
 
     run = sampled_fit(tiny_model_dir, tmp_path_factory)
     monkeypatch.setenv("FINSIGHT_CACHE", str(tmp_path / "cache"))
@@ -80,18 +85,19 @@ def test_a_checkpoint_chat_is_cached_by_its_adapter_and_hyper_parameters(tiny_mo
     assert record["checkpoint"] == str(run["best"]) and record["base"] == str(tiny_model_dir)
     assert "built in" in built.err
 
-    # From the cache: the training route (Lightning, 4-bit layers) is not taken, the answer is the same.
-    def no_training_model(*args, **kwargs):
-        raise AssertionError("the cached checkpoint chat loaded the training model")
+    # From the cache: nothing is built (no PEFT, no 4-bit round trip), the answer is the same.
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cached checkpoint chat built the model")
 
-    monkeypatch.setattr(chat_command, "_through_training_model", no_training_model)
+    monkeypatch.setattr(merge, "merged_from_files", no_build)
+    monkeypatch.setattr(merge, "quantized_from_files", no_build)
     assert main(ask) == 0
     cached = capsys.readouterr()
     assert f"loaded from the cache {entries[0]}" in cached.err
     assert cached.out.strip() == built.out.strip() == _expected_answer(tiny_model_dir, run["adapter"], 6)
 
     # The key follows what the merged weights depend on: LoRA's alpha (not in the tensors) and the tensors.
-    facts = checkpoint_facts(run["best"])
+    facts = facts_of(run["best"])
     checkpoint = torch.load(run["best"], map_location="cpu", weights_only=False)
     checkpoint["hyper_parameters"]["lora_alpha"] *= 2
     torch.save(checkpoint, tmp_path / "alpha.ckpt")
@@ -99,12 +105,13 @@ def test_a_checkpoint_chat_is_cached_by_its_adapter_and_hyper_parameters(tiny_mo
     checkpoint["hyper_parameters"]["lora_alpha"] //= 2
     checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
     torch.save(checkpoint, tmp_path / "weights.ckpt")
-    alpha, weights = checkpoint_facts(tmp_path / "alpha.ckpt"), checkpoint_facts(tmp_path / "weights.ckpt")
+    alpha, weights = facts_of(tmp_path / "alpha.ckpt"), facts_of(tmp_path / "weights.ckpt")
     assert alpha["adapter_sha256"] == facts["adapter_sha256"] and alpha["hyper_parameters"] != facts["hyper_parameters"]
     assert weights["hyper_parameters"] == facts["hyper_parameters"]
     assert weights["adapter_sha256"] != facts["adapter_sha256"]
     (tmp_path / "damaged.ckpt").write_bytes(run["best"].read_bytes()[:1000])
-    assert checkpoint_facts(tmp_path / "damaged.ckpt") is None and checkpoint_facts(tmp_path) is None
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        facts_of(tmp_path / "damaged.ckpt")
 
 
 def test_interactive_chat_reads_until_exit(tiny_model_dir, tmp_path_factory, capsys, monkeypatch):

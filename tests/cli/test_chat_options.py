@@ -11,7 +11,7 @@ import torch
 from helpers import TINY_NF4, sampled_fit
 
 from finsight.inference.decoding import ChatSession, chat_generation_config
-from finsight.inference.generation_model import build_generation_model
+from finsight.inference.merge import build_generation_model
 
 QUESTION = "What is an expense ratio?"
 

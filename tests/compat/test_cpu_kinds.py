@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from finsight import FinSightModule, compat
-from finsight.inference.generation_model import build_generation_model
+from finsight.inference.merge import build_generation_model
 from finsight.model.settings import LoraSettings
 
 

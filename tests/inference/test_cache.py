@@ -14,7 +14,9 @@ import torch
 from helpers import TINY_NF4
 
 from finsight.inference import cache
-from finsight.inference.cache import ENTRY_FILE, cached_generation_model, entry_key, generation_cache_dir
+from finsight.inference.cache import ENTRY_FILE, entry_key, generation_cache_dir
+from finsight.inference.generation_model import get_generation_model
+from finsight.inference.weights import TrainedWeights
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 100, 200]])
 
@@ -52,6 +54,19 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return generation_cache_dir()
 
 
+def cached_model(reference: str, adapter: str | None, settings=TINY_NF4, dtype="auto", cache=True):
+    """What ``finsight chat --adapter`` (or ``--model_name`` alone) gets on a CPU: through the cache."""
+    weights = (TrainedWeights.of_adapter(adapter, settings, model_name=reference) if adapter
+               else TrainedWeights.of_base(reference, settings))
+    return get_generation_model(weights, dtype=dtype, cache=cache)
+
+
+def _key(reference: str, adapter: str | None, settings: dict) -> str | None:
+    weights = (TrainedWeights.of_adapter(adapter, TINY_NF4, model_name=reference) if adapter
+               else TrainedWeights.of_base(reference, TINY_NF4))
+    return entry_key(weights, settings)
+
+
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # Buffers too: RoPE's frequencies are not in the state dict and must stay float32.
     return {**model.state_dict(), **dict(model.named_buffers())}
@@ -59,7 +74,7 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cached_model_is_the_built_model(tiny_model_dir, adapter_dir, cache_dir, dtype):
-    built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype=dtype,
+    built = cached_model(str(tiny_model_dir), str(adapter_dir), dtype=dtype,
                                     settings=TINY_NF4)
     assert "loaded and built" in built.described
     entries = list(cache_dir.iterdir())
@@ -67,7 +82,7 @@ def test_cached_model_is_the_built_model(tiny_model_dir, adapter_dir, cache_dir,
     facts = json.loads((entries[0] / ENTRY_FILE).read_text())
     assert facts["adapter"] == str(adapter_dir) and facts["settings"]["dtype"] == dtype
 
-    cached = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype=dtype,
+    cached = cached_model(str(tiny_model_dir), str(adapter_dir), dtype=dtype,
                                      settings=TINY_NF4)
     assert f"loaded from the cache {entries[0]}" in cached.described
     assert cached.weights == built.weights == f"NF4 weights dequantized to {dtype} with the adapter merged, on cpu"
@@ -83,31 +98,31 @@ def test_cached_model_is_the_built_model(tiny_model_dir, adapter_dir, cache_dir,
 def test_key_follows_the_adapter_bytes_the_base_files_and_the_settings(tiny_model_dir, adapter_dir, tmp_path,
                                                                        cache_dir):
     settings = {"quantization": "nf4", "double_quant": True, "compute_dtype": "float32", "dtype": "float32"}
-    key = entry_key(str(tiny_model_dir), str(adapter_dir), settings)
-    assert key == entry_key(str(tiny_model_dir), str(adapter_dir), dict(settings))  # stable
-    assert key != entry_key(str(tiny_model_dir), None, settings)
-    assert key != entry_key(str(tiny_model_dir), str(adapter_dir), {**settings, "dtype": "bfloat16"})
-    assert key != entry_key(str(tiny_model_dir), str(adapter_dir), {**settings, "double_quant": False})
+    key = _key(str(tiny_model_dir), str(adapter_dir), settings)
+    assert key == _key(str(tiny_model_dir), str(adapter_dir), dict(settings))  # stable
+    assert key != _key(str(tiny_model_dir), None, settings)
+    assert key != _key(str(tiny_model_dir), str(adapter_dir), {**settings, "dtype": "bfloat16"})
+    assert key != _key(str(tiny_model_dir), str(adapter_dir), {**settings, "double_quant": False})
     # Other adapter weights in the same folder (a new fit into the same log dir): another entry.
     other = _adapter(tiny_model_dir, tmp_path / "other", seed=4)
-    assert key != entry_key(str(tiny_model_dir), str(other), settings)
+    assert key != _key(str(tiny_model_dir), str(other), settings)
     # A base weight file rewritten (same name): another entry.
     base = tmp_path / "base"
     base.mkdir()
     for item in tiny_model_dir.iterdir():
         (base / item.name).write_bytes(item.read_bytes())
-    first = entry_key(str(base), str(adapter_dir), settings)
+    first = _key(str(base), str(adapter_dir), settings)
     weights = base / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert entry_key(str(base), str(adapter_dir), settings) != first
+    assert _key(str(base), str(adapter_dir), settings) != first
     # A Hub id that was never downloaded has no files to key on: no cache, no error.
-    assert entry_key("nobody/not-downloaded", str(adapter_dir), settings) is None
+    assert _key("nobody/not-downloaded", str(adapter_dir), settings) is None
 
 
 def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(tiny_model_dir, adapter_dir,
                                                                                cache_dir, monkeypatch, caplog):
-    off = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4,
+    off = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4,
                                   cache=False)
     assert "loaded and built" in off.described and not cache_dir.exists()
 
@@ -119,13 +134,13 @@ def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(t
 
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="finsight"):
         patch.setattr(cache.Path, "mkdir", read_only)
-        refused = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
+        refused = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4)
     assert "loaded and built" in refused.described and "Permission denied" in caplog.text
     caplog.clear()
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: Usage)
     with caplog.at_level(logging.WARNING, logger="finsight"):
-        full = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
+        full = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4)
     assert "loaded and built" in full.described
     assert "Not caching the generation model: 0.1 GB free" in caplog.text
     assert not [item for item in cache_dir.iterdir() if (item / ENTRY_FILE).exists()]
@@ -133,15 +148,15 @@ def test_cache_false_writes_nothing_and_a_full_or_read_only_disk_only_skips_it(t
 
 def test_only_the_most_recently_used_entries_are_kept(tiny_model_dir, adapter_dir, cache_dir, monkeypatch):
     monkeypatch.setattr(cache, "KEEP", 2)
-    first = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="float32",
+    first = cached_model(str(tiny_model_dir), str(adapter_dir), dtype="float32",
                                     settings=TINY_NF4)
-    cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="bfloat16",
+    cached_model(str(tiny_model_dir), str(adapter_dir), dtype="bfloat16",
                             settings=TINY_NF4)
     # Using the first entry again makes it the most recent: the bfloat16 one is evicted by the third.
-    again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), dtype="float32",
+    again = cached_model(str(tiny_model_dir), str(adapter_dir), dtype="float32",
                                     settings=TINY_NF4)
     assert "from the cache" in again.described and "from the cache" not in first.described
-    cached_generation_model(str(tiny_model_dir), adapter=None, dtype="float32", settings=TINY_NF4)
+    cached_model(str(tiny_model_dir), None, dtype="float32", settings=TINY_NF4)
     kept = [json.loads((item / ENTRY_FILE).read_text()) for item in cache_dir.iterdir()]
     assert sorted((facts["adapter"] is None, facts["settings"]["dtype"]) for facts in kept) == [
         (False, "float32"), (True, "float32")]
@@ -149,8 +164,9 @@ def test_only_the_most_recently_used_entries_are_kept(tiny_model_dir, adapter_di
 
 def test_a_chat_from_the_cache_imports_neither_peft_nor_bitsandbytes(tiny_model_dir, adapter_dir, tmp_path):
     env = {**os.environ, "FINSIGHT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    code = ("import sys; from finsight.inference.cache import cached_generation_model; "
-            f"g = cached_generation_model({str(tiny_model_dir)!r}, adapter={str(adapter_dir)!r}); "
+    code = ("import sys; from finsight.inference.generation_model import get_generation_model; "
+            "from finsight.inference.weights import TrainedWeights; from finsight.model.settings import NF4; "
+            f"g = get_generation_model(TrainedWeights.of_adapter({str(adapter_dir)!r}, NF4)); "
             "print(g.described.split(' (')[-1]); "
             "print(sorted({'peft', 'bitsandbytes', 'lightning'} & set(sys.modules)))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
@@ -166,13 +182,13 @@ def test_chat_standard_output_carries_only_the_answer(adapter_dir, cache_dir, mo
     # cache entry imports it); scripts read the answer from stdout, so that goes to stderr.
     from finsight.cli import chat
 
-    original = chat.cached_generation_model
+    original = chat.get_generation_model
 
     def noisy(*args, **kwargs):
         print("library notice")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(chat, "cached_generation_model", noisy)
+    monkeypatch.setattr(chat, "get_generation_model", noisy)
     for _ in range(2):  # built, then from the cache: the same answer
         assert chat.chat(adapter=str(adapter_dir), prompt="What is a bond?", max_new_tokens=5,
                                 temperature=0, repetition_penalty=1.0) == 0
@@ -183,15 +199,15 @@ def test_chat_standard_output_carries_only_the_answer(adapter_dir, cache_dir, mo
 
 
 def test_a_damaged_entry_is_rebuilt_with_a_warning(tiny_model_dir, adapter_dir, cache_dir, caplog):
-    built = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
+    built = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4)
     (entry,) = cache_dir.iterdir()
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk filled up, a copy cut short
     with caplog.at_level(logging.WARNING, logger="finsight"):
-        rebuilt = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
+        rebuilt = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4)
     assert f"Generation cache entry {entry} is unreadable" in caplog.text and "building the model again" in caplog.text
     assert "loaded and built" in rebuilt.described
-    again = cached_generation_model(str(tiny_model_dir), adapter=str(adapter_dir), settings=TINY_NF4)
+    again = cached_model(str(tiny_model_dir), str(adapter_dir), settings=TINY_NF4)
     assert "from the cache" in again.described
     with torch.no_grad():
         assert torch.equal(again.model(input_ids=IDS).logits, built.model(input_ids=IDS).logits)
@@ -201,22 +217,23 @@ def test_the_model_fit_caches_is_the_one_the_chat_builds(tiny_model_dir, tmp_pat
     # What AdapterExport does at the end of a CPU fit (its call is checked in tests/test_quiet.py): the
     # training model (4-bit, LoRA with fused dropout) and the adapter folder it just wrote.
     from finsight.inference.cache import cache_trained_model
-    from finsight.inference.generation_model import load_generation_model
+    from finsight.inference.merge import merged_from_files
 
     training = _training_model(tiny_model_dir, seed=7, lora_dropout=0.1)
     training.save_pretrained(tmp_path / "adapter")
-    entry = cache_trained_model(training, str(tiny_model_dir), str(tmp_path / "adapter"), TINY_NF4)
+    entry = cache_trained_model(training, TrainedWeights.of_adapter(tmp_path / "adapter", TINY_NF4,
+                                                                      model_name=str(tiny_model_dir)))
     assert entry is not None and json.loads((entry / ENTRY_FILE).read_text())["written_by"] == "fit"
     # The chat reads the base model from adapter_config.json and finds that entry...
     base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    cached = cached_generation_model(base, adapter=str(tmp_path / "adapter"), settings=TINY_NF4)
+    cached = cached_model(base, str(tmp_path / "adapter"), settings=TINY_NF4)
     assert f"loaded from the cache {entry}" in cached.described
     # ... which is, tensor for tensor, the model the chat would build from the files.
-    built = load_generation_model(base, adapter=str(tmp_path / "adapter"), settings=TINY_NF4)
+    built = merged_from_files(TrainedWeights.of_adapter(tmp_path / "adapter", TINY_NF4))
     assert cached.weights == built.weights
     ours, theirs = _tensors(cached.model), _tensors(built.model)
     assert ours.keys() == theirs.keys()
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
     # The adapter is in it: the projections differ from the base's (same NF4 values, nothing merged).
-    plain = load_generation_model(base, adapter=None, settings=TINY_NF4).model.state_dict()
+    plain = merged_from_files(TrainedWeights.of_base(base, TINY_NF4)).model.state_dict()
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 import yaml
 from helpers import ROOT, run_finsight, tiny_fit_args
 
+from finsight.checkpoint_files import read_checkpoint
 from finsight.cli.lightning_cli import main
 from finsight.data.chat import IGNORE_INDEX
 from finsight.data.datamodule import FinSightDataModule
-from finsight.training.checkpoint import read_checkpoint
 from finsight.training.module import FinSightModule
 from finsight.training.reliability import NonFiniteError
 

@@ -26,13 +26,9 @@ from fit_worker import PAUSE_ENV
 from helpers import ROOT
 
 from finsight.atomic import stale_temporaries
+from finsight.checkpoint_files import CheckpointError, verify_checkpoint_file
 from finsight.cli.lightning_cli import main
-from finsight.training.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    newest_last_checkpoint,
-    verify_checkpoint_file,
-)
+from finsight.training.checkpoint import AtomicCheckpointIO, newest_last_checkpoint
 from finsight.training.reliability import ExactResume, NonFiniteError, NonFiniteGuard, StepSeededRNG
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
