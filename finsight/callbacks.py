@@ -8,8 +8,9 @@ from finsight.evaluation.held_out import HeldOutEvaluator
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.evaluation.samples import GenerationSamples
 from finsight.export.adapter import AdapterExport
+from finsight.training.batch_size import FinSightBatchSizeFinder
 from finsight.training.checkpoint import AtomicCheckpointIO, LatestCheckpoint
-from finsight.training.deepspeed import FinSightBatchSizeFinder, FinSightDeepSpeedStrategy
+from finsight.training.deepspeed import FinSightDeepSpeedStrategy
 from finsight.training.monitoring import TrainingMonitor
 from finsight.training.reliability import ExactResume, NonFiniteGuard, SampleLog, StepSeededRNG
 

@@ -179,6 +179,9 @@ def sampled_fit(model_dir: Path, tmp_path_factory) -> dict:
     return _RUNS["sampled"]
 
 
+EXPORT_IDS = [[5, 17, 42, 99, 7, 3, 100, 200, 11, 60]]
+"""Token ids the export tests compare logits on (a list: this module does not import torch at load)."""
+
 PROMPTS = ("What is an expense ratio?", "Hi", "Explain compound interest with an example, please.",
            "What does a company report in its 10-K filing?", "Is a Roth IRA taxed?", "Who are you?")
 

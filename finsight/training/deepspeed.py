@@ -1,9 +1,8 @@
-"""Scale-out runtime: DeepSpeed ZeRO with CPU offload, checked before anything heavy is loaded, and a batch
-size finder whose learning-rate schedule follows the batch size it finds.
+"""Scale-out runtime: DeepSpeed ZeRO with CPU offload, checked before anything heavy is loaded.
 
 DDP needs no strategy code: ``--trainer.strategy ddp --trainer.devices N`` (``--trainer.num_nodes`` for
 several machines) runs the same config, and the data module shards its length-grouped order per rank. Code
-that runs on rank 0 only gets the run's folder from :func:`rank_zero_log_dir` (``trainer.log_dir`` is a
+that runs on rank 0 only gets the run's folder from ``finsight.run_dir`` (``trainer.log_dir`` is a
 collective call and would hang there).
 
 DeepSpeed: ``finsight fit --config configs/finsight.yaml --config configs/deepspeed_zero2_offload.yaml``
@@ -24,7 +23,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import BatchSizeFinder
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -327,22 +325,3 @@ def trainable_gradients(trainer: Any, module: torch.nn.Module) -> list[tuple[str
     else:
         named = [(name, p.grad) for name, p in module.named_parameters()]
     return [(name, grad) for name, grad in named if grad is not None]
-
-
-class FinSightBatchSizeFinder(BatchSizeFinder):
-    """Lightning's ``BatchSizeFinder`` that also rebuilds the optimizer and learning-rate schedule afterwards.
-
-    The search runs at the start of ``fit``, after ``configure_optimizers`` sized the warmup/decay schedule
-    for the batch size in the config. When the run's length is given in epochs, a different batch size
-    changes the number of optimizer steps, so the schedule would end too early or too late; rebuilding it
-    (the search restores the initial weights, so nothing is lost) makes it match the batch size found.
-    The search itself changes ``data.batch_size`` and re-creates the loaders, so batches, the length-grouped
-    order and Lightning's step count all follow the new size. Not supported with distributed strategies
-    (Lightning's restriction): find the size on one device, then set ``--data.batch_size``.
-    """
-
-    def scale_batch_size(self, trainer: Any, pl_module: Any) -> None:
-        """Search, then rebuild the optimizer and schedule for the batch size found."""
-        super().scale_batch_size(trainer, pl_module)
-        if trainer.state.fn == "fit":
-            trainer.strategy.setup_optimizers(trainer)

@@ -160,3 +160,36 @@ def test_damaged_checkpoint_is_one_error_line_in_export_and_chat(tiny_model_dir,
         assert err.startswith(f"error: checkpoint {damaged} is truncated or corrupt"), err
         assert err.endswith("use an earlier checkpoint"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_options_reach_generate(tiny_model_dir, tmp_path_factory, capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from finsight.cli.lightning_cli import main
+    from finsight.model.precision import choose_precision
+
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    seen = []
+    original = LlamaForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["generation_config"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
+    assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "4",
+                 "--temperature", "0.5", "--top_p", "0.8", "--repetition_penalty", "1.3",
+                 "--no_repeat_ngram_size", "3", "--prompt_lookup_tokens", "5", "--seed", "11"]) == 0
+    config = seen[-1]
+    assert (config.do_sample, config.temperature, config.top_p) == (True, 0.5, 0.8)
+    assert (config.repetition_penalty, config.no_repeat_ngram_size, config.max_new_tokens) == (1.3, 3, 4)
+    assert config.prompt_lookup_num_tokens == 5
+    captured = capsys.readouterr()
+    # The default compute dtype follows the CPU (bfloat16 where it is native), as training's does.
+    dtype = choose_precision().compute_dtype
+    assert captured.err.count(f"Generation model: NF4 weights dequantized to {dtype} with the adapter merged") == 1
+    # The documented defaults: sampling at 0.7 from the 0.9 nucleus, repetitions penalised by 1.1.
+    assert main(["chat", "--adapter", str(run["adapter"]), "--prompt", QUESTION, "--max_new_tokens", "2"]) == 0
+    assert (seen[-1].do_sample, seen[-1].temperature, seen[-1].top_p, seen[-1].repetition_penalty) == (
+        True, 0.7, 0.9, 1.1)
+    assert seen[-1].prompt_lookup_num_tokens is None  # prompt lookup is off unless asked for

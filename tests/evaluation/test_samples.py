@@ -1,94 +1,26 @@
-"""Greedy generation, the training-time samples callback and the chat session, on the tiny 4-bit model."""
+"""The training-time samples callback: logged to TensorBoard, and the training result left unchanged."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_NF4, chat_prompt_ids, sampled_fit
+from helpers import sampled_fit
 
 from finsight.evaluation.samples import DEFAULT_SAMPLE_PROMPTS
-from finsight.inference.decoding import (
-    ChatSession,
-    PromptTooLongError,
-    generate,
-    generation_mode,
-    stop_token_ids,
-)
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(scope="module")
-def peft_model(tiny_model_dir):
-    from finsight.model.loading import load_peft_model, load_tokenizer
-    from finsight.model.settings import LoraSettings, MemorySettings
-
-    loaded = load_peft_model(str(tiny_model_dir), TINY_NF4, LoraSettings(r=8, alpha=16, dropout=0.1),
-                             MemorySettings(gradient_checkpointing=True))
-    return loaded.model, load_tokenizer(str(tiny_model_dir))
 
 
-def test_stop_tokens_come_from_the_chat_template(peft_model):
-    model, tokenizer = peft_model
-    assert stop_token_ids(tokenizer, model) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def test_generation_mode_restores_modes_cache_flag_and_rng(peft_model):
-    model, _ = peft_model
-    model.train()
-    lora_dropout = next(m for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
-    model.base_model.model.lm_head.eval()  # a submodule Lightning would keep in eval mode
-    modes = {name: m.training for name, m in model.named_modules()}
-    checkpointing = [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
-    rng = torch.get_rng_state()
-    with generation_mode(model):
-        assert not model.training and not lora_dropout.training
-        torch.rand(100)  # anything drawn in here must not shift what training draws afterwards
-        model.config.use_cache = True
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert {name: m.training for name, m in model.named_modules()} == modes
-    assert model.config.use_cache is False
-    assert [layer.gradient_checkpointing for layer in model.base_model.model.model.layers] == checkpointing == [True] * 2
 
 
-def test_batched_left_padded_generation_matches_one_by_one_and_stops(peft_model):
-    model, tokenizer = peft_model
-    prompts = [chat_prompt_ids(tokenizer, q) for q in ("What is an expense ratio?", "Hi",
-                                              "Explain compound interest with an example, please.")]
-    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch needs padding
-    batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
-    single = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
-    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
-    assert all(len(g.token_ids) == 8 and not g.stopped for g in batched)  # the random model never says <|im_end|>
-    # Declaring the third generated token a stop token ends that answer there, and marks it stopped.
-    stop = batched[0].token_ids[2]
-    first = batched[0].token_ids.index(stop)
-    stopped = generate(model, tokenizer, prompts[:1], max_new_tokens=8, stop_ids=[stop])[0]
-    assert stopped.stopped and stopped.token_ids == batched[0].token_ids[: first + 1]
-    assert stopped.text == tokenizer.decode(batched[0].token_ids[:first], skip_special_tokens=True).strip()
 
 
-def test_chat_session_drops_the_oldest_exchanges_and_keeps_the_system_prompt(peft_model):
-    model, tokenizer = peft_model
-    session = ChatSession(model, tokenizer, system_prompt="You are FinSight.", max_length=120, max_new_tokens=8)
-    questions = ["What is an expense ratio?", "What is a bond?", "Explain dividends.", "What is an ETF?"]
-    for question in questions:
-        streamed = io.StringIO()
-        answer = session.ask(question, stream=streamed)
-        assert streamed.getvalue().strip() == answer.text  # the streamed text is the answer
-        ids = session.prompt_ids("next")
-        assert len(ids) + session.max_new_tokens <= session.max_length
-    assert session.dropped_exchanges > 0
-    kept = [m["content"] for m in session.history if m["role"] == "user"]
-    assert kept == questions[len(questions) - len(kept):]  # the most recent exchanges survive, in order
-    assert session.messages("x")[0] == {"role": "system", "content": "You are FinSight."}
-    with pytest.raises(PromptTooLongError, match="at most 112 fit"):
-        session.prompt_ids("word " * 200)
-    with pytest.raises(ValueError, match="smaller than max_length"):
-        ChatSession(model, tokenizer, max_length=8, max_new_tokens=8)
 
 
 # ------------------------------------------------------------------------------------------ callback
