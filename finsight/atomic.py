@@ -9,9 +9,11 @@ only once complete; an older version stays readable until then.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,14 +92,41 @@ def is_no_space(error: BaseException) -> bool:
     return False
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 def replace_with(temporary: Path, path: Path) -> None:
     """Rename a complete ``temporary`` (file or folder) onto ``path``.
 
     A file replaces an older one atomically (``os.replace``). A folder cannot be renamed over a non-empty
-    one, so an older folder is moved aside first and removed after: a reader sees the old folder, then
-    (for an instant) none, then the new one, never a mix.
+    one: on Linux the two are swapped in one step (``renameat2`` with ``RENAME_EXCHANGE``) and the old one
+    removed; elsewhere (or on a file system without it) the older folder is moved aside first and removed
+    after, so a reader sees the old folder, then (for an instant) none, then the new one, never a mix.
     """
     if temporary.is_dir() and path.is_dir():
+        if _exchange(temporary, path):  # one atomic step: readers see the old folder, then the new one
+            _remove(temporary)  # the old folder, now under the temporary name
+            fsync_directory(path.parent)
+            return
         aside = path.with_name(f".{path.name}.old{TEMP_MARKER}{os.getpid()}")
         _remove(aside)
         os.rename(path, aside)

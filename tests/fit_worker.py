@@ -215,22 +215,28 @@ class FullDiskCheckpointIO(AtomicCheckpointIO):
 
 class KillInsideSave(Callback):
     """SIGKILL this process inside the checkpoint save at ``step``, right after the save's first file is
-    complete (under DeepSpeed: the model states, before the optimizer states), as a crash mid-save would."""
+    complete (under DeepSpeed: the model states, before the optimizer states), as a crash mid-save would.
+    ``full_disk``: raise ENOSPC there instead, as a disk that fills up during the save does."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, full_disk: bool = False) -> None:
         self.step = step
+        self.full_disk = full_disk
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.global_step != self.step:
             return
+        import errno
         import signal
 
         real_save = torch.save
 
         def save_then_die(*args: Any, **kwargs: Any) -> None:
             real_save(*args, **kwargs)
-            print(f"KillInsideSave: killed after writing {args[1] if len(args) > 1 else kwargs.get('f')}",
-                  flush=True)
+            written = args[1] if len(args) > 1 else kwargs.get("f")
+            if self.full_disk:
+                torch.save = real_save  # the error stops the run; nothing else is written after it
+                raise OSError(errno.ENOSPC, "No space left on device", str(written))
+            print(f"KillInsideSave: killed after writing {written}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = save_then_die

@@ -386,3 +386,19 @@ def bad_rows(rows: list[dict], classify) -> dict[int, str]:
     seen: set = set()
     kinds = {index: classify(row, seen) for index, row in enumerate(rows)}
     return {index: kind for index, kind in kinds.items() if kind is not None}
+
+
+def parse_modelfile(text: str) -> dict[str, list[str]]:
+    """A Modelfile's instructions (name → values), as Ollama reads them: triple-quoted values may span lines."""
+    found: dict[str, list[str]] = {}
+    rest = text
+    while rest:
+        line, _, rest = rest.partition("\n")
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.partition(" ")
+        if value.startswith('"""'):
+            value, _, rest = (value[3:] + "\n" + rest).partition('"""')
+            rest = rest.lstrip("\n")
+        found.setdefault(name, []).append(value)
+    return found

@@ -75,3 +75,28 @@ def test_a_checkpoint_save_that_fills_the_disk_inside_torch_save_keeps_the_previ
     assert torch.load(target, weights_only=True)["global_step"] == 4
     assert not stale_temporaries(target)
     assert Path(target).parent.iterdir().__next__().name == "last.ckpt"
+
+
+def test_a_folder_replaces_an_older_one_in_one_step_where_the_kernel_can_swap_them(tmp_path, monkeypatch):
+    import sys
+
+    from finsight import atomic
+
+    target, temporary = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.tmp-step2"
+    for folder, content in ((target, "step 1"), (temporary, "step 2")):
+        folder.mkdir()
+        (folder / "model_states.pt").write_text(content)
+    renames: list[tuple[str, str]] = []
+    real_rename = atomic.os.rename
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b)))
+    atomic.replace_with(temporary, target)
+    assert (target / "model_states.pt").read_text() == "step 2" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    if sys.platform.startswith("linux"):
+        assert renames == []  # swapped by renameat2(RENAME_EXCHANGE): no instant without last.ckpt
+    # Where the swap is refused (another kernel, a file system without it): moved aside, then renamed.
+    monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    temporary.mkdir()
+    (temporary / "model_states.pt").write_text("step 3")
+    atomic.replace_with(temporary, target)
+    assert (target / "model_states.pt").read_text() == "step 3" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert len(renames) == 2

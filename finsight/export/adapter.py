@@ -16,9 +16,11 @@ from lightning.pytorch.callbacks import Callback
 
 from finsight.atomic import atomic_path
 from finsight.checkpoint_files import read_checkpoint
+from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.errors import FinSightError
 from finsight.export.gguf import GGUFType, write_gguf
+from finsight.export.modelfile import write_modelfile
 from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
 from finsight.inference.generation_model import get_generation_model
@@ -136,7 +138,9 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
         dtype: dtype of the merged weights: ``auto`` is the training compute dtype (exactly the trained model),
             ``bfloat16`` halves the size of a float32 export.
         gguf: Write one ``.gguf`` file (merged model, tokenizer, chat template) for llama.cpp, Ollama and
-            LM Studio instead of a Hugging Face folder. Llama-family models only (SmolLM2, Llama-2, Mistral).
+            LM Studio instead of a Hugging Face folder, and an Ollama ``<file>.Modelfile`` beside it (chat
+            template, stop tokens, the trained system prompt, the chat's sampling defaults). Llama-family
+            models only (SmolLM2, Llama-2, Mistral).
         gguf_type: Weights in the GGUF file: ``f16``, ``bf16`` or ``q8_0`` (8-bit, about half the size of f16).
         model_name: Base model reference, when it moved since training (defaults to the checkpoint's).
     """
@@ -161,6 +165,13 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
         path = write_gguf(model, tokenizer, target / f"{stem}-finsight-{gguf_type}.gguf", gguf_type,
                           name=f"{stem}-finsight", source_gguf=source)
         log.info("GGUF model (adapter merged into the %s) written to %s", described, path)
+        system_prompt = weights.run_settings.get("data.system_prompt")
+        if system_prompt is None:
+            system_prompt = DEFAULT_SYSTEM_PROMPT
+            log.info("The checkpoint records no system prompt (an older run): the Modelfile gets the default one")
+        modelfile = write_modelfile(path, tokenizer, system_prompt)
+        if modelfile is not None:
+            log.info("Ollama Modelfile written to %s: ollama create finsight -f %s", modelfile, modelfile)
         return path
     with export_folder(target, "the merged model") as temporary:
         model.save_pretrained(str(temporary))

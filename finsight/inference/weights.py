@@ -48,6 +48,8 @@ class TrainedWeights:
     checkpoint: Path | None = None
     hyper_parameters: Mapping[str, Any] = field(default_factory=dict)
     checkpoint_state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    run_settings: Mapping[str, Any] = field(default_factory=dict)
+    """What the checkpoint's run trained on besides the model (``data.system_prompt``, ...), where it recorded it."""
 
     @classmethod
     def of_adapter(cls, folder: str | Path, settings: QuantizationSettings,
@@ -83,8 +85,11 @@ class TrainedWeights:
             raise CheckpointContentError(f"checkpoint {path} names no base model (hyper_parameters.model_name); "
                                          "give the model reference")
         settings = QuantizationSettings.from_hparams({**hyper_parameters, **(overrides or {})})
+        # finsight's resume check records the run's data settings in the callbacks' state.
+        run_settings = next((value["run_settings"] for value in (checkpoint.get("callbacks") or {}).values()
+                             if isinstance(value, dict) and isinstance(value.get("run_settings"), dict)), {})
         return cls(str(reference), settings, checkpoint=path, hyper_parameters=hyper_parameters,
-                   checkpoint_state=state)
+                   checkpoint_state=state, run_settings=run_settings)
 
     @classmethod
     def of_base(cls, model_name: str, settings: QuantizationSettings) -> TrainedWeights:

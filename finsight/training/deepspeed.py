@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +211,9 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         try:
             self._save_trained_state(checkpoint, temporary, storage_options)
         except BaseException as error:
+            # The partial folder is never read (hidden, not under the final name); removing it gives back
+            # the space a full disk needs.
+            shutil.rmtree(temporary, ignore_errors=True)
             if is_no_space(error):
                 raise disk_full_error(target.parent, tensor_bytes(checkpoint), f"checkpoint {target.name}") from error
             raise

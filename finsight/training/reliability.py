@@ -152,7 +152,6 @@ class ExactResume(Callback):
         super().__init__()
         self._trainer: L.Trainer | None = None
         self._metrics: dict[str, Any] = {}
-        self._saved_settings: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -164,14 +163,16 @@ class ExactResume(Callback):
                 "run_settings": run_settings(self._trainer) if self._trainer is not None else {}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the metrics for ``on_train_start``; refuse a changed run now, before Lightning restores the
+        loader position and the loops (a position saved for another batch size or world size fails there)."""
         self._metrics = dict(state_dict.get("callback_metrics", {}))
-        self._saved_settings = dict(state_dict.get("run_settings", {}))
+        trainer = self._trainer
+        # Only a user's --ckpt_path: the batch size finder restores its own checkpoint of other batch sizes.
+        if trainer is not None and trainer.ckpt_path is not None and \
+                not compat.lightning.is_batch_size_finder_checkpoint(trainer.ckpt_path):
+            refuse_changed_resume(dict(state_dict.get("run_settings", {})), run_settings(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        saved, self._saved_settings = self._saved_settings, {}
-        # Only a user's --ckpt_path: the batch size finder restores its own checkpoint of other batch sizes.
-        if trainer.ckpt_path is not None and not compat.lightning.is_batch_size_finder_checkpoint(trainer.ckpt_path):
-            refuse_changed_resume(saved, run_settings(trainer))
         if self._metrics:
             device = pl_module.device
             for name, value in self._metrics.items():
@@ -190,7 +191,7 @@ class ResumeChangedError(FinSightError, ValueError):
 # What decides which samples each optimizer step holds and how its loss is normalised: with any of these
 # changed, the resumed run is not the continuation of the checkpoint's run (the data order, the loader
 # position and the step boundaries saved in it mean something else).
-RESUME_SETTINGS = ("data.batch_size", "data.max_length", "data.seed", "data.sources")
+RESUME_SETTINGS = ("data.batch_size", "data.max_length", "data.seed", "data.sources", "data.system_prompt")
 
 
 def run_settings(trainer: L.Trainer) -> dict[str, Any]:

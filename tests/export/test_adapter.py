@@ -63,3 +63,33 @@ def test_an_adapter_export_replaces_an_earlier_export_whole_and_refuses_other_fo
     with pytest.raises(ExportTargetError, match=r"my-notes is a non-empty folder that holds no earlier export"):
         main(["export", "--checkpoint", str(run["best"]), "--output", str(mine)])
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_merged_export_killed_while_writing_leaves_no_folder_under_its_name(trained, tmp_path):
+    """SIGKILL right after the merged model's weights file is written, before the tokenizer: only a hidden
+    temporary is left, never a folder that from_pretrained would half-load; the next export replaces it."""
+    import subprocess
+    import sys
+
+    run, expected = trained
+    output = tmp_path / "merged"
+    code = ("import os, signal, sys\n"
+            "import safetensors.torch as st\n"
+            "real = st.save_file\n"
+            "def save_then_die(*args, **kwargs):\n"
+            "    real(*args, **kwargs)\n"
+            "    print('killed after', args[1] if len(args) > 1 else kwargs.get('filename'), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "st.save_file = save_then_die\n"  # before transformers imports it
+            "from finsight.__main__ import entry\n"
+            f"sys.argv = ['finsight', 'export', '--checkpoint', {str(run['best'])!r}, '--output', {str(output)!r}, "
+            "'--merged', 'true']\n"
+            "entry()\n")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -9 and "killed after" in killed.stdout, killed.stderr[-3000:]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 1 and left[0].startswith(".merged.tmp-"), left
+    assert (tmp_path / left[0] / "model.safetensors").is_file()  # it had been written, under the hidden name
+    main(["export", "--checkpoint", str(run["best"]), "--output", str(output), "--merged", "true"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    torch.testing.assert_close(_merged_logits(output), expected, rtol=0, atol=1e-4)

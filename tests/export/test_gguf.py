@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXPORT_IDS, ROOT
+from helpers import EXPORT_IDS, ROOT, parse_modelfile
 
 from finsight.cli.lightning_cli import main
 
@@ -29,7 +29,9 @@ def test_gguf_export_loads_in_transformers_with_its_tokenizer_and_template(train
     run, expected = trained
     path = main(["export", "--checkpoint", str(run["best"]), "--output", str(tmp_path), "--gguf", "true",
                  "--gguf_type", gguf_type])
-    assert path.suffix == ".gguf" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    modelfile = path.with_suffix(".Modelfile")
+    assert path.suffix == ".gguf" and sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, modelfile.name])
+    assert f"FROM ./{path.name}\n" in modelfile.read_text()
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
@@ -117,3 +119,19 @@ def test_a_gguf_export_that_fails_half_way_leaves_no_file_under_its_name(trained
     with pytest.raises(KeyboardInterrupt):
         main(["export", "--checkpoint", str(run["best"]), "--output", str(tmp_path), "--gguf", "true"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_modelfile_carries_the_system_prompt_the_checkpoint_was_trained_with(trained, tmp_path):
+    from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+
+    run, _ = trained
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=False)
+    (settings,) = [v["run_settings"] for v in checkpoint["callbacks"].values() if "run_settings" in v]
+    assert settings["data.system_prompt"] == DEFAULT_SYSTEM_PROMPT  # the run trained with the default
+    settings["data.system_prompt"] = "You are Penny, a careful bookkeeper."
+    torch.save(checkpoint, tmp_path / "penny.ckpt")
+    path = main(["export", "--checkpoint", str(tmp_path / "penny.ckpt"), "--output", str(tmp_path / "out"),
+                 "--gguf", "true", "--gguf_type", "q8_0"])
+    modelfile = parse_modelfile(path.with_suffix(".Modelfile").read_text())
+    assert modelfile["SYSTEM"] == ["You are Penny, a careful bookkeeper."]
+    assert modelfile["FROM"] == [f"./{path.name}"] and modelfile["PARAMETER"][0] == 'stop "<|im_end|>"'

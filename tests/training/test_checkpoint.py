@@ -108,3 +108,20 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_change(tiny_model
     # Unchanged settings resume.
     resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
     assert resumed.trainer.global_step == 3
+
+
+def test_a_resume_on_more_processes_is_refused_naming_the_world_size(tiny_model_dir, tmp_path):
+    """A checkpoint of a one-process run resumed with DDP on 2 processes: each optimizer step would see twice the
+    samples, so the steps left are not the ones the run planned. One error line, before any step is trained."""
+    from helpers import run_finsight
+
+    torch.set_num_threads(1)
+    main(tiny_fit_args(tiny_model_dir, tmp_path))
+    output = run_finsight(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last",
+                                        "--trainer.devices=2", "--trainer.strategy=ddp"),
+                          tmp_path / "cache", expect_failure=True)
+    errors = {line for line in output.splitlines() if "error:" in line}
+    assert len(errors) == 1, output[-3000:]
+    (error,) = errors
+    assert error.startswith("error: --ckpt_path: this run changes what the checkpoint's steps were trained with: ")
+    assert "trainer.devices (world size) was 1, now 2" in error and "Traceback" not in output

@@ -96,7 +96,14 @@ def setup(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
     return {"root": root, "sources": sources, "adapter": adapter, "model_dir": tiny_model_dir}
 
 
-def run_config(setup: dict[str, Any], out_dir: Path, tag: str) -> Path:
+# Lightning's own last.ckpt, refreshed with every top-k save: with every checkpoint kept, each step's.
+EVERY_STEP_CHECKPOINTS = [
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+     "init_args": {"monitor": "val/loss", "mode": "max", "save_last": True, "save_top_k": -1,
+                   "filename": "step{step}", "auto_insert_metric_name": False, "enable_version_counter": False}}]
+
+
+def run_config(setup: dict[str, Any], out_dir: Path, tag: str, checkpoints: list[dict] | None = None) -> Path:
     """The run's config: 3 steps of 2 micro-batches, validation and a checkpoint after every step (all kept:
     Lightning refreshes last.ckpt only when it saves a top-k one), the best checkpoint by *highest* val/loss (so
     that best and last differ and the export test can tell them apart)."""
@@ -105,10 +112,7 @@ def run_config(setup: dict[str, Any], out_dir: Path, tag: str) -> Path:
             "max_steps": STEPS, "accumulate_grad_batches": ACCUMULATION, "val_check_interval": ACCUMULATION,
             "limit_val_batches": 1, "log_every_n_steps": 1, "gradient_clip_val": 1.0,
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"monitor": "val/loss", "mode": "max", "save_last": True, "save_top_k": -1,
-                               "filename": "step{step}", "auto_insert_metric_name": False,
-                               "enable_version_counter": False}},
+                *(checkpoints or EVERY_STEP_CHECKPOINTS),
                 {"class_path": "fit_worker.StepRecorder",
                  "init_args": {"out_dir": str(out_dir), "tag": tag, "grad_step": 0}},
             ],
@@ -123,11 +127,12 @@ def run_config(setup: dict[str, Any], out_dir: Path, tag: str) -> Path:
 
 
 def fit(setup: dict[str, Any], tag: str, *extra: str, deepspeed: bool = False, devices: int = 1,
-        root: Path | None = None, in_process: bool = False, expect_error: bool = False) -> dict[str, Any]:
+        root: Path | None = None, in_process: bool = False, expect_error: bool = False,
+        checkpoints: list[dict] | None = None) -> dict[str, Any]:
     """Run ``finsight fit`` and return what its StepRecorder wrote, per rank, plus the run's folders."""
     root = root or setup["root"] / tag
     out_dir = root / "out"
-    args = tiny_fit_args(setup["model_dir"], root, "--config", str(run_config(setup, out_dir, tag)),
+    args = tiny_fit_args(setup["model_dir"], root, "--config", str(run_config(setup, out_dir, tag, checkpoints)),
                          "--trainer.max_steps", str(STEPS), *extra)
     if deepspeed:
         args += ["--config", str(DEEPSPEED_YAML)]
@@ -332,6 +337,38 @@ def test_deepspeed_killed_inside_a_checkpoint_folder_write_resumes_from_the_prev
         assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
         assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)
 
+
+
+@needs_deepspeed
+def test_deepspeed_last_checkpoint_is_the_final_step_after_validations_that_did_not_improve(setup, tmp_path):
+    """LatestCheckpoint beside a best-only ModelCheckpoint, on 2 DeepSpeed ranks: the best stays at step 1
+    (``mode: max`` on a falling val/loss), and last.ckpt is the folder of step 3, written on both ranks."""
+    checkpoints = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"monitor": "val/loss", "mode": "max", "save_top_k": 1, "save_last": False,
+                                  "filename": "step{step}", "auto_insert_metric_name": False}},
+                   {"class_path": "finsight.callbacks.LatestCheckpoint"}]
+    run = fit(setup, "deepspeed-latest", deepspeed=True, devices=2, root=tmp_path, checkpoints=checkpoints)
+    folder = run["log_dir"] / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
+    last = read_checkpoint(folder / "last.ckpt")
+    assert last["global_step"] == STEPS and (folder / "last.ckpt").is_dir()
+    best = Path(next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_path"])
+    assert names == sorted(["last.ckpt", best.name]), names
+    assert read_checkpoint(best)["global_step"] < STEPS, best  # where Lightning's own last.ckpt would be
+
+
+@needs_deepspeed
+def test_deepspeed_full_disk_inside_a_checkpoint_folder_is_one_error_line_and_keeps_the_previous_one(setup, tmp_path):
+    full = ('--trainer.callbacks+={"class_path": "fit_worker.KillInsideSave", '
+            '"init_args": {"step": 2, "full_disk": true}}')
+    stopped = fit(setup, "deepspeed-full", full, deepspeed=True, root=tmp_path, expect_error=True)
+    checkpoints = stopped["log_dir"] / "checkpoints"
+    errors = [line for line in stopped["output"].splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left in {checkpoints} to write checkpoint "
+                                                     "step2.ckpt: it needs about "), stopped["output"][-3000:]
+    assert errors[0].endswith("the previous files are intact") and "Traceback" not in stopped["output"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step1.ckpt"]  # no partial folder
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 1
 
 # ----------------------------------------------------------------------------------------- the config and its checks
 
