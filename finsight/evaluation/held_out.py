@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
+from finsight.evaluation.harness import HarnessError, harness_unavailable_reason, run_harness
 from finsight.evaluation.metrics import (
     BASE,
     COUNTS,
@@ -67,6 +68,9 @@ class HeldOutEvaluator(Callback):
         max_samples: int | None = 100,
         max_new_tokens: int = 128,
         inference: InferenceChoice = "auto",
+        harness_tasks: list[str] | None = None,
+        harness_include_path: str | None = None,
+        harness_limit: int | None = None,
     ) -> None:
         """
         Args:
@@ -82,12 +86,19 @@ class HeldOutEvaluator(Callback):
             inference: Generate with the NF4 weights dequantized and the adapter merged (``merged``; ``auto``
                 does so on a CPU, and on a GPU when they fit) or through the 4-bit layers (``4bit``). Both are
                 the same weights; greedy answers agree.
+            harness_tasks: Also run these EleutherAI lm-evaluation-harness tasks on the same generation model
+                (and on the base with ``compare_base``); scores land in the results as
+                ``harness/<task>/<metric>``. Needs ``pip install 'finsight[harness]'``.
+            harness_include_path: A folder of the user's own harness task YAML files (works offline).
+            harness_limit: At most this many documents per harness task (None: all).
         """
         super().__init__()
         self.compare_base = compare_base
         # What is answered, and how.
         self.file, self.source, self.max_samples = file, source, max_samples
         self.max_new_tokens, self.inference = max_new_tokens, inference
+        self.harness_tasks, self.harness_include_path = list(harness_tasks or []), harness_include_path
+        self.harness_limit = harness_limit
         self.results: dict[str, dict[str, float]] = {}
         self._answers: dict[str, dict[str, float]] = {}
         self._samples: dict[str, list[AnswerRecord]] = {}
@@ -99,6 +110,9 @@ class HeldOutEvaluator(Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fresh base-model metrics, and a warning when there is nothing fine-tuned to test."""
+        reason = harness_unavailable_reason() if self.harness_tasks else None
+        if reason:
+            raise HarnessError(reason)  # before any batch is scored
         self._base_loss = MeanMetric().to(pl_module.device)
         self._base_ppl = Perplexity(ignore_index=IGNORE_INDEX).to(pl_module.device)
         if trainer.ckpt_path is None and pl_module.hparams.get("adapter_path") is None and trainer.global_step == 0:
@@ -146,6 +160,10 @@ class HeldOutEvaluator(Callback):
                     evaluator = evaluate_answers(generator.model, tokenizer, examples,
                                                  max_new_tokens=self.max_new_tokens, stop_ids=stop_ids,
                                                  batch_size=batch_size)
+                    if self.harness_tasks:
+                        self._answers[name].update(run_harness(
+                            generator.model, tokenizer, self.harness_tasks, include_path=self.harness_include_path,
+                            limit=self.harness_limit))
                 del generator
                 self._answers[name].update(evaluator.compute())
                 self._samples[name] = evaluator.records
@@ -165,6 +183,7 @@ class HeldOutEvaluator(Callback):
             "ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "adapter_path": pl_module.hparams.get("adapter_path"),
             "generation_seconds": round(seconds, 1),
+            "harness_tasks": self.harness_tasks or None,
         }
 
     def examples(self, trainer: L.Trainer, tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> tuple[list[EvalExample], str]:
