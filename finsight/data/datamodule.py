@@ -148,7 +148,7 @@ class FinSightDataModule(L.LightningDataModule):
         return [s.name for s in self.sources]
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer, loaded on first use (so parsing a config never loads one)."""
         if self._tokenizer is None:
             if self.tokenizer_ref is None:

