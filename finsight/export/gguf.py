@@ -93,7 +93,7 @@ def _pre_tokenizer(vocab: Any, tokenizer_dir: Path, source_gguf: Path | None) ->
         return "default"
     pre = json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # GPT-2's split pattern, which SmolLM2 and other byte-level BPE models use
+        return "gpt-2"  # llama.cpp's name for GPT-2's split pattern (byte-level BPE); "gpt2" is the tokenizer model
     raise GGUFExportError(f"the tokenizer in {tokenizer_dir} splits text with a {pre.get('type')!r} pre-tokenizer "
                           "that cannot be named in GGUF; export from a model that came as a GGUF file, whose "
                           "pre-tokenizer name is reused")

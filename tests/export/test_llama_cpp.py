@@ -28,6 +28,10 @@ pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "system", "content": "You are FinSight, a finance assistant."},
             {"role": "user", "content": "What is an expense ratio?"}]
 GREEDY_TOKENS = 32
+# q8_0: llama.cpp multiplies 8-bit weights with activations rounded to 8 bits, transformers dequantized weights in
+# float32; the tiny random model's near ties then differ (measured: the first at token 15). The same share of the
+# largest logit as the q8_0 logits tolerance in test_gguf.py.
+Q8_TOLERANCE = 0.04
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +77,37 @@ def served(gguf: Path) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def _transformers_greedy(gguf: Path, prompt: str) -> tuple[list[int], str]:
-    """transformers' greedy tokens on the same file (dequantized into float32) and their text."""
+def _transformers(gguf: Path):
+    """transformers' model and tokenizer read from the same file (weights dequantized into float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _check_greedy(gguf: Path, prompt: str, served: list[int], tolerance: float) -> None:
+    """llama.cpp's greedy tokens against transformers on the same file.
+
+    ``tolerance`` 0: the same tokens as transformers' own greedy decoding. Above 0 (``q8_0``, where llama.cpp also
+    rounds the activations to 8 bits): along llama.cpp's tokens, each one's logit is within ``tolerance`` × the
+    largest logit of transformers' best, so a difference can only be a near tie.
+    """
+    model, tokenizer = _transformers(gguf)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
-                             pad_token_id=tokenizer.pad_token_id or 0)
-    new = out[0, ids.shape[1]:].tolist()
-    return new, tokenizer.decode(new, skip_special_tokens=False)
+        if tolerance == 0:
+            out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tokenizer.pad_token_id or 0)
+            assert served == out[0, ids.shape[1]:].tolist()
+            return
+        logits = model(input_ids=torch.cat([ids, torch.tensor([served])], dim=1)).logits[0, ids.shape[1] - 1:-1]
+    best = logits.max(dim=-1).values
+    chosen = logits[torch.arange(len(served)), torch.tensor(served)]
+    assert torch.all(best - chosen <= tolerance * logits.abs().max()), (best - chosen).max()
 
 
-def _check_served(gguf: Path, hf_tokenizer) -> None:
+def _check_served(gguf: Path, hf_tokenizer, tolerance: float = 0.0) -> None:
     expected_prompt = hf_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     with served(gguf) as url:
         assert _post(f"{url}/apply-template", {"messages": MESSAGES})["prompt"] == expected_prompt
@@ -95,8 +115,8 @@ def _check_served(gguf: Path, hf_tokenizer) -> None:
         answer = _post(f"{url}/completion", {"prompt": expected_prompt, "n_predict": GREEDY_TOKENS,
                                              "temperature": 0, "top_k": 1, "ignore_eos": True,
                                              "return_tokens": True, "cache_prompt": False})
-        tokens, text = _transformers_greedy(gguf, expected_prompt)
-        assert answer["tokens"] == tokens and len(tokens) == GREEDY_TOKENS, (answer["content"], text)
+        assert len(answer["tokens"]) == GREEDY_TOKENS
+        _check_greedy(gguf, expected_prompt, answer["tokens"], tolerance)
         chat = _post(f"{url}/v1/chat/completions", {"messages": MESSAGES, "temperature": 0,
                                                     "max_tokens": GREEDY_TOKENS})
         assert chat["choices"][0]["message"]["content"] == answer["content"][:len(chat["choices"][0]["message"]["content"])]
@@ -115,7 +135,7 @@ def test_llama_cpp_serves_the_tiny_trained_export_as_transformers_reads_it(llama
     run, _ = trained
     path = main(["export", "--checkpoint", str(run["best"]), "--output", str(tmp_path), "--gguf", "true",
                  "--gguf_type", gguf_type])
-    _check_served(path, AutoTokenizer.from_pretrained(run["adapter"]))
+    _check_served(path, AutoTokenizer.from_pretrained(run["adapter"]), Q8_TOLERANCE if gguf_type == "q8_0" else 0.0)
     if gguf_type != "q8_0":
         return
     # The K-quants the gguf package cannot write: llama.cpp's own quantizer, then it still loads and answers.
