@@ -105,6 +105,8 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_change(tiny_model
     with pytest.raises(ResumeChangedError, match=r"data.sources was \[.*\], now \[\{'name': 'intro'"):
         main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last",
                            '--data.sources=[{"name": "intro", "format": "intro", "rows": 14}]'))
+    with pytest.raises(ResumeChangedError, match=r"data.seed was 42, now 7(;|\.)"):
+        main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last", "--data.seed=7"))
     # Unchanged settings resume.
     resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
     assert resumed.trainer.global_step == 3
