@@ -56,8 +56,7 @@ def _parse(template: str) -> list[_Node]:
         pieces.pop()
         tail = tail.lstrip()
     pieces.append(("text", tail))
-    nodes, rest = _block(pieces, 0, top=True)
-    return nodes
+    return _block(pieces, 0, top=True)[0]
 
 
 def _block(pieces: list[tuple[str, str]], index: int, top: bool = False) -> tuple[list[_Node], int]:
@@ -117,15 +116,12 @@ def _field(value: Any, path: str) -> Any:
     return value
 
 
-def _truthy(value: Any) -> bool:
-    return bool(value)  # Go: false, 0, "", nil and empty collections are false
-
-
+# Go's truth is Python's: false, 0, "", nil and empty collections are false.
 _FUNCTIONS = {
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "gt": lambda a, b: a > b, "lt": lambda a, b: a < b,
-    "and": lambda *values: next((v for v in values if not _truthy(v)), values[-1]),
-    "or": lambda *values: next((v for v in values if _truthy(v)), values[-1]),
-    "not": lambda value: not _truthy(value), "len": len,
+    "and": lambda *values: next((v for v in values if not v), values[-1]),
+    "or": lambda *values: next((v for v in values if v), values[-1]),
+    "not": lambda value: not value, "len": len,
 }
 
 
@@ -188,7 +184,7 @@ def _render(nodes: Sequence[_Node], scope: _Scope, out: list[str]) -> None:
             out.append("" if value is None else str(value))
         elif node.kind == "if":
             for condition, body in node.branches:
-                if condition is None or _truthy(scope.evaluate(condition)):
+                if condition is None or scope.evaluate(condition):
                     _render(body, scope, out)
                     break
         else:  # range

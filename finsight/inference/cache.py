@@ -149,18 +149,22 @@ def load_entry(entry: Path, dtype: str, attn_implementation: AttentionChoice) ->
         return None
 
 
+def _record(weights: TrainedWeights, dtype: str, written_by: str) -> dict[str, object]:
+    """The entry's record, for whoever looks into the cache folder (the key says nothing readable)."""
+    source = ({"checkpoint": str(weights.checkpoint)} if weights.checkpoint is not None
+              else {"adapter": str(weights.adapter) if weights.adapter is not None else None})
+    return {"base": weights.reference, **source, "settings": _settings(weights.settings, dtype),
+            "written_by": written_by, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def store_entry(generator: GenerationModel, entry: Path, weights: TrainedWeights, dtype: str,
                 written_by: str) -> bool:
     """Save a just-built merged model as ``entry``; False (logged) when the cache folder cannot take it.
 
     A read-only or full cache folder costs the next chat time, never this answer.
     """
-    source = ({"checkpoint": str(weights.checkpoint)} if weights.checkpoint is not None
-              else {"adapter": str(weights.adapter) if weights.adapter is not None else None})
-    facts = {"base": weights.reference, **source, "settings": _settings(weights.settings, dtype),
-             "written_by": written_by, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        stored = _store(generator, entry, facts)
+        stored = _store(generator, entry, _record(weights, dtype, written_by))
     except OSError as error:
         log.warning("Not caching the generation model in %s (%s)", entry, error)
         return False
@@ -189,5 +193,7 @@ def cache_trained_model(model: torch.nn.Module, weights: TrainedWeights) -> Path
     dense = build_generation_model(model, getattr(torch, dtype))
     described = merged_weights(weights.settings.kind if weights.settings.quantized else None,
                                getattr(torch, dtype), adapter=True)
-    stored = store_entry(GenerationModel(dense, "merged", described, weights=described), entry, weights, dtype, "fit")
+    # Errors reach the caller (AdapterExport), which warns and says where the chat's model was meant to go.
+    stored = _store(GenerationModel(dense, "merged", described, weights=described), entry,
+                    _record(weights, dtype, "fit"))
     return entry if stored else None

@@ -113,10 +113,7 @@ def _merged(dense: torch.nn.Module, lora: Any, adapter_state: dict[str, torch.Te
     """``dense`` with the adapter (config and weights) merged by PEFT, ready to generate."""
     if adapter_state is not None:
         wrapped = PeftModel(dense, lora)
-        if weights is not None:
-            _load_adapter_state(wrapped, adapter_state, weights)
-        else:
-            set_peft_model_state_dict(wrapped, adapter_state)
+        _load_adapter_state(wrapped, adapter_state, weights)
         dense = wrapped.merge_and_unload()  # PEFT's merge: W + scaling * B @ A, in the model's dtype
     dense.config.use_cache = True
     dense.requires_grad_(False)
@@ -189,12 +186,14 @@ def quantized_from_files(weights: TrainedWeights) -> torch.nn.Module:
     return model.eval()
 
 
-def _load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], weights: TrainedWeights) -> None:
-    """Put the adapter's tensors into ``model``; tensors this model has no place for are refused by name."""
+def _load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], weights: TrainedWeights | None) -> None:
+    """Put the adapter's tensors into ``model``; tensors this model has no place for are refused by name
+    (``weights``: where they came from; None for the training model's own, which always fit)."""
     result = set_peft_model_state_dict(model, state)
     unexpected = [name for name in getattr(result, "unexpected_keys", []) if compat.peft.is_lora_tensor(name)]
     if unexpected:
-        raise CheckpointContentError(f"{weights.checkpoint or weights.adapter} holds weights this model does not "
+        source = (weights.checkpoint or weights.adapter) if weights is not None else "the adapter"
+        raise CheckpointContentError(f"{source} holds weights this model does not "
                                      f"have: {unexpected[:3]}")
 
 
