@@ -202,7 +202,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's checkpoint folder, written atomically: every rank writes its part under a temporary
         name (the same on every rank), and rank 0 renames the complete folder onto ``filepath``; a kill in
-        between leaves the previous folder readable. A full disk is one :class:`DiskFullError`."""
+        between leaves the previous folder readable. A full disk is one ``DiskFullError``."""
         target = Path(self.broadcast(str(filepath)))
         temporary = temporary_sibling(target, tag=f"step{checkpoint.get('global_step', 0)}")
         if self.is_global_zero:

@@ -141,7 +141,7 @@ class ExactResume(Callback):
 
     The training loader's position needs nothing here: Lightning saves the ``StatefulDataLoader``'s state
     and loads it into the loader it builds after the restore (``FinSightModule`` sizes its schedule without
-    building that loader early, see :func:`finsight.training.module.planned_optimizer_steps`).
+    building that loader early, see ``finsight.training.module.planned_optimizer_steps``).
 
     Each part does nothing when there is nothing to restore. The validation part uses Lightning loop
     internals, through :mod:`finsight.compat`; ``tests/training/test_reliability.py`` compares a killed-and-resumed

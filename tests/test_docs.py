@@ -1,0 +1,175 @@
+"""The README and the documentation site stay true to the code.
+
+Every ``finsight ...`` command they show (in fenced blocks and in inline code) names a real subcommand and
+options that its ``--help`` lists, and every config file it names exists; the README stays short, its links
+resolve, and each measured number in it and in the site is one that ``benchmarks/RESULTS.md`` records with its machine.
+``mkdocs build --strict`` (``.ci/run``) checks the site's own links, pages and API names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from helpers import ROOT
+
+from finsight.cli.lightning_cli import main
+
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "export", "chat")
+
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+# An option as written: `--trainer.max_steps 100`, `--data.sources='[...]'`, `--trainer.callbacks+=X`.
+OPTION = re.compile(r"(?<![\w.-])--([A-Za-z][\w.-]*)")
+CONFIG_FILE = re.compile(r"--config[ =](configs/[\w.-]+\.ya?ml)")
+
+
+def documentation_files() -> list[Path]:
+    """The README and every page of the site, including the snippets the site includes."""
+    return [README, *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+
+
+def shown_commands(text: str) -> list[str]:
+    """Every ``finsight`` command line in a Markdown text: fenced lines and inline code spans.
+
+    A fenced line is split at shell separators (``&&``, ``;``, ``|``) and joined with its ``\\``
+    continuations, so ``pip install ... && finsight fit ...`` yields the ``finsight`` part.
+    """
+    pieces: list[str] = []
+    for block in FENCE.findall(text):
+        pieces += re.sub(r"\\\n", " ", block).splitlines()
+    without_fences = FENCE.sub("", text)
+    pieces += INLINE_CODE.findall(without_fences)
+    commands = []
+    for piece in pieces:
+        piece = piece.split("  # ")[0]  # a trailing shell comment
+        for part in re.split(r"&&|;|\|(?!\|)", piece.replace(r"\|", "|")):
+            part = part.strip().removeprefix("$ ")
+            if part.startswith("finsight ") and not part.startswith("finsight."):
+                commands.append(part)
+    return commands
+
+
+def all_shown_commands() -> list[tuple[str, str]]:
+    """(file, command) for every command in the README and the site."""
+    return [(str(path.relative_to(ROOT)), command) for path in documentation_files()
+            for command in shown_commands(path.read_text(encoding="utf-8"))]
+
+
+@cache
+def help_text(subcommand: str) -> str:
+    """What ``finsight <subcommand> --help`` prints."""
+    out = io.StringIO()
+    # LightningCLI reads sys.argv besides `args`: give it the command's own, not pytest's.
+    with mock.patch.object(sys, "argv", ["finsight"]), contextlib.redirect_stdout(out), \
+            pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 0, f"finsight {subcommand} --help exited {exit_info.value.code}"
+    return out.getvalue()
+
+
+def listed_in_help(option: str, help: str) -> bool:
+    """``--option`` is one of the help's option names (not merely the start of a longer one)."""
+    return re.search(rf"(?<![\w.-])--{re.escape(option)}(?=[\s,=\[\]]|$)", help) is not None
+
+
+def test_the_shown_commands_are_found():
+    """The checks below see the commands: every subcommand is shown, and many commands in all."""
+    commands = all_shown_commands()
+    shown = {command.split()[1] for _, command in commands}
+    assert set(SUBCOMMANDS) <= shown, f"subcommands never shown: {set(SUBCOMMANDS) - shown}"
+    assert len(commands) >= 40
+    readme = [command for file, command in commands if file == "README.md"]
+    assert "finsight fit --config configs/quickstart.yaml" in readme
+
+
+def test_every_shown_command_uses_real_subcommands_options_and_configs():
+    missing = []
+    for file, command in all_shown_commands():
+        subcommand = command.split()[1]
+        if subcommand not in SUBCOMMANDS:
+            missing.append(f"{file}: `{command}`: no subcommand {subcommand!r}")
+            continue
+        help = help_text(subcommand)
+        for option in OPTION.findall(command):
+            option = option.removesuffix("+")  # `--trainer.callbacks+=X` appends to --trainer.callbacks
+            if option != "help" and not listed_in_help(option, help):
+                missing.append(f"{file}: `{command}`: finsight {subcommand} --help has no --{option}")
+        for config in CONFIG_FILE.findall(command):
+            if not (ROOT / config).is_file():
+                missing.append(f"{file}: `{command}`: no file {config}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_option_check_tells_a_real_option_from_a_wrong_one():
+    help = help_text("fit")
+    assert listed_in_help("trainer.max_steps", help)
+    assert listed_in_help("model.lora_r", help)
+    assert not listed_in_help("model.lora", help)  # a prefix of --model.lora_r is not an option
+    assert not listed_in_help("trainer.max_stepz", help)
+    assert listed_in_help("gguf_type", help_text("export"))
+    assert not listed_in_help("gguf_type", help_text("chat"))
+    text = "```bash\npip install x && finsight fit --config c.yaml \\\n  --trainer.callbacks+=A\n```\n" \
+           "`finsight chat --adapter DIR` and `finsight.callbacks.X`"
+    assert shown_commands(text) == ["finsight fit --config c.yaml    --trainer.callbacks+=A",
+                                    "finsight chat --adapter DIR"]
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path = target.split("#")[0]
+        if path and not (ROOT / path).exists():
+            broken.append(target)
+    assert not broken, f"README links to missing files: {broken}"
+    assert "docs/index.md" in text
+
+
+# A measured quantity: a number with a unit of time, size, speed or ratio.
+MEASURED = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*(?:\s?[–-]\s?\d+(?:\.\d+)*)?)\s?"
+                      r"(s|min|ms|minutes|seconds|GB|GiB|MB|MiB|×|x|%|tokens/s)(?![\w])")
+
+
+def test_every_measured_number_in_the_readme_and_the_site_is_in_the_results():
+    """A time, size, speed or ratio stated in prose must be one that the results record (with the machine
+    they name); examples inside code (an error message, a command) are not claims and are left out."""
+    results = RESULTS.read_text(encoding="utf-8")
+    pages = [README, *(path for path in sorted(DOCS.rglob("*.md")) if path.parent.name != "benchmarks")]
+    unrecorded = []
+    for page in pages:
+        prose = re.sub(r"`[^`]+`", "", FENCE.sub("", page.read_text(encoding="utf-8")))
+        for number, unit in MEASURED.findall(prose):
+            ends = re.split(r"\s?[–-]\s?", number)  # a range: each end is a measured value
+            unrecorded += [f"{page.name}: {number} {unit}" for end in ends if end not in results][:1]
+    assert not unrecorded, f"numbers that benchmarks/RESULTS.md does not record: {unrecorded}"
+    assert "**Machine**" in results and "AVX512-BF16" in results and "AVX2" in results
+
+
+def test_the_number_check_finds_an_unrecorded_number():
+    assert MEASURED.findall("it took 12.3 s and 0.54 GB") == [("12.3", "s"), ("0.54", "GB")]
+    assert "987.65" not in RESULTS.read_text(encoding="utf-8")
+
+
+def test_the_architecture_map_names_every_module_and_only_paths_that_exist():
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (.+?) \|", text, re.M)
+    named = {path.rstrip("/") for row in rows for path in re.findall(r"`([^`]+)`", row)}
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"the architecture map names paths that do not exist: {missing}"
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "finsight").rglob("*.py")
+               if path.name != "__init__.py" or path.parent.name == "compat"}
+    unmapped = sorted(module for module in modules if f"`{module}`" not in text)
+    assert not unmapped, f"modules missing from docs/architecture.md: {unmapped}"
