@@ -163,10 +163,18 @@ def test_the_number_check_finds_an_unrecorded_number():
     assert "987.65" not in RESULTS.read_text(encoding="utf-8")
 
 
+def map_paths(text: str) -> set[str]:
+    """The paths a Markdown table names in its first column."""
+    rows = re.findall(r"^\| (.+?) \|", text, re.M)
+    return {path.rstrip("/") for row in rows for path in re.findall(r"`([^`]+)`", row) if "/" in path
+            or path.endswith((".py", ".yml"))}
+
+
 def test_the_architecture_map_names_every_module_and_only_paths_that_exist():
     text = (DOCS / "architecture.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (.+?) \|", text, re.M)
-    named = {path.rstrip("/") for row in rows for path in re.findall(r"`([^`]+)`", row)}
+    readme_map = README.read_text(encoding="utf-8").split("## Architecture")[1].split("\n## ")[0]
+    named = map_paths(text) | map_paths(readme_map)
+    assert "finsight/compat" in map_paths(readme_map)
     missing = sorted(path for path in named if not (ROOT / path).exists())
     assert not missing, f"the architecture map names paths that do not exist: {missing}"
     modules = {str(path.relative_to(ROOT)) for path in (ROOT / "finsight").rglob("*.py")
