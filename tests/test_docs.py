@@ -3,6 +3,7 @@
 Every ``finsight ...`` command they show (in fenced blocks and in inline code) names a real subcommand and
 options that its ``--help`` lists, and every config file it names exists; the README stays short, its links
 resolve, and each measured number in it and in the site is one that ``benchmarks/RESULTS.md`` records with its machine.
+Every Python example on the site runs as written, against a tiny model in place of a Hub one.
 ``mkdocs build --strict`` (``.ci/run``) checks the site's own links, pages and API names.
 """
 
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
+import shutil
 import sys
 from functools import cache
 from pathlib import Path
 from unittest import mock
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, sampled_fit
 
 from finsight.cli.lightning_cli import main
 
@@ -181,3 +184,34 @@ def test_the_architecture_map_names_every_module_and_only_paths_that_exist():
                if path.name != "__init__.py" or path.parent.name == "compat"}
     unmapped = sorted(module for module in modules if f"`{module}`" not in text)
     assert not unmapped, f"modules missing from docs/architecture.md: {unmapped}"
+
+
+PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# A Hub model id in an example: the test gives a tiny local model instead (the Hub is offline in tests).
+HUB_ID = re.compile(r'"(?:HuggingFaceTB|meta-llama|mistralai)/[\w.-]+"')
+
+
+def python_examples() -> list[tuple[str, str]]:
+    """(page, code) for every ``python`` block on the site."""
+    return [(str(path.relative_to(ROOT)), code) for path in sorted(DOCS.rglob("*.md"))
+            for code in PYTHON_FENCE.findall(path.read_text(encoding="utf-8"))]
+
+
+def test_every_python_example_runs(tmp_path, monkeypatch, tiny_model_dir, tmp_path_factory):
+    """Each example runs in a folder holding what the page says is there: the quickstart's adapter (a tiny
+    trained run's, written by ``finsight fit``) and a ``my_chats.jsonl`` in the ``messages`` shape."""
+    examples = python_examples()
+    assert {page for page, _ in examples} >= {"docs/getting-started.md", "docs/data.md"}
+    monkeypatch.setattr(sys, "argv", ["finsight"])  # the fit below reads its own arguments, not pytest's
+    run = sampled_fit(tiny_model_dir, tmp_path_factory)
+    shutil.copytree(run["adapter"], tmp_path / "lightning_logs/quickstart/version_0/adapter")
+    chats = [{"messages": [{"role": "user", "content": f"What is the yield of bond number {i}?"},
+                           {"role": "assistant", "content": f"Bond {i} yields {i % 7 + 1}% a year."}]}
+             for i in range(60)]
+    (tmp_path / "my_chats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chats))
+    monkeypatch.chdir(tmp_path)
+    for page, code in examples:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(HUB_ID.sub(repr(str(tiny_model_dir)), code), f"<{page}>", "exec"), {})
+        assert out.getvalue().strip(), f"the example on {page} printed nothing"

@@ -139,10 +139,15 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
 
 
 def _resume_into_latest_version(trainer_config: Any) -> None:
-    """``--ckpt_path last`` must look in the run it resumes: pin the TensorBoard logger to the newest version.
+    """``--ckpt_path last`` must look in the run it resumes: pin the TensorBoard logger to the newest version
+    that holds a ``checkpoints/last.ckpt``.
 
     Without this the logger would open a new ``version_N`` folder, Lightning would find no checkpoint in it
-    and silently start from scratch.
+    and silently start from scratch. The newest version is not always a training run: ``validate``, ``test``
+    and ``predict`` log into version folders of their own, without checkpoints. With no run to resume the
+    logger is left alone, so a first run (a job that always passes ``--ckpt_path last``) starts in a new
+    folder, as Lightning intends. Checkpoints written to a ``dirpath`` of their own are Lightning's to find;
+    then the newest version is pinned.
     """
     logger = trainer_config.get("logger")
     if not logger or isinstance(logger, bool) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
@@ -151,10 +156,16 @@ def _resume_into_latest_version(trainer_config: Any) -> None:
     if args.get("version") is not None:
         return
     root = Path(args.get("save_dir") or "lightning_logs") / (args.get("name") or "lightning_logs")
-    versions = [p for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    if versions:
-        latest = max(versions, key=lambda p: int(p.name.split("_", 1)[1]))
-        args["version"] = int(latest.name.split("_", 1)[1])
+    versions = sorted((p for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()),
+                      key=lambda p: int(p.name.split("_", 1)[1]), reverse=True)
+    callbacks = trainer_config.get("callbacks") or []
+    if any((callback.get("init_args") or {}).get("dirpath") for callback in callbacks if hasattr(callback, "get")):
+        resumable = versions[:1]
+    else:
+        resumable = [version for version in versions if (version / "checkpoints" / "last.ckpt").exists()]
+    if resumable:
+        args["version"] = int(resumable[0].name.split("_", 1)[1])
+        log.info("Resuming %s", resumable[0])
 
 
 # Subcommands that are not Trainer methods get their own parsers.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_fit_args
+from helpers import tiny_fit_args, tiny_test_args
 
 from finsight.cli.lightning_cli import main
 from finsight.training.checkpoint import CheckpointSettingsError, LatestCheckpoint
@@ -110,6 +110,22 @@ def test_a_resume_with_changed_settings_is_refused_naming_each_change(tiny_model
     # Unchanged settings resume.
     resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
     assert resumed.trainer.global_step == 3
+
+
+def test_resume_last_finds_the_newest_training_run_past_test_runs_without_checkpoints(tiny_model_dir, tmp_path):
+    """`finsight test` (and validate, predict) log into version folders of their own, with no checkpoints:
+    `--ckpt_path last` resumes the newest run that has a last.ckpt instead of starting from scratch there."""
+    torch.set_num_threads(1)
+    runs = tmp_path / "lightning_logs" / "quickstart"
+    first = main(tiny_fit_args(tiny_model_dir, tmp_path, "--ckpt_path=last"))  # nothing to resume: a fresh run
+    assert first.trainer.global_step == 2 and Path(first.trainer.log_dir) == runs / "version_0"
+    main(tiny_test_args(tiny_model_dir, tmp_path, "--ckpt_path", str(runs / "version_0/checkpoints/last.ckpt")))
+    assert (runs / "version_1").is_dir() and not (runs / "version_1/checkpoints").exists()
+    resumed = main(tiny_fit_args(tiny_model_dir, tmp_path, "--trainer.max_steps=3", "--ckpt_path=last"))
+    assert Path(resumed.trainer.log_dir) == runs / "version_0"
+    assert resumed.trainer.global_step == 3
+    assert torch.load(runs / "version_0/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
 
 
 def test_a_resume_on_more_processes_is_refused_naming_the_world_size(tiny_model_dir, tmp_path):
