@@ -51,12 +51,25 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def _cpu_has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and "amx_int8" in cpuinfo.read_text()
+
+
+# On a CPU with AMX, llama.cpp (built for the native CPU) repacks q8_0 and K-quant weights for its AMX kernels,
+# which stop with SIGILL (tilezero, measured in a virtual machine with AVX512-BF16 and AMX, SmolLM2-135M q8_0 as
+# well as the tiny model) although AMX itself runs there. --no-repack keeps llama.cpp's AVX512 kernels; f16 and
+# bf16 never take the AMX path.
+SERVER_CPU_ARGS = ["--no-repack"] if _cpu_has_amx() else []
+
+
 @contextmanager
 def served(gguf: Path) -> Iterator[str]:
     """``llama-server`` on ``gguf`` with its embedded chat template (``--jinja``), on a free local port."""
     port = _free_port()
     server = subprocess.Popen([str(llama_cpp_build.binary("llama-server")), "-m", str(gguf), "--jinja", "--host",
-                               "127.0.0.1", "--port", str(port), "-c", "1024", "-t", "2", "--no-webui"],
+                               "127.0.0.1", "--port", str(port), "-c", "1024", "-t", "2", "--no-webui",
+                               *SERVER_CPU_ARGS],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -69,7 +82,11 @@ def served(gguf: Path) -> Iterator[str]:
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama-server did not start on {gguf}:\n{(server.communicate()[0] or '')[-3000:]}")
+                if server.poll() is None:  # still loading after the deadline
+                    server.terminate()
+                output = server.communicate(timeout=30)[0]
+                pytest.fail(f"llama-server did not start on {gguf} (exit status {server.returncode}; a negative "
+                            f"one is the signal that stopped it):\n{(output or '')[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
