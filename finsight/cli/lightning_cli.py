@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.logging import RichHandler
@@ -156,16 +157,18 @@ def _resume_into_latest_version(trainer_config: Any) -> None:
     if args.get("version") is not None:
         return
     root = Path(args.get("save_dir") or "lightning_logs") / (args.get("name") or "lightning_logs")
-    versions = sorted((p for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()),
-                      key=lambda p: int(p.name.split("_", 1)[1]), reverse=True)
+    versions = {int(path.name.removeprefix("version_")): path for path in root.glob("version_*")
+                if path.name.removeprefix("version_").isdigit()}
     callbacks = trainer_config.get("callbacks") or []
-    if any((callback.get("init_args") or {}).get("dirpath") for callback in callbacks if hasattr(callback, "get")):
-        resumable = versions[:1]
-    else:
-        resumable = [version for version in versions if (version / "checkpoints" / "last.ckpt").exists()]
-    if resumable:
-        args["version"] = int(resumable[0].name.split("_", 1)[1])
-        log.info("Resuming %s", resumable[0])
+    own_dirpath = any((callback.get("init_args") or {}).get("dirpath")
+                      for callback in callbacks if hasattr(callback, "get"))
+    # Lightning's default checkpoint folder inside the logger's version, and its name for the last checkpoint.
+    last = Path("checkpoints") / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    newest = next((number for number in sorted(versions, reverse=True)
+                   if own_dirpath or (versions[number] / last).exists()), None)
+    if newest is not None:
+        args["version"] = newest
+        log.info("Resuming %s", versions[newest])
 
 
 # Subcommands that are not Trainer methods get their own parsers.

@@ -53,7 +53,7 @@ def _post(url: str, body: dict) -> dict:
 
 def _cpu_has_amx() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "amx_int8" in cpuinfo.read_text()
+    return cpuinfo.is_file() and "amx_int8" in cpuinfo.read_text().split()
 
 
 # On a CPU with AMX, llama.cpp (built for the native CPU) repacks q8_0 and K-quant weights for its AMX kernels,
