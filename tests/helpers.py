@@ -402,3 +402,50 @@ def parse_modelfile(text: str) -> dict[str, list[str]]:
             rest = rest.lstrip("\n")
         found.setdefault(name, []).append(value)
     return found
+
+
+# ------------------------------------------------------------------ poisoned checkpoints
+
+class ShellPayload:
+    """Unpickling runs ``touch <marker>`` through ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class SubprocessPayload(ShellPayload):
+    """Unpickling runs ``touch <marker>`` through ``subprocess.call``."""
+
+    def __reduce__(self):
+        return subprocess.call, (["touch", str(self.marker)],)
+
+
+def expected_refusal(path: Path, what: str) -> str:
+    """The one line every reader prints for a checkpoint that holds ``what`` (as torch names it)."""
+    return (f"error: checkpoint {path} holds {what}, not tensors or plain data: refused, nothing in it was run "
+            "(finsight loads checkpoints as data only, see Security in the docs); use a checkpoint from a source "
+            "you trust")
+
+
+def run_entry(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    """``finsight ARGS`` in this process, as the console script runs it: its exit status and standard error."""
+    from finsight.__main__ import entry
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["finsight", *args])
+    status = entry()
+    return status, capsys.readouterr().err
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error:`` lines of a command's standard error, which must hold no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every path under ``folder``, relative: what a refused command must not have changed."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

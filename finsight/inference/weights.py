@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finsight import compat
-from finsight.checkpoint_files import CheckpointContentError, read_checkpoint
+from finsight.checkpoint_files import CheckpointContentError, read_checkpoint, verify_folder_pickles
 from finsight.errors import FinSightError
 from finsight.model.loading import lora_config
 from finsight.model.settings import LoraSettings, QuantizationSettings
@@ -59,6 +59,7 @@ class TrainedWeights:
         if not config_file.is_file():
             raise WeightsSourceError(f"adapter folder {str(folder)!r} has no adapter_config.json (expected a PEFT "
                                      "adapter folder such as <log_dir>/adapter written by finsight fit)")
+        verify_folder_pickles(config_file.parent)  # an adapter_model.bin: data only, or refused naming it
         if model_name is None:
             model_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
             if not model_name:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from finsight import compat
+from finsight.checkpoint_files import verify_folder_pickles
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.model.lora_dropout import fuse_lora_dropout
 from finsight.model.memory import (
@@ -27,7 +28,7 @@ from finsight.model.memory import (
 )
 from finsight.model.precision import ComputeDtype
 from finsight.model.settings import AttentionChoice, LoraSettings, MemorySettings, QuantizationSettings
-from finsight.references import resolve_model
+from finsight.references import ModelReferenceError, resolve_model
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -91,13 +92,23 @@ def load_base_model(reference: str, settings: QuantizationSettings,
     attention, reason = choose_attention(settings.attn_implementation, settings.compute_dtype)
     bnb = quantization_config(settings)
     place = (bnb is not None if on_gpu is None else on_gpu) and torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(reference),
-        quantization_config=bnb,
-        dtype=torch_dtype(settings.compute_dtype),
-        attn_implementation=attention,
-        device_map={"": torch.cuda.current_device()} if place else None,
-    )
+    folder = resolve_model(reference)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=bnb,
+            dtype=torch_dtype(settings.compute_dtype),
+            attn_implementation=attention,
+            device_map={"": torch.cuda.current_device()} if place else None,
+            trust_remote_code=False,  # a model folder's own Python code (auto_map) is never run
+        )
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelReferenceError(
+            f"model {reference!r} needs its own Python code (auto_map in its config.json) for an architecture "
+            "transformers does not include; finsight never runs code shipped with a model (trust_remote_code "
+            "stays off): use a model of an architecture transformers includes") from None
     if bnb is not None:
         # Every 4-bit model finsight loads keeps the layout it was loaded in: bitsandbytes' CPU packing
         # format would drop the gradients through the base and drift its constants (see the compat function).
@@ -152,6 +163,7 @@ def load_peft_model(
         # With frozen embeddings no input of a checkpointed block needs grad; this makes LoRA inside train.
         model.enable_input_require_grads()
     if adapter_path is not None:
+        verify_folder_pickles(adapter_path)  # an adapter_model.bin: data only, or refused naming it
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(lora))

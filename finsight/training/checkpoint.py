@@ -31,8 +31,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finsight import compat
 from finsight.atomic import atomic_path
-from finsight.checkpoint_files import CheckpointError, verify_checkpoint_file
+from finsight.checkpoint_files import CheckpointError, verify_checkpoint_file, verify_deepspeed_folder
 from finsight.errors import FinSightError
+from finsight.tensors_only import tensors_only
 
 
 def _is_local(path: str | Path) -> bool:
@@ -40,12 +41,21 @@ def _is_local(path: str | Path) -> bool:
     return get_protocol(str(path)) == "file"
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """Verify a local checkpoint before anything reads it: a file, or every file of a DeepSpeed folder."""
+    if _is_local(path) and Path(path).is_file():
+        verify_checkpoint_file(path)
+    elif _is_local(path) and Path(path).is_dir():
+        verify_deepspeed_folder(path)
+
+
 def verify_ckpt_path_argument(args: list[str]) -> None:
     """Check the file given as ``--ckpt_path`` on a command line before anything else reads it.
 
     LightningCLI reads a ``--ckpt_path`` file itself (for its hyperparameters) before the Trainer and its
-    checkpoint IO exist, so a damaged file would otherwise end in a zip-reader traceback. ``last`` and
-    ``best`` are resolved by the Trainer and checked by ``AtomicCheckpointIO.load_checkpoint``.
+    checkpoint IO exist, so a damaged file would otherwise end in a zip-reader traceback, and nothing may be
+    written before a file holding code is refused. A DeepSpeed folder has every file checked. ``last`` is
+    checked when the CLI resolves it; ``best`` is resolved by the Trainer and checked by its loader.
     """
     path = None
     for i, arg in enumerate(args):
@@ -53,8 +63,8 @@ def verify_ckpt_path_argument(args: list[str]) -> None:
             path = arg.split("=", 1)[1]
         elif arg == "--ckpt_path" and i + 1 < len(args):
             path = args[i + 1]
-    if path and _is_local(path) and Path(path).is_file():
-        verify_checkpoint_file(path)
+    if path:
+        verify_checkpoint(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -86,20 +96,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Load ``path``; a truncated or corrupt file raises ``CheckpointError`` naming it, not a pickle or
-        zip traceback."""
+        """Load ``path`` as tensors and plain data only (whatever ``weights_only`` the caller asks for); a
+        truncated or corrupt file raises ``CheckpointError`` naming it, not a pickle or zip traceback, and a
+        file that holds code ``UnsafeCheckpointError``, before anything in it is unpickled."""
         if _is_local(path):
             if not Path(path).is_file():
                 raise CheckpointError(f"checkpoint {path} does not exist")
             verify_checkpoint_file(path)
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            with tensors_only(path):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except (EOFError, zipfile.BadZipFile) as error:
             raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error}); "
                                   "use an earlier checkpoint") from error
         except pickle.UnpicklingError as error:
-            if "Weights only load failed" in str(error):
-                raise  # an intact file holding objects torch refuses to unpickle: not damage
             raise CheckpointError(f"checkpoint {path} is corrupt ({error}); use an earlier checkpoint") from error
         except RuntimeError as error:
             if "PytorchStreamReader" not in str(error):

@@ -35,7 +35,9 @@ from finsight.atomic import (
     replace_with,
     temporary_sibling,
 )
+from finsight.checkpoint_files import verify_deepspeed_folder
 from finsight.errors import FinSightError
+from finsight.tensors_only import tensors_only
 from finsight.training.checkpoint import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,14 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero:
             replace_with(temporary, target)
         self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed's own loader, once every file of the folder is verified (damage, code), and every load in
+        it of tensors and plain data only: DeepSpeed itself asks ``torch.load`` for full unpickling."""
+        if Path(checkpoint_path).is_dir():
+            verify_deepspeed_folder(checkpoint_path)
+        with tensors_only(checkpoint_path, deepspeed=True):
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def _save_trained_state(self, checkpoint: dict, filepath: Path, storage_options: Any | None) -> None:
         """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.

@@ -33,6 +33,7 @@ from finsight.model.settings import (
     QuantizationKind,
     QuantizationSettings,
 )
+from finsight.tensors_only import tensors_only
 from finsight.training.deepspeed import adamw_for, at_optimizer_step, trainable_gradients
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,8 @@ class FinSightModule(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, **overrides: Any) -> FinSightModule:
         """The module of a training checkpoint (a file, or a folder under DeepSpeed), in eval mode.
 
-        The file is verified first (a damaged one raises ``CheckpointError`` naming it), then Lightning's
+        The file is verified first (a damaged one raises ``CheckpointError`` naming it, one holding code
+        ``UnsafeCheckpointError``; every load is of tensors and plain data only), then Lightning's
         ``load_from_checkpoint`` rebuilds the module from its hyper-parameters with ``overrides`` on top
         and loads the adapter weights it holds; the base model comes from the model reference.
         """
@@ -399,8 +401,8 @@ class FinSightModule(L.LightningModule):
             del checkpoint
             # 4-bit weights are placed on the GPU at load time; the adapter must land beside them.
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            with compat.lightning.adapter_only_load():
-                module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=False,
+            with compat.lightning.adapter_only_load(), tensors_only(path):
+                module = cls.load_from_checkpoint(file, map_location=device, strict=False, weights_only=True,
                                                   **overrides)
         unknown = sorted(set(state) - set(module.state_dict()))
         if unknown:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +28,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import ROOT, run_finsight, tiny_fit_args
+from helpers import (
+    ROOT,
+    ShellPayload,
+    error_lines,
+    expected_refusal,
+    files_under,
+    run_entry,
+    run_finsight,
+    tiny_fit_args,
+    tiny_run_args,
+)
 from jsonargparse import Namespace
 
-from finsight.checkpoint_files import read_checkpoint
+from finsight.checkpoint_files import CheckpointError, read_checkpoint, verify_deepspeed_folder
 from finsight.cli.lightning_cli import main
 from finsight.data.chat import IGNORE_INDEX
 from finsight.data.datamodule import FinSightDataModule
+from finsight.tensors_only import UnsafeCheckpointError, tensors_only
 from finsight.training.deepspeed import (
     DEEPSPEED_INSTALL,
     FinSightDeepSpeedStrategy,
@@ -287,6 +299,80 @@ def test_end_of_fit_export_takes_the_best_deepspeed_checkpoint(runs, tmp_path):
     assert matches(log_dir / "adapter", best_state)
     main(["export", "--checkpoint", str(best), "--output", str(tmp_path / "exported")])
     assert matches(tmp_path / "exported", best_state)
+
+
+def _poisoned_copy(folder: Path, target: Path, file_glob: str, marker: Path) -> Path:
+    """A copy of a DeepSpeed checkpoint folder with a payload added to the one file matching ``file_glob``."""
+    shutil.copytree(folder, target)
+    (file,) = target.rglob(file_glob)
+    with tensors_only(file, deepspeed=True):
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    state["note"] = ShellPayload(marker)
+    torch.save(state, file)
+    return file
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("poisoned_file", ["mp_rank_00_model_states.pt", "*optim_states.pt"])
+def test_a_poisoned_deepspeed_folder_is_refused_by_every_command_naming_the_file(runs, setup, tmp_path, poisoned_file,
+                                                                                monkeypatch, capsys):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "shared.ckpt"
+    file = _poisoned_copy(runs["deepspeed1"]["log_dir"] / "checkpoints" / "last.ckpt", folder, poisoned_file, marker)
+    root = tmp_path / "run"
+    commands = {
+        "export": ["export", "--checkpoint", str(folder), "--output", str(root / "exported")],
+        "chat": ["chat", "--ckpt_path", str(folder), "--prompt", "Hi", "--max_new_tokens", "2"],
+        "validate": tiny_run_args("validate", setup["model_dir"], root, "--ckpt_path", str(folder)),
+        "fit": tiny_run_args("fit", setup["model_dir"], root, "--ckpt_path", str(folder)),
+    }
+    for name, args in commands.items():
+        status, stderr = run_entry(monkeypatch, capsys, args)
+        assert status == 1, name
+        assert error_lines(stderr) == [expected_refusal(file, "posix.system")], name
+    assert not marker.exists()
+    assert files_under(root) == []
+
+
+@needs_deepspeed
+def test_deepspeeds_own_loader_is_held_to_data_only(runs, tmp_path):
+    """DeepSpeed's checkpoint engine asks torch.load for full unpickling (``weights_only=False``); inside
+    finsight's block torch refuses the payload all the same, whatever reaches it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "marker"
+    file = _poisoned_copy(runs["deepspeed1"]["log_dir"] / "checkpoints" / "last.ckpt", tmp_path / "shared.ckpt",
+                          "*optim_states.pt", marker)
+    with pytest.raises(UnsafeCheckpointError, match=f"checkpoint {tmp_path / 'shared.ckpt'} holds posix.system"):
+        with tensors_only(tmp_path / "shared.ckpt", deepspeed=True):
+            TorchCheckpointEngine().load(str(file), map_location="cpu")
+    assert not marker.exists()
+
+
+@needs_deepspeed
+def test_a_latest_tag_that_leaves_the_folder_is_refused(runs, tmp_path):
+    folder = tmp_path / "shared.ckpt"
+    shutil.copytree(runs["deepspeed1"]["log_dir"] / "checkpoints" / "last.ckpt", folder)
+    (folder / "latest").write_text("../elsewhere")
+    with pytest.raises(CheckpointError, match="its 'latest' file names '../elsewhere', not a folder inside"):
+        read_checkpoint(folder)
+
+
+@needs_deepspeed
+def test_finsights_own_deepspeed_checkpoint_validates_and_chats(runs, setup, tmp_path, monkeypatch, capsys):
+    """Every file of the folder passes the data-only check; validate (DeepSpeed strategy, its own loader) and
+    the chat read it."""
+    last = runs["deepspeed1"]["log_dir"] / "checkpoints" / "last.ckpt"
+    verify_deepspeed_folder(last)
+    output = run_finsight(tiny_run_args("validate", setup["model_dir"], tmp_path,
+                                        "--config", str(run_config(setup, tmp_path / "out", "validate")),
+                                        "--config", str(DEEPSPEED_YAML), "--ckpt_path", str(last)),
+                          setup["root"].parent / "finsight-cache", timeout=RUN_TIMEOUT_S)
+    assert "val/loss" in output, output[-3000:]
+    capsys.readouterr()
+    status, stderr = run_entry(monkeypatch, capsys, ["chat", "--ckpt_path", str(last), "--prompt", "Hi",
+                                                     "--max_new_tokens", "3"])
+    assert status == 0, stderr[-3000:]
 
 
 @needs_deepspeed
