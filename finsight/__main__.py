@@ -12,10 +12,10 @@ def entry() -> int:
     fix, not a traceback. ``finsight.cli.lightning_cli.main`` returns the CLI object instead, for tests.
     """
     from finsight.errors import FinSightError
-    from finsight.tensors_only import tensors_only
 
     try:
         from finsight import compat
+        from finsight.tensors_only import tensors_only
 
         compat.quiet_known_noise()  # before the CLI's imports: some of the noise is raised while importing
         # Every checkpoint any command reads, through finsight, Lightning or DeepSpeed, is data, never code.

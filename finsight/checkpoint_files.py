@@ -41,7 +41,7 @@ def verify_checkpoint_file(path: str | Path, deepspeed: bool = False) -> None:
     Every member's CRC is checked (``torch.load`` checks none), so a truncated file and a file with
     damaged bytes are both caught before any weight is loaded; this reads the file once more, which the
     page cache makes cheap next to the load itself. ``deepspeed``: a file of a DeepSpeed folder, which may
-    also hold DeepSpeed's own value types (:func:`finsight.tensors_only.deepspeed_types`).
+    also hold DeepSpeed's own value types (:func:`finsight.compat.deepspeed.checkpoint_value_types`).
     """
     path = Path(path)
     size = path.stat().st_size

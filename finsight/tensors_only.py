@@ -11,14 +11,13 @@ only unpickler that finsight's readers reach, in three steps:
   :class:`UnsafeCheckpointError`. Nothing ever falls back to full unpickling.
 * :func:`check_tensors_only` reads a file's pickle statically before the load (it executes nothing), so the
   refusal names the exact file, also inside a DeepSpeed folder, and what it holds.
-* :func:`deepspeed_types` allow-lists the few non-tensor types that DeepSpeed writes into its checkpoint
+* :func:`finsight.compat.deepspeed.checkpoint_value_types` allow-lists the few non-tensor types that DeepSpeed writes into its checkpoint
   folders (Lightning's own files hold none), and only where a DeepSpeed folder is read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import pickle
@@ -26,10 +25,10 @@ import pickletools
 import re
 import zipfile
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
+from finsight import compat
 from finsight.errors import FinSightError
 
 FORCE_VARIABLE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -45,28 +44,11 @@ class UnsafeCheckpointError(FinSightError):
     """
 
 
-@functools.cache
-def deepspeed_types() -> tuple[Any, ...]:
-    """The types DeepSpeed writes into its checkpoint files that torch does not allow by default.
-
-    Each is a plain value type (an enum, a dataclass or a class holding numbers) whose unpickling calls no other
-    code. Imported only for a DeepSpeed checkpoint: the chat from a ``.ckpt`` file starts without DeepSpeed.
-    """
-    # In the ZeRO optimizer state ('*optim_states.pt'): the stage ('zero_stage'), the loss scaler's settings
-    # ('loss_scaler'; dynamic under fp16), and each parameter's slice of the flat partition
-    # ('param_slice_mappings').
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address
-
-
 @contextlib.contextmanager
 def tensors_only(path: str | os.PathLike | None = None, deepspeed: bool = False) -> Iterator[None]:
     """Every ``torch.load`` in the block loads tensors and plain data only; a refusal names ``path``.
 
-    ``deepspeed``: also allow :func:`deepspeed_types`, for the files of a DeepSpeed checkpoint folder.
+    ``deepspeed``: also allow :func:`finsight.compat.deepspeed.checkpoint_value_types`, for the files of a DeepSpeed checkpoint folder.
 
     Process-wide while the block runs (torch reads the switch at each call), so loads made by Lightning and
     DeepSpeed inside it are covered; worker processes started inside it inherit it. Nested use is fine.
@@ -75,7 +57,7 @@ def tensors_only(path: str | os.PathLike | None = None, deepspeed: bool = False)
     os.environ[FORCE_VARIABLE] = "1"
     os.environ.pop(UNSAFE_VARIABLE, None)
     try:
-        with torch.serialization.safe_globals(list(deepspeed_types() if deepspeed else ())):
+        with torch.serialization.safe_globals(list(compat.deepspeed.checkpoint_value_types() if deepspeed else ())):
             yield
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
@@ -108,11 +90,11 @@ def _type_in_torch_message(message: str) -> str:
 
 def check_tensors_only(path: str | os.PathLike, deepspeed: bool = False) -> None:
     """Raise :class:`UnsafeCheckpointError` when the ``torch.save`` archive ``path`` names anything beyond
-    tensors and plain data (and, with ``deepspeed``, :func:`deepspeed_types`); nothing in the file is executed.
+    tensors and plain data (and, with ``deepspeed``, :func:`finsight.compat.deepspeed.checkpoint_value_types`); nothing in the file is executed.
 
     ``path`` must be a complete zip archive (checked before, by ``verify_checkpoint_file``).
     """
-    with torch.serialization.safe_globals(list(deepspeed_types() if deepspeed else ())):
+    with torch.serialization.safe_globals(list(compat.deepspeed.checkpoint_value_types() if deepspeed else ())):
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except (pickle.UnpicklingError, EOFError) as error:

@@ -108,7 +108,18 @@ class StepRecorder(Callback):
         path.write_text(json.dumps(self.steps))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import dataclasses
+
+        import psutil
+
+        from finsight.training.memory_plan import measured_rank_memory
+
         self._first_step = trainer.global_step  # a resumed run starts counting where its checkpoint ended
+        # What this rank holds once the strategy has set the model up, and the process's resident memory.
+        memory = measured_rank_memory(pl_module, trainer.strategy, pl_module.model.config, pl_module.micro_batch(), 4)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"{self.tag}-rank{trainer.global_rank}-memory.json").write_text(json.dumps(
+            {**dataclasses.asdict(memory), "rss": psutil.Process().memory_info().rss}))
 
 
 class SampleRecorder(L.Callback):

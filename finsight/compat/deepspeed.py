@@ -2,11 +2,13 @@
 
 Lightning 2.6 passes ``device_rank=root_device.index`` to ``deepspeed.initialize``, which a CPU device (index
 None) cannot give; DeepSpeed's engine divides the loss by the accumulation steps again unless told not to;
-and a CUDA machine asked to train on its CPU has to be given DeepSpeed's CPU accelerator by class.
+a CUDA machine asked to train on its CPU has to be given DeepSpeed's CPU accelerator by class; and its checkpoint
+files hold a few DeepSpeed value types that a data-only load must be told about.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +49,24 @@ def cpu_device_rank(local_rank: int) -> Iterator[None]:
         yield
     finally:
         deepspeed.initialize = initialize
+
+
+@functools.cache
+def checkpoint_value_types() -> tuple[Any, ...]:
+    """The types DeepSpeed writes into its checkpoint files that torch's weights-only unpickler does not allow
+    by default (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-2 folders).
+
+    Each is a plain value type (an enum, a dataclass or a class holding numbers) whose unpickling calls no
+    other code. Imported only when a DeepSpeed checkpoint is read: a chat from a ``.ckpt`` file needs none.
+    """
+    # In the ZeRO optimizer state ('*optim_states.pt'): the stage ('zero_stage'), the loss scaler's settings
+    # ('loss_scaler'; dynamic under fp16), and each parameter's slice of the flat partition
+    # ('param_slice_mappings').
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address
 
 
 def backward_without_accumulation_scaling(kwargs: dict[str, Any]) -> dict[str, Any]:

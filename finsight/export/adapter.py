@@ -27,6 +27,7 @@ from finsight.inference.generation_model import get_generation_model
 from finsight.inference.weights import TrainedWeights
 from finsight.references import gguf_file
 from finsight.training.checkpoint import best_checkpoint_callback
+from finsight.training.deepspeed import shards_parameters
 from finsight.training.module import FinSightModule
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ class AdapterExport(Callback):
         write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
         log.info("Adapter written to %s", target)
         self.path = target
-        if self.cache_chat_model and pl_module.device.type == "cpu":
+        # Under ZeRO-3 each rank holds a slice of the base: the first chat builds its model from the files.
+        if self.cache_chat_model and pl_module.device.type == "cpu" and not shards_parameters(trainer.strategy):
             self._cache_chat_model(pl_module, target)
 
     def _cache_chat_model(self, pl_module: L.LightningModule, adapter: Path) -> None:

@@ -50,6 +50,7 @@ def quantization_config(settings: QuantizationSettings) -> BitsAndBytesConfig | 
         bnb_4bit_quant_type=settings.kind,
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, settings.quant_storage),
     )
 
 

@@ -32,6 +32,9 @@ class QuantizationSettings:
     double_quant: bool = True
     compute_dtype: ComputeDtype = "float32"
     attn_implementation: AttentionChoice = "auto"
+    quant_storage: ComputeDtype | Literal["uint8"] = "uint8"
+    """The dtype the packed 4-bit values are stored in: the same bytes in another container. A float dtype lets
+    DeepSpeed ZeRO-3 partition them like any parameter; not part of the run's numbers (``key``, hyper-parameters)."""
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> QuantizationSettings:

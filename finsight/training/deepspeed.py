@@ -19,6 +19,8 @@ import importlib
 import importlib.util
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,6 +175,20 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
             logging_level=logging_level,
         )
 
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """``configure_model`` without ``deepspeed.zero.Init`` around it, in every stage.
+
+        Under ZeRO-3 Lightning would build the model inside ``zero.Init``, which partitions each layer's
+        parameters as it is constructed; transformers then initializes weights that are already partitioned
+        away (an ``IndexError`` in ``_init_weights``), and it loads 4-bit models outside ``zero.Init`` by design.
+        So the quantized model is built whole, its 4-bit weights stored in a float dtype
+        (:func:`shards_parameters`), and ``deepspeed.initialize`` partitions every parameter, the 4-bit
+        storage included, across the ranks (and to the CPU with ``offload_param``).
+        """
+        self._init_config_if_needed()
+        yield
+
     # Lightning's DeepSpeedStrategy refuses anything but CUDA in three places; DeepSpeed itself runs on the CPU
     # (its CPU accelerator, gloo between processes). The three overrides below lift exactly those refusals.
 
@@ -311,6 +327,12 @@ def adamw_for(strategy: Any, params: list[torch.nn.Parameter], *, lr: float,
 
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether the strategy partitions the model's parameters across ranks (DeepSpeed ZeRO stage 3): then the
+    4-bit weights must be stored in a float dtype, which ZeRO-3 partitions like any parameter."""
+    return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
 
 
 def at_optimizer_step(trainer: Any) -> bool:

@@ -34,7 +34,7 @@ from finsight.model.settings import (
     QuantizationSettings,
 )
 from finsight.tensors_only import tensors_only
-from finsight.training.deepspeed import adamw_for, at_optimizer_step, trainable_gradients
+from finsight.training.deepspeed import adamw_for, at_optimizer_step, shards_parameters, trainable_gradients
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,13 @@ class FinSightModule(L.LightningModule):
         # Resolved once and recorded: checkpoints, export and chat read the dtype the model trained in.
         hp.compute_dtype, self.compute_dtype_reason = resolve_compute_dtype(hp.compute_dtype, precision)
         log.info("Compute dtype: %s (%s)", hp.compute_dtype, self.compute_dtype_reason)
-        self.model_info = load_peft_model(hp.model_name, self.quantization_settings, LoraSettings.from_hparams(hp),
+        quantization = self.quantization_settings
+        if quantization.quantized and trainer is not None and shards_parameters(trainer.strategy):
+            # ZeRO-3 partitions float parameters: the same packed 4-bit bytes, held in the compute dtype.
+            quantization = quantization.replace(quant_storage=hp.compute_dtype)
+        self.model_info = load_peft_model(hp.model_name, quantization, LoraSettings.from_hparams(hp),
                                           MemorySettings.from_hparams(hp), adapter_path=hp.adapter_path,
-                                          micro_batch=self._micro_batch())
+                                          micro_batch=self.micro_batch())
         self.model = self.model_info.model
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: without this
         # LoRA dropout would never be active.
@@ -168,8 +172,9 @@ class FinSightModule(L.LightningModule):
         what export and the generation cache build the same weights from."""
         return QuantizationSettings.from_hparams(self.hparams)
 
-    def _micro_batch(self) -> tuple[int, int] | None:
-        """(batch size, max length) of the attached data module, for ``gradient_checkpointing: auto``."""
+    def micro_batch(self) -> tuple[int, int] | None:
+        """(batch size, max length) of the attached data module: ``gradient_checkpointing: auto`` and the memory
+        plan estimate the activations of one micro-batch from it."""
         datamodule = getattr(compat.lightning.attached_trainer(self), "datamodule", None)
         size, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
         return (int(size), int(length)) if size and length else None

@@ -14,9 +14,11 @@ from rich.table import Table
 
 from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
+from finsight.model.loading import torch_dtype
 from finsight.model.precision import choose_precision
 from finsight.run_dir import rank_zero_log_dir
 from finsight.training.checkpoint import LatestCheckpoint
+from finsight.training.memory_plan import measured_rank_memory
 
 log = logging.getLogger(__name__)
 
@@ -144,5 +146,9 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table.add_row("checkpoints", cadence + (f", best by {callback.monitor}" if callback.monitor else "")
                       + (", plus last" if callback.save_last else ""))
     table.add_row("strategy", type(trainer.strategy).__name__)
+    if info is not None:
+        table.add_row("memory per rank", measured_rank_memory(
+            pl_module, trainer.strategy, info.model.config, pl_module.micro_batch(),
+            torch_dtype(hp.get("compute_dtype", "float32")).itemsize).described())
     table.add_row("logs", str(rank_zero_log_dir(trainer)))
     Console(stderr=True).print(table)

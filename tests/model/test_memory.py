@@ -164,7 +164,7 @@ def test_an_activation_budget_recomputes_only_the_layers_that_do_not_fit(tiny_mo
         torch.manual_seed(0)
         module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", lora_dropout=0.1,
                                 gradient_checkpointing=True, activation_budget_gib=budget)
-        monkeypatch.setattr(FinSightModule, "_micro_batch", lambda self: (2, 256))
+        monkeypatch.setattr(FinSightModule, "micro_batch", lambda self: (2, 256))
         module.configure_model()
         flags = [layer.gradient_checkpointing for layer in module.model.get_base_model().model.layers]
         assert flags == ([True] * layers if budget is None else [True] * (layers - 1) + [False])

@@ -65,6 +65,8 @@ DEEPSPEED_YAML = ROOT / "configs" / "deepspeed_zero2_offload.yaml"
 RUN_TIMEOUT_S = 1800
 BATCH, ACCUMULATION, STEPS, MAX_LENGTH = 2, 2, 3, 512
 RELATIVE_TOLERANCE = 1e-5
+# ZeRO-3 with parameter offload, on top of the ZeRO-2 config: the same run with the base partitioned.
+ZERO3 = ("--trainer.strategy.init_args.stage=3", "--trainer.strategy.init_args.offload_param=true")
 
 TOPICS = ["revenue", "gross margin", "operating cash flow", "inventory", "debt", "dividends", "capital spending",
           "research spending", "backlog", "deferred revenue", "share buybacks", "tax rate"]
@@ -160,8 +162,10 @@ def fit(setup: dict[str, Any], tag: str, *extra: str, deepspeed: bool = False, d
     for rank in range(devices):
         steps_file = out_dir / f"{tag}-rank{rank}.json"
         grads_file = out_dir / f"{tag}-rank{rank}-grads.pt"
+        memory_file = out_dir / f"{tag}-rank{rank}-memory.json"
         ranks.append({"steps": json.loads(steps_file.read_text()) if steps_file.exists() else [],
-                      "grads": torch.load(grads_file) if grads_file.exists() else None})
+                      "grads": torch.load(grads_file) if grads_file.exists() else None,
+                      "memory": json.loads(memory_file.read_text()) if memory_file.exists() else None})
     log_dirs = sorted((root / "lightning_logs" / "quickstart").glob("version_*"))
     return {"ranks": ranks, "output": output, "log_dir": log_dirs[-1] if log_dirs else None, "root": root}
 
@@ -173,7 +177,8 @@ def runs(setup) -> dict[str, Any]:
         "plain": fit(setup, "plain", in_process=True),
         "ddp2": fit(setup, "ddp2", devices=2),
         **({"deepspeed1": fit(setup, "deepspeed1", deepspeed=True),
-            "deepspeed2": fit(setup, "deepspeed2", deepspeed=True, devices=2)} if HAS_DEEPSPEED else {}),
+            "deepspeed2": fit(setup, "deepspeed2", deepspeed=True, devices=2),
+            "zero3": fit(setup, "zero3", *ZERO3, deepspeed=True, devices=2)} if HAS_DEEPSPEED else {}),
     }
 
 
@@ -224,7 +229,8 @@ def reference(setup) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", ["plain", "ddp2", pytest.param("deepspeed1", marks=needs_deepspeed),
-                                  pytest.param("deepspeed2", marks=needs_deepspeed)])
+                                  pytest.param("deepspeed2", marks=needs_deepspeed),
+                                  pytest.param("zero3", marks=needs_deepspeed)])
 def test_step_gradient_equals_one_big_batch_of_the_same_samples(name, runs, reference):
     ranks = runs[name]["ranks"]
     data, module = reference["data"], reference["module"]
@@ -248,7 +254,7 @@ def test_step_gradient_equals_one_big_batch_of_the_same_samples(name, runs, refe
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("name, baseline", [("deepspeed1", "plain"), ("deepspeed2", "ddp2")])
+@pytest.mark.parametrize("name, baseline", [("deepspeed1", "plain"), ("deepspeed2", "ddp2"), ("zero3", "deepspeed2")])
 def test_deepspeed_logs_the_same_loss_and_grad_norm_as_the_plain_strategy(name, baseline, runs):
     got, expected = runs[name]["ranks"][0]["steps"], runs[baseline]["ranks"][0]["steps"]
     assert [s["step"] for s in got] == [s["step"] for s in expected] == list(range(1, STEPS + 1))
@@ -323,8 +329,8 @@ def test_a_poisoned_deepspeed_folder_is_refused_by_every_command_naming_the_file
     commands = {
         "export": ["export", "--checkpoint", str(folder), "--output", str(root / "exported")],
         "chat": ["chat", "--ckpt_path", str(folder), "--prompt", "Hi", "--max_new_tokens", "2"],
-        "validate": tiny_run_args("validate", setup["model_dir"], root, "--ckpt_path", str(folder)),
-        "fit": tiny_run_args("fit", setup["model_dir"], root, "--ckpt_path", str(folder)),
+        **{command: tiny_run_args(command, setup["model_dir"], root, "--ckpt_path", str(folder))
+           for command in ("fit", "validate", "test", "predict")},
     }
     for name, args in commands.items():
         status, stderr = run_entry(monkeypatch, capsys, args)

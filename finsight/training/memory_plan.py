@@ -1,0 +1,160 @@
+"""What each rank holds: the memory plan a user checks before a long run, measured at start-up and worked out
+from a model's config alone for a model too large to load here.
+
+Under DDP and ZeRO-1/2 every rank holds the whole 4-bit base; under ZeRO-3 (:mod:`finsight.training.deepspeed`)
+each rank holds its partition of every parameter (``param.ds_tensor``), on the CPU with ``offload_param``.
+:func:`measured_rank_memory` counts what this process really stores; :func:`planned_rank_memory` does the same
+arithmetic from a ``transformers`` config (Llama-2-70B on 2 x 24 GB GPUs, say) without building the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finsight.model.memory import activation_bytes
+
+ADAM_STATE_BYTES = 8
+"""AdamW's two fp32 moments per trained element."""
+MASTER_COPY_BYTES = 4
+"""DeepSpeed's fp32 master copy of each trained element, beside the moments."""
+NF4_BLOCK = 64
+"""Elements per 4-bit quantization block; each block has one scale (absmax)."""
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds, and where."""
+
+    base_bytes: int
+    """The frozen base: 4-bit packed weights, embeddings, norms (this rank's partition under ZeRO-3)."""
+    base_device: str
+    quant_state_bytes: int
+    """4-bit scales (absmax, double-quantized or not): not parameters, so every rank keeps all of them."""
+    adapter_bytes: int
+    optimizer_bytes: int
+    optimizer_device: str
+    activation_bytes: int
+    """One micro-batch without recomputation (estimate, :func:`finsight.model.memory.activation_bytes`)."""
+    ranks: int
+    partitioned: bool
+
+    def described(self) -> str:
+        """One line for the start-up summary."""
+        share = f" (1/{self.ranks} of every parameter: ZeRO-3)" if self.partitioned else " (a whole copy)"
+        return (f"base {gib(self.base_bytes)} on {self.base_device}{share} + 4-bit scales "
+                f"{gib(self.quant_state_bytes)}, adapter {gib(self.adapter_bytes)}, optimizer "
+                f"{gib(self.optimizer_bytes)} on {self.optimizer_device}, activations ~{gib(self.activation_bytes)} "
+                "per micro-batch without recomputation")
+
+
+def gib(count: float) -> str:
+    """Bytes in the unit that reads best."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{int(count)} B"
+
+
+def stored_bytes(param: torch.nn.Parameter) -> tuple[int, str]:
+    """Bytes this rank stores for a parameter, and the device: its ZeRO-3 partition when it has one."""
+    stored = getattr(param, "ds_tensor", None)
+    tensor = stored if stored is not None else param
+    return tensor.numel() * tensor.element_size(), tensor.device.type
+
+
+def quant_state_bytes(module: torch.nn.Module) -> int:
+    """The 4-bit layers' scales and code books, which live beside the weights as plain tensors."""
+    total = 0
+    for submodule in module.modules():
+        state = getattr(getattr(submodule, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        for value in (state.absmax, state.code, getattr(getattr(state, "state2", None), "absmax", None),
+                      getattr(getattr(state, "state2", None), "code", None)):
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def optimizer_placement(strategy: Any) -> tuple[bool, str, int]:
+    """(whether DeepSpeed holds the optimizer state, where, over how many ranks it is partitioned)."""
+    config = getattr(strategy, "config", None)
+    if isinstance(config, dict) and "zero_optimization" in config:
+        offload = config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+        return True, "cpu" if offload else strategy.root_device.type, strategy.world_size
+    return False, strategy.root_device.type, 1
+
+
+def measured_rank_memory(module: torch.nn.Module, strategy: Any, config: Any,
+                         micro_batch: tuple[int, int] | None, element_bytes: int) -> RankMemory:
+    """What this rank holds now (after the strategy has set the model up), counted parameter by parameter."""
+    base = adapter = trained_elements = 0
+    devices: set[str] = set()
+    partitioned = False
+    for param in module.parameters():
+        size, device = stored_bytes(param)
+        partitioned |= hasattr(param, "ds_tensor")
+        if param.requires_grad:
+            adapter += size
+            trained_elements += getattr(param, "ds_numel", param.numel())
+        else:
+            base += size
+            devices.add(device)
+    deepspeed, optimizer_device, ranks = optimizer_placement(strategy)
+    per_element = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if deepspeed else 0)
+    activations = activation_bytes(config, *micro_batch, element_bytes) if micro_batch else 0
+    return RankMemory(base_bytes=base, base_device="+".join(sorted(devices)) or "-",
+                      quant_state_bytes=quant_state_bytes(module), adapter_bytes=adapter,
+                      optimizer_bytes=per_element * trained_elements // ranks, optimizer_device=optimizer_device,
+                      activation_bytes=activations, ranks=strategy.world_size, partitioned=partitioned)
+
+
+def linear_elements(config: Any) -> tuple[int, int]:
+    """(elements of the decoder's linear layers, which are quantized; elements of everything else) of a
+    Llama-style model, from its config alone."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * config.num_attention_heads * head_dim * 2 + hidden * kv * 2 + 3 * hidden * intermediate
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    norms = (2 * layers + 1) * hidden
+    return per_layer * layers, embeddings + norms
+
+
+def lora_elements(config: Any, rank: int) -> int:
+    """LoRA A and B on the seven projections of every decoder layer."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, intermediate), (hidden, intermediate),
+              (intermediate, hidden)]
+    return sum(rank * (n_in + n_out) for n_in, n_out in shapes) * config.num_hidden_layers
+
+
+def planned_rank_memory(config: Any, *, ranks: int, stage: int, offload_param: bool, offload_optimizer: bool,
+                        lora_rank: int, micro_batch: tuple[int, int], compute_bytes: int = 2,
+                        double_quant: bool = True) -> RankMemory:
+    """What one rank would hold for a model known only by its config: the 4-bit arithmetic of
+    :func:`measured_rank_memory`, for a model too large to build here.
+
+    4-bit weights take half a byte per element; their scales one fp32 (or, double-quantized, one byte plus a
+    second-level fp32 per 256 blocks) per block of 64, kept whole on every rank. Embeddings and norms stay in
+    the compute dtype; LoRA weights are fp32.
+    """
+    linear, other = linear_elements(config)
+    base = linear // 2 + other * compute_bytes
+    scales = linear // NF4_BLOCK * (1 + 4 / 256 if double_quant else 4)
+    trained = lora_elements(config, lora_rank)
+    partitioned = stage == 3
+    share = ranks if partitioned else 1
+    device = "cpu" if (partitioned and offload_param) else "gpu"
+    per_element = ADAM_STATE_BYTES + MASTER_COPY_BYTES
+    return RankMemory(base_bytes=base // share, base_device=device, quant_state_bytes=int(scales),
+                      adapter_bytes=4 * trained // share, optimizer_bytes=per_element * trained // ranks,
+                      optimizer_device="cpu" if offload_optimizer else "gpu",
+                      activation_bytes=activation_bytes(config, *micro_batch, compute_bytes),
+                      ranks=ranks, partitioned=partitioned)
