@@ -100,6 +100,13 @@ def init_deepspeed_distributed(strategy: Any) -> None:
     strategy._init_deepspeed_distributed()
 
 
+def scatter_into_zero3_partitions(strategy: Any, checkpoint: Any) -> None:
+    """Load a consolidated state dict into a ZeRO-3 model, layer by layer (gathered, loaded on rank 0,
+    partitioned again): ``DeepSpeedStrategy._restore_zero_state``, which Lightning runs only for
+    ``load_full_weights``. Missing keys (the frozen base, left out of checkpoints) are expected."""
+    strategy._restore_zero_state(checkpoint, strict=False)
+
+
 def reset_seed() -> None:
     """Re-seed this process from ``PL_GLOBAL_SEED`` as Lightning's own strategies do in ``setup_distributed``.
 

@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ from finsight.atomic import (
     replace_with,
     temporary_sibling,
 )
-from finsight.checkpoint_files import verify_deepspeed_folder
+from finsight.checkpoint_files import read_checkpoint, verify_deepspeed_folder
 from finsight.errors import FinSightError
 from finsight.tensors_only import tensors_only
 from finsight.training.checkpoint import tensor_bytes
@@ -245,8 +245,27 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         it of tensors and plain data only: DeepSpeed itself asks ``torch.load`` for full unpickling."""
         if Path(checkpoint_path).is_dir():
             verify_deepspeed_folder(checkpoint_path)
+        if self._evaluating_zero3():
+            # ZeRO-3 keeps the trained values in the optimizer's partitions only (the module states hold
+            # placeholders), and DeepSpeed restores those for training only: validate, test and predict read the
+            # consolidated weights instead and scatter them into the partitions (load_model_state_dict).
+            return read_checkpoint(checkpoint_path)
         with tensors_only(checkpoint_path, deepspeed=True):
             return super().load_checkpoint(checkpoint_path, weights_only=True)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Under ZeRO-3 outside fit, the weights :meth:`load_checkpoint` read, scattered into the partitions;
+        otherwise DeepSpeed has loaded them already."""
+        if self._evaluating_zero3():
+            compat.lightning.scatter_into_zero3_partitions(self, checkpoint)
+            return
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    def _evaluating_zero3(self) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        module = self.lightning_module
+        return bool(self.zero_stage_3 and module is not None and module.trainer.state.fn != TrainerFn.FITTING)
 
     def _save_trained_state(self, checkpoint: dict, filepath: Path, storage_options: Any | None) -> None:
         """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.

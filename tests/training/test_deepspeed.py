@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,8 @@ DEEPSPEED_YAML = ROOT / "configs" / "deepspeed_zero2_offload.yaml"
 # A cold machine compiles DeepSpeed's CPU ops during the first run.
 RUN_TIMEOUT_S = 1800
 BATCH, ACCUMULATION, STEPS, MAX_LENGTH = 2, 2, 3, 512
+# Strategies compared on the same batches: the same float32 sums reduced in another order across ranks and
+# partitions (differences seen: ~1e-7 relative); a wrong normalisation or a lost micro-batch moves them by percents.
 RELATIVE_TOLERANCE = 1e-5
 # ZeRO-3 with parameter offload, on top of the ZeRO-2 config: the same run with the base partitioned.
 ZERO3 = ("--trainer.strategy.init_args.stage=3", "--trainer.strategy.init_args.offload_param=true")
@@ -146,10 +149,9 @@ def fit(setup: dict[str, Any], tag: str, *extra: str, deepspeed: bool = False, d
     """Run ``finsight fit`` and return what its StepRecorder wrote, per rank, plus the run's folders."""
     root = root or setup["root"] / tag
     out_dir = root / "out"
+    strategy = ["--config", str(DEEPSPEED_YAML)] if deepspeed else []  # before ``extra``, which may refine it
     args = tiny_fit_args(setup["model_dir"], root, "--config", str(run_config(setup, out_dir, tag, checkpoints)),
-                         "--trainer.max_steps", str(STEPS), *extra)
-    if deepspeed:
-        args += ["--config", str(DEEPSPEED_YAML)]
+                         "--trainer.max_steps", str(STEPS), *strategy, *extra)
     if devices > 1:
         args += [f"--trainer.devices={devices}", *([] if deepspeed else ["--trainer.strategy=ddp"])]
     output = ""
@@ -305,6 +307,108 @@ def test_end_of_fit_export_takes_the_best_deepspeed_checkpoint(runs, tmp_path):
     assert matches(log_dir / "adapter", best_state)
     main(["export", "--checkpoint", str(best), "--output", str(tmp_path / "exported")])
     assert matches(tmp_path / "exported", best_state)
+
+
+@needs_deepspeed
+def test_zero3_partitions_the_base_across_ranks_on_the_cpu(runs):
+    """Each of 2 ZeRO-3 ranks stores about half the bytes of every base parameter that a ZeRO-2 rank stores
+    whole, on the CPU (``offload_param``); the 4-bit scales are not parameters and stay whole on each rank."""
+    whole = runs["deepspeed2"]["ranks"][0]["memory"]
+    shards = [rank["memory"] for rank in runs["zero3"]["ranks"]]
+    assert not whole["partitioned"] and all(memory["partitioned"] for memory in shards)
+    for memory in shards:
+        assert 0.45 * whole["base_bytes"] <= memory["base_bytes"] <= 0.55 * whole["base_bytes"], (memory, whole)
+        assert 0.45 * whole["adapter_bytes"] <= memory["adapter_bytes"] <= 0.55 * whole["adapter_bytes"]
+        assert memory["base_device"] == "cpu"
+        assert memory["quant_state_bytes"] == whole["quant_state_bytes"] > 0
+    assert sum(memory["base_bytes"] for memory in shards) >= whole["base_bytes"]  # every element somewhere
+
+
+@needs_deepspeed
+def test_zero3_checkpoints_hold_the_adapter_and_its_optimizer_state_only(runs):
+    last = runs["zero3"]["log_dir"] / "checkpoints" / "last.ckpt"
+    state = read_checkpoint(last)["state_dict"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    trained = sum(v.numel() for v in state.values())
+    for file in last.rglob("*model_states.pt"):
+        module = torch.load(file, map_location="cpu", weights_only=True)["module"]
+        assert set(module) == set(state)  # names only: ZeRO-3 keeps the values in the optimizer partitions
+    partitions = []
+    for file in sorted(last.rglob("*optim_states.pt")):
+        with tensors_only(file, deepspeed=True):
+            partitions += torch.load(file, map_location="cpu", weights_only=True)["optimizer_state_dict"][
+                "fp32_flat_groups"]
+    assert len(partitions) == 2
+    assert trained <= sum(p.numel() for p in partitions) < trained + 2 * 64  # each rank's slice, padded
+    size = sum(f.stat().st_size for f in last.rglob("*.pt"))
+    assert size < 5 * 4 * trained + 400_000
+
+
+@needs_deepspeed
+def test_zero3_trains_the_adapter_zero2_trains(runs, tmp_path):
+    """The adapter of the ZeRO-3 run equals ZeRO-2's (same batches; float32 rounding apart), read from the
+    checkpoint and exported from it as an adapter and as a merged model."""
+    from safetensors.torch import load_file
+
+    folders = {name: runs[name]["log_dir"] / "checkpoints" / "last.ckpt" for name in ("zero3", "deepspeed2")}
+    states = {name: read_checkpoint(folder)["state_dict"] for name, folder in folders.items()}
+    assert states["zero3"].keys() == states["deepspeed2"].keys()
+    for key, tensor in states["zero3"].items():
+        torch.testing.assert_close(tensor, states["deepspeed2"][key], rtol=1e-4, atol=1e-6)
+    for name, folder in folders.items():
+        main(["export", "--checkpoint", str(folder), "--output", str(tmp_path / name)])
+        main(["export", "--checkpoint", str(folder), "--output", str(tmp_path / f"{name}-merged"), "--merged", "true"])
+    zero3, zero2 = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("zero3", "deepspeed2"))
+    assert zero3.keys() == zero2.keys() and len(zero3) == len(states["zero3"])
+    for key in zero3:
+        torch.testing.assert_close(zero3[key], zero2[key], rtol=1e-4, atol=1e-6)
+    merged = [load_file(next((tmp_path / f"{name}-merged").glob("*.safetensors"))) for name in ("zero3", "deepspeed2")]
+    for key in merged[0]:
+        torch.testing.assert_close(merged[0][key], merged[1][key], rtol=1e-4, atol=1e-5)
+
+
+@needs_deepspeed
+def test_zero3_killed_inside_a_checkpoint_save_resumes_exactly(setup, runs, tmp_path):
+    """A SIGKILL after the first file of step 2's checkpoint folder, on 2 ZeRO-3 ranks: last.ckpt is step 1's
+    complete folder, and ``--ckpt_path last`` trains steps 2 and 3 as the uninterrupted run did; then validate
+    reads the ZeRO-3 checkpoint."""
+    kill = '--trainer.callbacks+={"class_path": "fit_worker.KillInsideSave", "init_args": {"step": 2}}'
+    killed = fit(setup, "zero3-kill", *ZERO3, kill, deepspeed=True, devices=2, root=tmp_path / "ds", expect_error=True)
+    assert "KillInsideSave: killed after writing" in killed["output"], killed["output"][-3000:]
+    checkpoints = killed["log_dir"] / "checkpoints"
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 1
+    resumed = fit(setup, "zero3-kill", *ZERO3, "--ckpt_path=last", deepspeed=True, devices=2, root=tmp_path / "ds")
+    uninterrupted = runs["zero3"]["ranks"][0]["steps"]
+    got = resumed["ranks"][0]["steps"]
+    assert [s["step"] for s in got] == [2, 3]
+    for step, expected in zip(got, uninterrupted[1:]):
+        assert step["samples"] == expected["samples"]
+        assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
+        assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)
+    output = run_finsight(tiny_run_args("validate", setup["model_dir"], tmp_path,
+                                        "--config", str(run_config(setup, tmp_path / "out", "validate")),
+                                        "--config", str(DEEPSPEED_YAML), *ZERO3, "--trainer.devices=2",
+                                        "--ckpt_path", str(checkpoints / "last.ckpt")),
+                          setup["root"].parent / "finsight-cache", timeout=RUN_TIMEOUT_S)
+    # The loss of the checkpoint's weights on the same validation batch as the fit's last validation.
+    assert _printed_metric(output, "val/loss") == pytest.approx(_logged(killed["log_dir"], "val/loss")[-1],
+                                                                 rel=RELATIVE_TOLERANCE)
+
+
+def _printed_metric(output: str, name: str) -> float:
+    """A metric from the table Lightning prints at the end of validate/test."""
+    found = re.search(rf"│\s*{re.escape(name)}\s*│\s*([-0-9.e]+)\s*│", output)
+    assert found, output[-3000:]
+    return float(found.group(1))
+
+
+def _logged(log_dir: Path, tag: str) -> list[float]:
+    """The values of a scalar in a run's TensorBoard events, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [event.value for event in sorted(events.Scalars(tag), key=lambda event: event.step)]
 
 
 def _poisoned_copy(folder: Path, target: Path, file_glob: str, marker: Path) -> Path:
