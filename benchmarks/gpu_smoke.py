@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 + optimizer offload against the plain strategy, same model, data and seed, side by side.
+"""DeepSpeed ZeRO-2 + optimizer offload and ZeRO-3 + parameter offload against the plain strategy, side by side.
 
 Each strategy is one ``python -m finsight fit`` run of the quickstart config (the bundled data), read back from
 its TensorBoard events: trained tokens/s (median over steps), peak CUDA memory (or RSS on the CPU), the loss per
@@ -45,8 +45,8 @@ def build_model(config_folder: Path | None, target: Path, tiny: bool) -> Path:
 def fit(strategy: str, model: Path, out: Path, steps: int, cpu: bool) -> dict:
     """One training run; returns what its events and start-up summary say."""
     args = [sys.executable, "-m", "finsight", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
-    if strategy == "deepspeed":
-        args += ["--config", str(ROOT / "configs" / "deepspeed_zero2_offload.yaml")]
+    if strategy in ("deepspeed", "zero3"):
+        args += ["--config", str(ROOT / "configs" / f"deepspeed_{'zero3' if strategy == 'zero3' else 'zero2'}_offload.yaml")]
     args += [f"--model.model_name={model}", f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1",
              f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=2",
              f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.logger.init_args.name={strategy}",
@@ -76,17 +76,24 @@ def fit(strategy: str, model: Path, out: Path, steps: int, cpu: bool) -> dict:
     }
 
 
+NAMES = {"plain": "plain", "deepspeed": "DeepSpeed ZeRO-2 + offload", "zero3": "ZeRO-3 + parameter offload"}
+
+
 def table(rows: list[dict]) -> str:
-    plain, deepspeed = rows
-    lines = ["| | plain | DeepSpeed ZeRO-2 + offload |", "|---|---:|---:|",
-             f"| trained tokens/s (median) | {plain['trained_tokens_per_s']:.0f} | {deepspeed['trained_tokens_per_s']:.0f} |",
-             f"| peak memory, GB ({plain['memory']}) | {plain['peak_memory_gb']:.2f} | {deepspeed['peak_memory_gb']:.2f} |",
-             f"| wall time of the run, s | {plain['wall_s']} | {deepspeed['wall_s']} |",
-             f"| attention | {plain['attention']} | {deepspeed['attention']} |"]
-    lines += ["", "| step | loss (plain) | loss (DeepSpeed) | grad norm (plain) | grad norm (DeepSpeed) |",
-              "|---:|---:|---:|---:|---:|"]
-    for step, values in enumerate(zip(plain["loss"], deepspeed["loss"], plain["grad_norm"], deepspeed["grad_norm"]), 1):
-        lines.append(f"| {step} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    """The runs side by side: speed, memory, the loss and gradient norm of every step."""
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines = [row("", [NAMES[r["strategy"]] for r in rows]), "|---|" + "---:|" * len(rows),
+             row("trained tokens/s (median)", [f"{r['trained_tokens_per_s']:.0f}" for r in rows]),
+             row(f"peak memory, GB ({rows[0]['memory']})", [f"{r['peak_memory_gb']:.2f}" for r in rows]),
+             row("wall time of the run, s", [str(r["wall_s"]) for r in rows]),
+             row("attention", [r["attention"] for r in rows])]
+    lines += ["", row("step", [f"loss ({r['strategy']})" for r in rows] + [f"grad norm ({r['strategy']})" for r in rows]),
+              "|---:|" + "---:|" * (2 * len(rows))]
+    for step in range(min(len(r["loss"]) for r in rows)):
+        lines.append(row(str(step + 1), [f"{r['loss'][step]:.4f}" for r in rows]
+                         + [f"{r['grad_norm'][step]:.4f}" for r in rows]))
     return "\n".join(lines)
 
 
@@ -104,7 +111,7 @@ def main() -> None:
         print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         model = build_model(args.config_folder, Path(scratch) / "model", tiny=args.cpu)
-        rows = [fit(strategy, model, args.out, args.steps, args.cpu) for strategy in ("plain", "deepspeed")]
+        rows = [fit(strategy, model, args.out, args.steps, args.cpu) for strategy in ("plain", "deepspeed", "zero3")]
     report = table(rows)
     print(report)
     (args.out / "gpu_smoke.md").write_text(report + "\n")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# DeepSpeed ZeRO-2 with optimizer offload against the plain strategy on one GPU: SmolLM2-135M, bf16-mixed,
-# 50 optimizer steps each, tokens/s, peak CUDA memory and the loss curve side by side (benchmarks/gpu_smoke.py).
+# DeepSpeed ZeRO-2 with optimizer offload and ZeRO-3 with parameter offload against the plain strategy on one
+# GPU: SmolLM2-135M, bf16-mixed, 50 optimizer steps each, tokens/s, peak CUDA memory and the loss curve side
+# by side (benchmarks/gpu_smoke.py).
 #
 #   bash benchmarks/gpu_smoke.sh prepare   # here, with network: wheels the GPU image lacks -> .whl/, and the
 #                                          # model -> .gpu_model/ (both git-ignored through .git/info/exclude)

@@ -27,7 +27,7 @@ from finsight.inference.generation_model import get_generation_model
 from finsight.inference.weights import TrainedWeights
 from finsight.references import gguf_file
 from finsight.training.checkpoint import best_checkpoint_callback
-from finsight.training.deepspeed import shards_parameters
+from finsight.training.deepspeed import load_trained_weights, shards_parameters, whole_trained_parameters
 from finsight.training.module import FinSightModule
 
 if TYPE_CHECKING:
@@ -91,15 +91,16 @@ class AdapterExport(Callback):
         callback = best_checkpoint_callback(trainer)
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         if best and Path(best).exists():  # a file, or a folder under DeepSpeed
-            pl_module.load_state_dict(read_checkpoint(best)["state_dict"], strict=False)
+            load_trained_weights(trainer.strategy, pl_module, read_checkpoint(best))
             log.info("Exporting the best adapter (%s)", Path(best).name)
         # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
         log_dir = trainer.log_dir
-        if not trainer.is_global_zero:
-            return
-        target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")
-        datamodule = getattr(trainer, "datamodule", None)
-        write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
+        with whole_trained_parameters(trainer.strategy, pl_module):  # under ZeRO-3 a collective call too
+            if not trainer.is_global_zero:
+                return
+            target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")
+            datamodule = getattr(trainer, "datamodule", None)
+            write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
         log.info("Adapter written to %s", target)
         self.path = target
         # Under ZeRO-3 each rank holds a slice of the base: the first chat builds its model from the files.

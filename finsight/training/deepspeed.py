@@ -157,12 +157,18 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
             pin_memory: Page-locked CPU buffers for the offloaded state: faster GPU transfers, more host RAM.
             exclude_frozen_parameters: Leave frozen weights (the 4-bit base) out of DeepSpeed checkpoints,
                 so they hold the adapter and its optimizer state only.
-            load_full_weights: Stage 3: load a single-file checkpoint instead of a sharded checkpoint folder.
+            load_full_weights: Not taken (kept so that a config naming it gets a clear error): every command reads
+                both kinds of checkpoint itself.
             logging_level: DeepSpeed's own log level.
         """
         reason = deepspeed_unavailable_reason()
         if reason:
             raise StrategyUnavailableError(f"DeepSpeed strategy requested, but {reason}")
+        if load_full_weights:
+            raise DeepSpeedSettingsError(
+                "load_full_weights: true loads one file of the whole model into ZeRO-3, but finsight's checkpoints "
+                "hold the adapter only, and fit, validate, test, predict, export and chat read a DeepSpeed folder "
+                "or a .ckpt file themselves; remove load_full_weights")
         self.zero_settings = {
             "stage": stage, "offload_optimizer": offload_optimizer,
             "offload_optimizer_device": offload_optimizer_device, "offload_param": offload_param,
@@ -257,7 +263,7 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         """Under ZeRO-3 outside fit, the weights :meth:`load_checkpoint` read, scattered into the partitions;
         otherwise DeepSpeed has loaded them already."""
         if self._evaluating_zero3():
-            compat.lightning.scatter_into_zero3_partitions(self, checkpoint)
+            load_trained_weights(self, self.lightning_module, checkpoint)
             return
         super().load_model_state_dict(checkpoint, strict=strict)
 
@@ -325,7 +331,18 @@ def strategy_problem(strategy: Any) -> str | None:
     if not uses_deepspeed(strategy):
         return None
     reason = deepspeed_unavailable_reason()
-    return f"DeepSpeed strategy requested, but {reason}" if reason else None
+    if reason:
+        return f"DeepSpeed strategy requested, but {reason}"
+    cls = _strategy_class(strategy)
+    if cls is None or not issubclass(cls, FinSightDeepSpeedStrategy):
+        # Lightning's own class (or a registered name such as deepspeed_stage_3) refuses the CPU, scales the loss
+        # twice under gradient accumulation and, in stage 3, builds the model inside zero.Init, which a 4-bit
+        # model does not survive.
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", type(strategy).__name__)
+        return (f"trainer.strategy {name!r} is Lightning's own DeepSpeedStrategy, which does not train 4-bit "
+                "models correctly; use finsight.callbacks.FinSightDeepSpeedStrategy, e.g. --config "
+                "configs/deepspeed_zero2_offload.yaml or configs/deepspeed_zero3_offload.yaml")
+    return None
 
 
 def exit_if_strategy_unavailable(trainer_config: Any) -> None:
@@ -346,6 +363,34 @@ def adamw_for(strategy: Any, params: list[torch.nn.Parameter], *, lr: float,
 
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def load_trained_weights(strategy: Any, module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Load a checkpoint's trained weights (the adapter) into ``module`` on every strategy; the frozen base,
+    when a checkpoint holds it too (``exclude_frozen_parameters: false``), is the model reference's already.
+
+    Under ZeRO-3 every parameter is partitioned: each layer is gathered, loaded on rank 0 and partitioned again
+    (a collective call, on every rank).
+    """
+    trained = {name for name, param in module.named_parameters() if param.requires_grad}
+    state = {key: value for key, value in checkpoint["state_dict"].items() if key in trained}
+    if shards_parameters(strategy):
+        compat.lightning.scatter_into_zero3_partitions(strategy, {**checkpoint, "state_dict": state})
+    else:
+        module.load_state_dict(state, strict=False)
+
+
+@contextmanager
+def whole_trained_parameters(strategy: Any, module: torch.nn.Module) -> Iterator[None]:
+    """The trained parameters whole inside the block: under ZeRO-3 gathered from every rank's partition (a
+    collective call: every rank enters), so that rank 0 can save the adapter; elsewhere they are whole already."""
+    if not shards_parameters(strategy):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad]):
+        yield
 
 
 def shards_parameters(strategy: Any) -> bool:

@@ -16,6 +16,7 @@ communication) into ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``):
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import re
@@ -49,6 +50,7 @@ from finsight.data.datamodule import FinSightDataModule
 from finsight.tensors_only import UnsafeCheckpointError, tensors_only
 from finsight.training.deepspeed import (
     DEEPSPEED_INSTALL,
+    DeepSpeedSettingsError,
     FinSightDeepSpeedStrategy,
     StrategyUnavailableError,
     deepspeed_config,
@@ -362,6 +364,11 @@ def test_zero3_trains_the_adapter_zero2_trains(runs, tmp_path):
     assert zero3.keys() == zero2.keys() and len(zero3) == len(states["zero3"])
     for key in zero3:
         torch.testing.assert_close(zero3[key], zero2[key], rtol=1e-4, atol=1e-6)
+    # The end-of-fit export of the best checkpoint, gathered from the ZeRO-3 partitions.
+    ended = [load_file(runs[name]["log_dir"] / "adapter" / "adapter_model.safetensors") for name in ("zero3", "deepspeed2")]
+    assert ended[0].keys() == zero3.keys()
+    for key in zero3:
+        torch.testing.assert_close(ended[0][key], ended[1][key], rtol=1e-4, atol=1e-6)
     merged = [load_file(next((tmp_path / f"{name}-merged").glob("*.safetensors"))) for name in ("zero3", "deepspeed2")]
     for key in merged[0]:
         torch.testing.assert_close(merged[0][key], merged[1][key], rtol=1e-4, atol=1e-5)
@@ -690,7 +697,57 @@ def test_strategy_refuses_to_start_without_deepspeed(without_deepspeed):
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed")
 def test_deepspeed_needs_no_cuda():
     assert deepspeed_unavailable_reason() is None
-    assert strategy_problem("deepspeed_stage_2_offload") is None
+    assert strategy_problem(Namespace(class_path="finsight.callbacks.FinSightDeepSpeedStrategy")) is None
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "deepspeed_stage_2_offload",
+                                      Namespace(class_path="lightning.pytorch.strategies.DeepSpeedStrategy")])
+def test_lightnings_own_deepspeed_strategy_is_refused_before_loading_anything(strategy):
+    name = strategy if isinstance(strategy, str) else strategy.class_path
+    assert strategy_problem(strategy) == (
+        f"trainer.strategy {name!r} is Lightning's own DeepSpeedStrategy, which does not train 4-bit models "
+        "correctly; use finsight.callbacks.FinSightDeepSpeedStrategy, e.g. --config "
+        "configs/deepspeed_zero2_offload.yaml or configs/deepspeed_zero3_offload.yaml")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(("stage", "offload_optimizer", "offload_param", "exclude_frozen_parameters",
+                          "load_full_weights"), list(itertools.product((1, 2, 3), *[(True, False)] * 4)))
+def test_every_strategy_option_builds_or_is_refused_in_one_line(stage, offload_optimizer, offload_param,
+                                                                 exclude_frozen_parameters, load_full_weights):
+    """The strategy's options, every combination: the strategy is built with the DeepSpeed config they say, or
+    refused before any model is loaded with one message naming the option and what to do instead."""
+    options = {"stage": stage, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
+               "exclude_frozen_parameters": exclude_frozen_parameters, "load_full_weights": load_full_weights}
+    if load_full_weights:
+        with pytest.raises(DeepSpeedSettingsError) as refused:
+            FinSightDeepSpeedStrategy(**options)
+        assert str(refused.value).startswith("load_full_weights: true loads one file of the whole model")
+        assert str(refused.value).endswith("; remove load_full_weights")
+        return
+    zero = FinSightDeepSpeedStrategy(**options).config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) is offload_optimizer
+    assert ("offload_param" in zero) is (offload_param and stage == 3)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("options", [
+    ("--trainer.strategy.init_args.stage=1",),
+    ("--trainer.strategy.init_args.stage=3", "--trainer.strategy.init_args.offload_optimizer=false"),
+    ("--trainer.strategy.init_args.stage=3", "--trainer.strategy.init_args.exclude_frozen_parameters=false",
+     "--model.quantization=none"),
+], ids=["stage1", "stage3-no-offload", "stage3-frozen-saved-unquantized"])
+def test_the_strategy_options_that_change_the_code_path_train_and_export(setup, tmp_path, options):
+    """One real step of the combinations that take another path than the tests above (ZeRO-1; ZeRO-3 with a
+    torch optimizer on its partitions; ZeRO-3 saving the frozen weights, unquantized): each trains, checkpoints
+    and exports its adapter."""
+    run = fit(setup, "options", *options, "--trainer.max_steps=1", deepspeed=True, root=tmp_path,
+              checkpoints=[{"class_path": "finsight.callbacks.LatestCheckpoint"}])
+    assert [step["step"] for step in run["ranks"][0]["steps"]] == [1], run["output"][-3000:]
+    assert read_checkpoint(run["log_dir"] / "checkpoints" / "last.ckpt")["state_dict"]
+    assert (run["log_dir"] / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("strategy_args", [
