@@ -127,8 +127,9 @@ def planned_table(gpu_gib: float = 24.0) -> str:
         on_gpu = (plan.base_bytes if plan.base_device == "gpu" else 0) + plan.quant_state_bytes + \
             plan.adapter_bytes + activations + in_flight
         host = (plan.base_bytes if plan.base_device == "cpu" else 0) + plan.optimizer_bytes
-        lines.append(f"| {label} | {on_gpu / 2**30:.1f} | {host / 2**30:.1f} | "
-                     f"{'yes' if on_gpu < 0.9 * gpu_gib * 1e9 / 2**30 else 'no'} |")
+        # A card sold as 24 GB holds 24e9 bytes; a tenth stays for the CUDA context and the allocator's slack.
+        fits = on_gpu < 0.9 * gpu_gib * 1e9
+        lines.append(f"| {label} | {on_gpu / 2**30:.1f} | {host / 2**30:.1f} | {'yes' if fits else 'no'} |")
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ from finsight.evaluation.metrics import (
 from finsight.evaluation.samples import evaluate_answers, run_tokenizer
 from finsight.inference.decoding import InferenceChoice, stop_token_ids
 from finsight.inference.generation_model import get_generation_model
+from finsight.training.deepspeed import generation_inference, whole_parameters
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -149,10 +150,12 @@ class HeldOutEvaluator(Callback):
         stop_ids = stop_token_ids(tokenizer, pl_module.model)
         built: list[str] = []
         started = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
+        inference = generation_inference(trainer.strategy, self.inference)
+        # Under ZeRO-3 every rank gathers the whole model to build its generation model from.
+        with trainer.precision_plugin.forward_context(), whole_parameters(trainer.strategy, pl_module):
             for name in names:
                 # The same weights as the loss: the trained model, or its base without the LoRA update.
-                generator = get_generation_model(pl_module.model, inference=self.inference, merge_adapter=name != BASE)
+                generator = get_generation_model(pl_module.model, inference=inference, merge_adapter=name != BASE)
                 built.append(generator.described)
                 context = (pl_module.model.disable_adapter() if name == BASE and generator.kind == "4bit"
                            else contextlib.nullcontext())

@@ -26,6 +26,7 @@ from finsight.evaluation.metrics import (
 )
 from finsight.inference.decoding import InferenceChoice, generate, stop_token_ids
 from finsight.inference.generation_model import get_generation_model
+from finsight.training.deepspeed import generation_inference, whole_parameters
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -120,7 +121,10 @@ class GenerationSamples(Callback):
         encoder = ChatEncoder.untruncated(tokenizer)
         examples = (prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
                     + prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity"))
-        model = get_generation_model(pl_module.model, inference=self.inference).model
+        # Under ZeRO-3 every rank gathers the whole model to build its generation model from.
+        with whole_parameters(trainer.strategy, pl_module):
+            model = get_generation_model(pl_module.model,
+                                         inference=generation_inference(trainer.strategy, self.inference)).model
         # The precision context gives generation the same autocast as the validation steps.
         with trainer.precision_plugin.forward_context():
             evaluator = evaluate_answers(model, tokenizer, examples, max_new_tokens=self.max_new_tokens,

@@ -27,7 +27,7 @@ from finsight.inference.generation_model import get_generation_model
 from finsight.inference.weights import TrainedWeights
 from finsight.references import gguf_file
 from finsight.training.checkpoint import best_checkpoint_callback
-from finsight.training.deepspeed import load_trained_weights, shards_parameters, whole_trained_parameters
+from finsight.training.deepspeed import load_trained_weights, shards_parameters, whole_parameters
 from finsight.training.module import FinSightModule
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class AdapterExport(Callback):
             log.info("Exporting the best adapter (%s)", Path(best).name)
         # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
         log_dir = trainer.log_dir
-        with whole_trained_parameters(trainer.strategy, pl_module):  # under ZeRO-3 a collective call too
+        with whole_parameters(trainer.strategy, pl_module, trained_only=True):  # under ZeRO-3 a collective call too
             if not trainer.is_global_zero:
                 return
             target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")

@@ -381,16 +381,24 @@ def load_trained_weights(strategy: Any, module: torch.nn.Module, checkpoint: Map
 
 
 @contextmanager
-def whole_trained_parameters(strategy: Any, module: torch.nn.Module) -> Iterator[None]:
-    """The trained parameters whole inside the block: under ZeRO-3 gathered from every rank's partition (a
-    collective call: every rank enters), so that rank 0 can save the adapter; elsewhere they are whole already."""
+def whole_parameters(strategy: Any, module: torch.nn.Module, trained_only: bool = False) -> Iterator[None]:
+    """``module``'s parameters (or only the trained ones) whole inside the block: under ZeRO-3 gathered from every
+    rank's partition (a collective call: every rank enters), so that rank 0 can save the adapter, or every rank
+    can build a model to generate with; elsewhere they are whole already."""
     if not shards_parameters(strategy):
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad]):
+    with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad or not trained_only]):
         yield
+
+
+def generation_inference(strategy: Any, requested: Any) -> Any:
+    """The generation route under ``strategy``: under ZeRO-3 always a dense copy ("merged") of the gathered
+    model, whose forward passes never wait for ZeRO-3's per-layer gathers (which would need every rank
+    generating in step); elsewhere what was asked."""
+    return "merged" if shards_parameters(strategy) else requested
 
 
 def shards_parameters(strategy: Any) -> bool:

@@ -402,6 +402,28 @@ def test_zero3_killed_inside_a_checkpoint_save_resumes_exactly(setup, runs, tmp_
                                                                  rel=RELATIVE_TOLERANCE)
 
 
+@needs_deepspeed
+def test_zero3_test_answers_as_zero2_does(setup, runs, tmp_path):
+    """``finsight test`` on 2 ranks, ZeRO-3 reading its checkpoint against ZeRO-2 reading its own: the same test
+    loss and the same greedy answers (each rank builds its generation model from the gathered weights)."""
+    results = {}
+    for name, options in (("zero3", ZERO3), ("deepspeed2", ())):
+        folder = tmp_path / name
+        output = run_finsight(tiny_run_args("test", setup["model_dir"], folder,
+                                            "--config", str(run_config(setup, folder / "out", "test")),
+                                            "--config", str(DEEPSPEED_YAML), *options, "--trainer.devices=2",
+                                            "--trainer.limit_test_batches=1", "--eval.max_samples=2",
+                                            "--eval.max_new_tokens=6",
+                                            "--ckpt_path", str(runs[name]["log_dir"] / "checkpoints" / "last.ckpt")),
+                              setup["root"].parent / "finsight-cache", timeout=RUN_TIMEOUT_S)
+        (written,) = (folder / "lightning_logs").rglob("eval_results.json")
+        results[name] = (_printed_metric(output, "test/loss"), json.loads(written.read_text()))
+    (zero3_loss, zero3), (zero2_loss, zero2) = results["zero3"], results["deepspeed2"]
+    assert zero3_loss == pytest.approx(zero2_loss, rel=RELATIVE_TOLERANCE)
+    answers = [[sample["answer"] for sample in found["samples"]["fine_tuned"]] for found in (zero3, zero2)]
+    assert answers[0] == answers[1] and len(answers[0]) >= 2
+
+
 def _printed_metric(output: str, name: str) -> float:
     """A metric from the table Lightning prints at the end of validate/test."""
     found = re.search(rf"│\s*{re.escape(name)}\s*│\s*([-0-9.e]+)\s*│", output)
