@@ -349,7 +349,7 @@ def test_zero3_checkpoints_hold_the_adapter_and_its_optimizer_state_only(runs):
 @needs_deepspeed
 def test_zero3_trains_the_adapter_zero2_trains(runs, tmp_path):
     """The adapter of the ZeRO-3 run equals ZeRO-2's (same batches; float32 rounding apart), read from the
-    checkpoint and exported from it as an adapter and as a merged model."""
+    checkpoint and exported from it as an adapter, a merged model and a GGUF file."""
     from safetensors.torch import load_file
 
     folders = {name: runs[name]["log_dir"] / "checkpoints" / "last.ckpt" for name in ("zero3", "deepspeed2")}
@@ -372,6 +372,19 @@ def test_zero3_trains_the_adapter_zero2_trains(runs, tmp_path):
     merged = [load_file(next((tmp_path / f"{name}-merged").glob("*.safetensors"))) for name in ("zero3", "deepspeed2")]
     for key in merged[0]:
         torch.testing.assert_close(merged[0][key], merged[1][key], rtol=1e-4, atol=1e-5)
+    import gguf
+    import numpy as np
+
+    def gguf_tensors(name: str) -> dict[str, torch.Tensor]:
+        path = main(["export", "--checkpoint", str(folders[name]), "--output", str(tmp_path / f"{name}-gguf"),
+                     "--gguf", "true", "--gguf_type", "f16"])
+        return {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+                for t in gguf.GGUFReader(path).tensors}
+
+    written = [gguf_tensors(name) for name in ("zero3", "deepspeed2")]
+    assert written[0].keys() == written[1].keys() and written[0]
+    for key in written[0]:  # float16 files: equal up to one float16 rounding step
+        torch.testing.assert_close(written[0][key], written[1][key], rtol=2**-10, atol=1e-6, msg=key)
 
 
 @needs_deepspeed
