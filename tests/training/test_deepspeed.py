@@ -521,10 +521,11 @@ def test_finsights_own_deepspeed_checkpoint_validates_and_chats(runs, setup, tmp
                                         "--config", str(DEEPSPEED_YAML), "--ckpt_path", str(last)),
                           setup["root"].parent / "finsight-cache", timeout=RUN_TIMEOUT_S)
     assert "val/loss" in output, output[-3000:]
-    capsys.readouterr()
-    status, stderr = run_entry(monkeypatch, capsys, ["chat", "--ckpt_path", str(last), "--prompt", "Hi",
-                                                     "--max_new_tokens", "3"])
-    assert status == 0, stderr[-3000:]
+    for folder in (last, runs["zero3"]["log_dir"] / "checkpoints" / "last.ckpt"):  # ZeRO-2 and ZeRO-3 folders
+        verify_deepspeed_folder(folder)
+        status, stderr = run_entry(monkeypatch, capsys, ["chat", "--ckpt_path", str(folder), "--prompt", "Hi",
+                                                         "--max_new_tokens", "3"])
+        assert status == 0, stderr[-3000:]
 
 
 @needs_deepspeed
