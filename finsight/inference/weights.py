@@ -25,6 +25,7 @@ from finsight.checkpoint_files import CheckpointContentError, read_checkpoint, v
 from finsight.errors import FinSightError
 from finsight.model.loading import lora_config
 from finsight.model.settings import LoraSettings, QuantizationSettings
+from finsight.references import file_sha256
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -117,7 +118,7 @@ class TrainedWeights:
         in the tensors) and a digest of its adapter tensors (the optimizer state beside them is never read).
         """
         if self.adapter is not None:
-            return {"adapter": sorted((item.name, _file_digest(item)) for item in self.adapter.iterdir()
+            return {"adapter": sorted((item.name, file_sha256(item)) for item in self.adapter.iterdir()
                                       if item.is_file() and item.name.startswith("adapter_"))}
         if self.checkpoint is None:
             return {}
@@ -144,11 +145,3 @@ class TrainedWeights:
         config = (PeftConfig.from_pretrained(started_from) if started_from
                   else lora_config(LoraSettings.from_hparams(self.hyper_parameters)))
         return config, compat.peft.adapter_state_of_module(self.checkpoint_state, module_attribute="model")
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -399,12 +399,7 @@ def test_zero3_killed_inside_a_checkpoint_save_resumes_exactly(setup, runs, tmp_
     assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 1
     resumed = fit(setup, "zero3-kill", *ZERO3, "--ckpt_path=last", deepspeed=True, devices=2, root=tmp_path / "ds")
     uninterrupted = runs["zero3"]["ranks"][0]["steps"]
-    got = resumed["ranks"][0]["steps"]
-    assert [s["step"] for s in got] == [2, 3]
-    for step, expected in zip(got, uninterrupted[1:]):
-        assert step["samples"] == expected["samples"]
-        assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
-        assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)
+    assert_continues(resumed["ranks"][0]["steps"], uninterrupted, first_step=2)
     output = run_finsight(tiny_run_args("validate", setup["model_dir"], tmp_path,
                                         "--config", str(run_config(setup, tmp_path / "out", "validate")),
                                         "--config", str(DEEPSPEED_YAML), *ZERO3, "--trainer.devices=2",
@@ -435,6 +430,15 @@ def test_zero3_test_answers_as_zero2_does(setup, runs, tmp_path):
     assert zero3_loss == pytest.approx(zero2_loss, rel=RELATIVE_TOLERANCE)
     answers = [[sample["answer"] for sample in found["samples"]["fine_tuned"]] for found in (zero3, zero2)]
     assert answers[0] == answers[1] and len(answers[0]) >= 2
+
+
+def assert_continues(got: list[dict], uninterrupted: list[dict], first_step: int) -> None:
+    """A resumed run's steps are the uninterrupted run's from ``first_step`` on: samples, loss, grad norm."""
+    assert [s["step"] for s in got] == list(range(first_step, STEPS + 1))
+    for step, expected in zip(got, uninterrupted[first_step - 1:]):
+        assert step["samples"] == expected["samples"]
+        assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
+        assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)
 
 
 def _printed_metric(output: str, name: str) -> float:
@@ -569,12 +573,7 @@ def test_deepspeed_killed_inside_a_checkpoint_folder_write_resumes_from_the_prev
     resumed = fit(setup, "deepspeed-kill", "--ckpt_path=last", deepspeed=True, root=tmp_path / "ds")
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # cleared by the next save
     uninterrupted = runs["deepspeed1"]["ranks"][0]["steps"]
-    got = resumed["ranks"][0]["steps"]
-    assert [s["step"] for s in got] == [2, 3]
-    for step, expected in zip(got, uninterrupted[1:]):
-        assert step["samples"] == expected["samples"]
-        assert step["loss"] == pytest.approx(expected["loss"], rel=RELATIVE_TOLERANCE)
-        assert step["grad_norm"] == pytest.approx(expected["grad_norm"], rel=RELATIVE_TOLERANCE)
+    assert_continues(resumed["ranks"][0]["steps"], uninterrupted, first_step=2)
 
 
 
