@@ -192,7 +192,6 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         (:func:`shards_parameters`), and ``deepspeed.initialize`` partitions every parameter, the 4-bit
         storage included, across the ranks (and to the CPU with ``offload_param``).
         """
-        self._init_config_if_needed()
         yield
 
     # Lightning's DeepSpeedStrategy refuses anything but CUDA in three places; DeepSpeed itself runs on the CPU
@@ -268,10 +267,9 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         super().load_model_state_dict(checkpoint, strict=strict)
 
     def _evaluating_zero3(self) -> bool:
-        from lightning.pytorch.trainer.states import TrainerFn
-
         module = self.lightning_module
-        return bool(self.zero_stage_3 and module is not None and module.trainer.state.fn != TrainerFn.FITTING)
+        # TrainerFn is a str enum: "fit", "validate", "test", "predict".
+        return bool(self.zero_stage_3 and module is not None and module.trainer.state.fn != "fit")
 
     def _save_trained_state(self, checkpoint: dict, filepath: Path, storage_options: Any | None) -> None:
         """DeepSpeed's checkpoint folder, holding the trained weights and their optimizer state only.
