@@ -68,10 +68,13 @@ def stored_bytes(param: torch.nn.Parameter) -> tuple[int, str]:
 def quant_state_bytes(module: torch.nn.Module) -> int:
     """The 4-bit layers' scales and code books, which live beside the weights as plain tensors."""
     total = 0
+    seen: set[int] = set()
     for submodule in module.modules():
         state = getattr(getattr(submodule, "weight", None), "quant_state", None)
-        if state is None:
+        # PEFT's LoRA layer exposes its base layer's weight as its own: count each state once.
+        if state is None or id(state) in seen:
             continue
+        seen.add(id(state))
         for value in (state.absmax, state.code, getattr(getattr(state, "state2", None), "absmax", None),
                       getattr(getattr(state, "state2", None), "code", None)):
             if isinstance(value, torch.Tensor):
