@@ -34,6 +34,7 @@ from finsight.training.checkpoint import (
     verify_ckpt_path_argument,
 )
 from finsight.training.deepspeed import exit_if_strategy_unavailable
+from finsight.training.hardware import exit_if_hardware_missing
 from finsight.training.module import FinSightModule
 from finsight.training.reliability import reliability_callbacks
 
@@ -76,6 +77,8 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # A GPU, a device count or a kernel this machine lacks: one line, before anything is built or loaded.
+        exit_if_hardware_missing(config.trainer, config.get("model"))
         every = config.get("val_every_n_optimizer_steps")
         if every:
             accumulation = config.trainer.accumulate_grad_batches or 1
