@@ -198,6 +198,26 @@ def test_resume_last_refuses_a_poisoned_last_checkpoint_before_writing_anything(
     assert files_under(root) == before
 
 
+def test_a_checkpoint_never_chooses_the_class_that_is_built(run, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Hyper-parameters are plain data, but ``_class_path`` would make LightningCLI build whatever class (any
+    importable callable) the file names, with the file's arguments."""
+    marker = tmp_path / "marker"
+    checkpoint = torch.load(run["best"], map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"].update(_class_path="subprocess.Popen", args=["touch", str(marker)])
+    shared = tmp_path / "shared.ckpt"
+    torch.save(checkpoint, shared)
+    root = tmp_path / "run"
+    for command in ("validate", "test", "predict"):
+        status, stderr = run_entry(monkeypatch, capsys, command_args(command, shared, tiny_model_dir, root))
+        assert status == 1
+        assert error_lines(stderr) == [
+            f"error: checkpoint {shared} names a model class of its own ('subprocess.Popen'); finsight builds "
+            "FinSightModule and takes only its options' values from a checkpoint, never a class it names: nothing "
+            "was imported; use a checkpoint written by finsight fit"]
+    assert not marker.exists()
+    assert files_under(root) == []
+
+
 def test_chat_refuses_an_adapter_folder_with_a_poisoned_pickle(run, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "marker"
     adapter = tmp_path / "adapter"

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from finsight import compat
+from finsight.checkpoint_files import CheckpointContentError
 from finsight.cli.chat import chat_main
 from finsight.data.datamodule import FinSightDataModule
 from finsight.evaluation.held_out import HeldOutEvaluator
@@ -100,8 +101,9 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
         A checkpoint written by an earlier finsight version records options since removed (``export_dir``);
         LightningCLI would refuse it ("does not accept option 'model.export_dir'"), so ``validate``, ``test``
         and ``predict`` could not read the runs they were made for. The dropped names are logged once.
-        ``load_from_checkpoint`` (chat, export) already ignores such keys. False for a module subclass chosen
-        on the command line, whose hyper-parameters LightningCLI's own reading handles.
+        ``load_from_checkpoint`` (chat, export) already ignores such keys. A checkpoint naming a class of its own
+        (``_class_path``) is refused: it would choose what gets built. False for a CLI in subclass mode, where the
+        command line chooses the class and LightningCLI's own reading handles it.
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -110,8 +112,14 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
         # Memory-mapped: only the hyper-parameters are read, not the adapter and optimizer state beside them.
         hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
-        if "_class_path" in hparams:  # a module subclass chosen on the command line: LightningCLI's own rules
-            return False
+        if "_class_path" in hparams:
+            if self.subclass_mode_model:  # a CLI that lets the command line choose the class: LightningCLI's rules
+                return False
+            # A checkpoint never chooses which class is built (it could name any importable callable).
+            raise CheckpointContentError(
+                f"checkpoint {ckpt_path} names a model class of its own ({hparams['_class_path']!r}); finsight "
+                "builds FinSightModule and takes only its options' values from a checkpoint, never a class it "
+                "names: nothing was imported; use a checkpoint written by finsight fit")
         accepted = set(inspect.signature(self.model_class.__init__).parameters) - {"self"}
         dropped = sorted(set(hparams) - accepted)
         if dropped:
