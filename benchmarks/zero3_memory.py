@@ -84,10 +84,12 @@ def run(name: str, stage: int, devices: int, model: str, steps: int, out: Path) 
 
 
 def mib(count: float) -> str:
+    """Bytes as MiB with one decimal, the unit of the table."""
     return f"{count / 2**20:.1f}"
 
 
 def measured_table(results: dict[tuple[str, int], list[dict]]) -> str:
+    """One row per run and rank, for RESULTS.md."""
     lines = ["| run | rank | base held, MiB (where) | adapter, MiB | optimizer, MiB | RSS after set-up, MiB | "
              "peak RSS, MiB | step time, s (median) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (name, devices), ranks in results.items():
@@ -109,6 +111,7 @@ def llama2_70b_config() -> Any:
 
 
 def planned_table(gpu_gib: float = 24.0) -> str:
+    """What each GPU and the host would hold for Llama-2-70B on 2 cards, per strategy, and whether it fits."""
     from finsight.training.memory_plan import planned_rank_memory
 
     config = llama2_70b_config()
