@@ -64,7 +64,7 @@ def split_checksum(reference: str) -> tuple[str, str | None]:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
         raise ModelReferenceError(f"model {reference!r}: the text after {CHECKSUM_MARK!r} must be a SHA-256 "
                                   f"digest of 64 hexadecimal digits, got {digest!r}")
-    if not (location.startswith("pypi:") or location.endswith(".gguf")):
+    if not is_gguf_reference(location):
         raise ModelReferenceError(f"model {reference!r}: a {CHECKSUM_MARK} pin applies to a .gguf file or a "
                                   "pypi: reference only")
     return location, digest.lower()

@@ -11,8 +11,8 @@ only unpickler that finsight's readers reach, in three steps:
   :class:`UnsafeCheckpointError`. Nothing ever falls back to full unpickling.
 * :func:`check_tensors_only` reads a file's pickle statically before the load (it executes nothing), so the
   refusal names the exact file, also inside a DeepSpeed folder, and what it holds.
-* :func:`finsight.compat.deepspeed.checkpoint_value_types` allow-lists the few non-tensor types that DeepSpeed writes into its checkpoint
-  folders (Lightning's own files hold none), and only where a DeepSpeed folder is read.
+* :func:`finsight.compat.deepspeed.checkpoint_value_types` allow-lists the few non-tensor types that DeepSpeed
+  writes into its checkpoint folders (Lightning's own files hold none), and only where a DeepSpeed folder is read.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class UnsafeCheckpointError(FinSightError):
 def tensors_only(path: str | os.PathLike | None = None, deepspeed: bool = False) -> Iterator[None]:
     """Every ``torch.load`` in the block loads tensors and plain data only; a refusal names ``path``.
 
-    ``deepspeed``: also allow :func:`finsight.compat.deepspeed.checkpoint_value_types`, for the files of a DeepSpeed checkpoint folder.
+    ``deepspeed``: also allow :func:`finsight.compat.deepspeed.checkpoint_value_types`, for the files of a
+    DeepSpeed checkpoint folder.
 
     Process-wide while the block runs (torch reads the switch at each call), so loads made by Lightning and
     DeepSpeed inside it are covered; worker processes started inside it inherit it. Nested use is fine.
@@ -57,7 +58,7 @@ def tensors_only(path: str | os.PathLike | None = None, deepspeed: bool = False)
     os.environ[FORCE_VARIABLE] = "1"
     os.environ.pop(UNSAFE_VARIABLE, None)
     try:
-        with torch.serialization.safe_globals(list(compat.deepspeed.checkpoint_value_types() if deepspeed else ())):
+        with _allowed_library_types(deepspeed):
             yield
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
@@ -72,6 +73,11 @@ def tensors_only(path: str | os.PathLike | None = None, deepspeed: bool = False)
                 os.environ[name] = value
 
 
+def _allowed_library_types(deepspeed: bool) -> contextlib.AbstractContextManager:
+    """torch's allow-list, extended by DeepSpeed's value types where a DeepSpeed folder is read."""
+    return torch.serialization.safe_globals(list(compat.deepspeed.checkpoint_value_types() if deepspeed else ()))
+
+
 def refusal(path: str | os.PathLike, what: str) -> str:
     """The one-line refusal: the file, what it holds, that nothing ran, and what to do."""
     return (f"checkpoint {path} holds {what}, not tensors or plain data: refused, nothing in it was run "
@@ -81,7 +87,8 @@ def refusal(path: str | os.PathLike, what: str) -> str:
 
 def _type_in_torch_message(message: str) -> str:
     """The function or class torch's weights-only unpickler names in its refusal, else its reason."""
-    found = re.search(r"GLOBAL ([\w.]+)", message)  # "Unsupported global: GLOBAL m.f ...", "unsupported GLOBAL m.f whose module m is blocked"
+    # "Unsupported global: GLOBAL m.f ..." or "unsupported GLOBAL m.f whose module m is blocked"
+    found = re.search(r"GLOBAL ([\w.]+)", message)
     if found:
         return found.group(1)
     found = re.search(r"(?:Unsupported operand|Trying to \w+ [^.\n]*)[^\n.]*", message)
@@ -90,11 +97,12 @@ def _type_in_torch_message(message: str) -> str:
 
 def check_tensors_only(path: str | os.PathLike, deepspeed: bool = False) -> None:
     """Raise :class:`UnsafeCheckpointError` when the ``torch.save`` archive ``path`` names anything beyond
-    tensors and plain data (and, with ``deepspeed``, :func:`finsight.compat.deepspeed.checkpoint_value_types`); nothing in the file is executed.
+    tensors and plain data (and, with ``deepspeed``, :func:`finsight.compat.deepspeed.checkpoint_value_types`);
+    nothing in the file is executed.
 
     ``path`` must be a complete zip archive (checked before, by ``verify_checkpoint_file``).
     """
-    with torch.serialization.safe_globals(list(compat.deepspeed.checkpoint_value_types() if deepspeed else ())):
+    with _allowed_library_types(deepspeed):
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except (pickle.UnpicklingError, EOFError) as error:

@@ -248,13 +248,13 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """DeepSpeed's own loader, once every file of the folder is verified (damage, code), and every load in
         it of tensors and plain data only: DeepSpeed itself asks ``torch.load`` for full unpickling."""
-        if Path(checkpoint_path).is_dir():
-            verify_deepspeed_folder(checkpoint_path)
         if self._evaluating_zero3():
             # ZeRO-3 keeps the trained values in the optimizer's partitions only (the module states hold
             # placeholders), and DeepSpeed restores those for training only: validate, test and predict read the
-            # consolidated weights instead and scatter them into the partitions (load_model_state_dict).
+            # consolidated weights instead (verified there) and scatter them into the partitions.
             return read_checkpoint(checkpoint_path)
+        if Path(checkpoint_path).is_dir():
+            verify_deepspeed_folder(checkpoint_path)
         with tensors_only(checkpoint_path, deepspeed=True):
             return super().load_checkpoint(checkpoint_path, weights_only=True)
 

@@ -115,27 +115,28 @@ def measured_rank_memory(module: torch.nn.Module, strategy: Any, config: Any,
                       activation_bytes=activations, ranks=strategy.world_size, partitioned=partitioned)
 
 
+def projection_shapes(config: Any) -> list[tuple[int, int]]:
+    """(in, out) of the seven projections of one decoder layer of a Llama-style model: the layers that are
+    quantized to 4 bits and that LoRA adapts."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, intermediate), (hidden, intermediate),
+            (intermediate, hidden)]
+
+
 def linear_elements(config: Any) -> tuple[int, int]:
     """(elements of the decoder's linear layers, which are quantized; elements of everything else) of a
     Llama-style model, from its config alone."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    intermediate = config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    per_layer = hidden * config.num_attention_heads * head_dim * 2 + hidden * kv * 2 + 3 * hidden * intermediate
-    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    norms = (2 * layers + 1) * hidden
-    return per_layer * layers, embeddings + norms
+    linear = sum(n_in * n_out for n_in, n_out in projection_shapes(config)) * config.num_hidden_layers
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
+    return linear, embeddings + norms
 
 
 def lora_elements(config: Any, rank: int) -> int:
     """LoRA A and B on the seven projections of every decoder layer."""
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, intermediate), (hidden, intermediate),
-              (intermediate, hidden)]
-    return sum(rank * (n_in + n_out) for n_in, n_out in shapes) * config.num_hidden_layers
+    return sum(rank * (n_in + n_out) for n_in, n_out in projection_shapes(config)) * config.num_hidden_layers
 
 
 def planned_rank_memory(config: Any, *, ranks: int, stage: int, offload_param: bool, offload_optimizer: bool,
