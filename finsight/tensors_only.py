@@ -41,6 +41,9 @@ class UnsafeCheckpointError(FinSightError):
     """A checkpoint whose pickle names functions or classes beyond tensors and plain data: refused, not run.
 
     Not a ``RuntimeError`` or ``UnpicklingError``: handlers of damaged files must never re-label it as damage.
+
+    Fix: do not load the file: use a checkpoint that finsight wrote, or check where it came from
+    ([Security](security.md)). Nothing in it was run.
     """
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from docs_tables import TABLES, marked_block
 from helpers import ROOT, sampled_fit
 
 from finsight.cli.lightning_cli import main
@@ -27,7 +28,7 @@ from finsight.cli.lightning_cli import main
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SUBCOMMANDS = ("fit", "validate", "test", "predict", "export", "chat")
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "export", "chat", "plan")
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
@@ -51,7 +52,8 @@ def shown_commands(text: str) -> list[str]:
     for block in FENCE.findall(text):
         pieces += re.sub(r"\\\n", " ", block).splitlines()
     without_fences = FENCE.sub("", text)
-    pieces += INLINE_CODE.findall(without_fences)
+    # An error message quoted as it prints (`error: ...`) is output, not a command.
+    pieces += [piece for piece in INLINE_CODE.findall(without_fences) if not piece.startswith("error:")]
     commands = []
     for piece in pieces:
         piece = piece.split("  # ")[0]  # a trailing shell comment
@@ -99,6 +101,8 @@ def test_every_shown_command_uses_real_subcommands_options_and_configs():
     missing = []
     for file, command in all_shown_commands():
         subcommand = command.split()[1]
+        if command in ("finsight --version", "finsight -V"):
+            continue  # the one option without a subcommand (tests/cli/test_version.py)
         if subcommand not in SUBCOMMANDS:
             missing.append(f"{file}: `{command}`: no subcommand {subcommand!r}")
             continue
@@ -142,15 +146,17 @@ def test_readme_is_short_and_its_links_resolve():
 
 
 # A measured quantity: a number with a unit of time, size, speed or ratio.
+# A shape (4 × 256 tokens) is not a ratio, and a card's size (24 GB GPUs) is not a measurement.
 MEASURED = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*(?:\s?[–-]\s?\d+(?:\.\d+)*)?)\s?"
-                      r"(s|min|ms|minutes|seconds|GB|GiB|MB|MiB|×|x|%|tokens/s)(?![\w])")
+                      r"(s|min|ms|minutes|seconds|GB|GiB|MB|MiB|×(?!\s?\d)|x(?!\s?\d)|%|tokens/s)(?![\w])(?!\s+(?:GPU|card))")
+SUMMARY = ROOT / "benchmarks" / "SUMMARY.md"
 
 
 def test_every_measured_number_in_the_readme_and_the_site_is_in_the_results():
     """A time, size, speed or ratio stated in prose must be one that the results record (with the machine
     they name); examples inside code (an error message, a command) are not claims and are left out."""
     results = RESULTS.read_text(encoding="utf-8")
-    pages = [README, *(path for path in sorted(DOCS.rglob("*.md")) if path.parent.name != "benchmarks")]
+    pages = [README, SUMMARY, *(path for path in sorted(DOCS.rglob("*.md")) if path.parent.name != "benchmarks")]
     unrecorded = []
     for page in pages:
         prose = re.sub(r"`[^`]+`", "", FENCE.sub("", page.read_text(encoding="utf-8")))
@@ -161,8 +167,35 @@ def test_every_measured_number_in_the_readme_and_the_site_is_in_the_results():
     assert "**Machine**" in results and "AVX512-BF16" in results and "AVX2" in results
 
 
+def quoted_claims() -> list[tuple[str, str, list[str]]]:
+    """(page, paragraph, summary rows it links) for every paragraph of the README and the site that states a
+    measured number; the computed memory plan on the GPU page is a plan, not a measurement, and is left out."""
+    claims = []
+    for page in [README, *(path for path in sorted(DOCS.rglob("*.md")) if path.parent.name != "benchmarks")]:
+        text = re.sub(r"<!-- memory-plan -->.*?<!-- /memory-plan -->", "", page.read_text(encoding="utf-8"),
+                      flags=re.S)
+        for paragraph in re.split(r"\n\s*\n|\n(?=\s*[-*] )", FENCE.sub("", text)):
+            if MEASURED.findall(re.sub(r"`[^`]+`", "", paragraph)):
+                claims.append((page.name, paragraph, re.findall(r"SUMMARY\.md#([\w-]+)", paragraph)))
+    return claims
+
+
+def test_every_measured_number_on_a_page_links_to_its_summary_row():
+    """A number quoted on a page links to the summary's row, which names its model, hardware and setting."""
+    rows = set(re.findall(r"\{#([\w-]+)\}", SUMMARY.read_text(encoding="utf-8")))
+    assert len(rows) >= 10
+    claims = quoted_claims()
+    assert len(claims) >= 8
+    unlinked = [f"{page}: {paragraph.strip()[:100]}" for page, paragraph, linked in claims if not linked]
+    assert not unlinked, "measured numbers without a link to their row in benchmarks/SUMMARY.md:\n" + \
+        "\n".join(unlinked)
+    unknown = sorted({row for _, _, linked in claims for row in linked} - rows)
+    assert not unknown, f"links to rows benchmarks/SUMMARY.md does not have: {unknown}"
+
+
 def test_the_number_check_finds_an_unrecorded_number():
     assert MEASURED.findall("it took 12.3 s and 0.54 GB") == [("12.3", "s"), ("0.54", "GB")]
+    assert MEASURED.findall("4 × 256 tokens on 2 × 24 GB GPUs, 1.42× faster, 3.1 GB") == [("1.42", "×"), ("3.1", "GB")]
     assert "987.65" not in RESULTS.read_text(encoding="utf-8")
 
 
@@ -215,3 +248,33 @@ def test_every_python_example_runs(tmp_path, monkeypatch, tiny_model_dir, tmp_pa
         with contextlib.redirect_stdout(out):
             exec(compile(HUB_ID.sub(repr(str(tiny_model_dir)), code), f"<{page}>", "exec"), {})
         assert out.getvalue().strip(), f"the example on {page} printed nothing"
+
+
+@pytest.mark.parametrize("page", sorted(TABLES))
+def test_the_computed_tables_are_what_finsight_computes_now(page, monkeypatch, capsys):
+    """docs/gpu.md's memory plan of every shipped config and docs/troubleshooting.md's errors are computed
+    (``python tests/docs_tables.py`` rewrites them): a change to the planner, a config or an error shows here."""
+    monkeypatch.chdir(ROOT)
+    name, compute = TABLES[page]
+    committed = marked_block((ROOT / page).read_text(encoding="utf-8"), name)
+    assert committed is not None, f"{page} has no <!-- {name} --> block"
+    assert committed == compute(), f"{page}: the {name} table is out of date: run python tests/docs_tables.py"
+
+
+def test_every_error_has_an_entry_with_its_cause_fix_and_messages():
+    from finsight.errors import error_catalogue_markdown, error_classes, raised_messages
+
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    classes = error_classes()
+    assert len(classes) >= 25
+    without_fix = [cls.__name__ for cls in classes if "\nFix: " not in (cls.__doc__ or "").replace("\n    ", "\n")]
+    assert not without_fix, f"error classes whose docstring has no 'Fix: ' paragraph: {without_fix}"
+    missing = [cls.__name__ for cls in classes if f"### {cls.__name__}\n" not in page]
+    assert not missing, f"errors without an entry in docs/troubleshooting.md: {missing}"
+    messages = raised_messages()
+    assert "checkpoint {path} does not exist" in messages["CheckpointError"]
+    assert any(text.startswith("source {") for text in messages["DataSourceError"])
+    # A new error class is found as soon as it exists, and its entry is then missing from the committed page.
+    new = type("BrandNewError", (classes[0],), {"__doc__": "Cause.\n\nFix: do this.", "__module__": "finsight.x"})
+    assert new in error_classes()
+    assert "### BrandNewError\n" in error_catalogue_markdown() and "### BrandNewError" not in page

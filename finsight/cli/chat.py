@@ -47,7 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class ChatLoadError(FinSightError, ValueError):
-    """The adapter, checkpoint or model given to ``finsight chat`` cannot be used; the message says why."""
+    """The adapter, checkpoint or model given to ``finsight chat`` cannot be used; the message says why.
+
+    Fix: pass `finsight chat` an adapter folder, a `.ckpt` file that `finsight fit` wrote, or a model reference,
+    as the message says.
+    """
 
 
 def _default_compute_dtype() -> ComputeDtype:

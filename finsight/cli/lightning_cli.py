@@ -22,6 +22,8 @@ from rich.logging import RichHandler
 from finsight import compat
 from finsight.checkpoint_files import CheckpointContentError
 from finsight.cli.chat import chat_main
+from finsight.cli.plan import plan_main
+from finsight.cli.version import version_report
 from finsight.data.datamodule import FinSightDataModule
 from finsight.evaluation.held_out import HeldOutEvaluator
 from finsight.evaluation.prediction import JsonlPredictionWriter
@@ -190,7 +192,9 @@ def _resume_into_latest_version(trainer_config: Any) -> None:
 
 
 # Subcommands that are not Trainer methods get their own parsers.
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, "chat": chat_main}
+# `plan` parses with this module's CLI class, stopped before anything is built.
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"export": export_main, "chat": chat_main,
+                                                           "plan": lambda args: plan_main(args, FinSightCLI)}
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FinSightCLI | Any:
@@ -203,6 +207,9 @@ def _main(args: list[str] | None, run: bool) -> FinSightCLI | Any:
     setup_logging()
     compat.quiet_known_noise()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv in (["--version"], ["-V"]):
+        print(version_report())
+        return None
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
     # A damaged --ckpt_path file, or one holding code: one clear error, before LightningCLI reads it.

@@ -57,7 +57,11 @@ LOG_FILTERS: tuple[tuple[str, type[logging.Filter]], ...] = tuple(
 
 
 class UnsupportedVersionError(FinSightError, ImportError):
-    """An installed library is outside the version range finsight is tested with."""
+    """An installed library is outside the version range finsight is tested with.
+
+    Fix: install the range the message gives (`pip install 'package>=low,<high'`), or reinstall finsight into a
+    fresh environment (`pip install -e .`).
+    """
 
 
 def check_versions(installed: Callable[[str], str] = importlib.metadata.version) -> None:

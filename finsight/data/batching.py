@@ -34,7 +34,10 @@ STEP_TOKENS = "step_trained_tokens"
 
 
 class DataOrderChangedError(FinSightError, ValueError):
-    """A resumed run whose data order cannot continue the checkpoint's (another seed draws another order)."""
+    """A resumed run whose data order cannot continue the checkpoint's (another seed draws another order).
+
+    Fix: resume with the seed and sources the run started with, or start a new run (no `--ckpt_path`).
+    """
 
 
 @dataclass(frozen=True)

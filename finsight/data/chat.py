@@ -29,7 +29,11 @@ IGNORE_INDEX = -100
 
 
 class ChatTemplateError(FinSightError, ValueError):
-    """The tokenizer's chat template cannot be used to build an assistant mask."""
+    """The tokenizer's chat template cannot be used to build an assistant mask.
+
+    Fix: use an instruction-tuned model whose chat template renders each assistant turn as given (most chat
+    models do); a base model without a template cannot mark what to train.
+    """
 
 
 def template_accepts_system(tokenizer: PreTrainedTokenizerBase) -> bool:

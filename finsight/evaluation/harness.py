@@ -29,7 +29,11 @@ HARNESS_INSTALL = "pip install 'finsight[harness]'"
 
 
 class HarnessError(FinSightError, RuntimeError):
-    """The harness is not installed, or a task it was asked for does not exist."""
+    """The harness is not installed, or a task it was asked for does not exist.
+
+    Fix: install the harness (`pip install 'finsight[harness]'`) and name tasks it lists (`lm_eval --tasks
+    list`), or add your own with `--eval.harness_include_path`.
+    """
 
 
 def harness_unavailable_reason() -> str | None:

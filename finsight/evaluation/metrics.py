@@ -264,7 +264,11 @@ class EvalExample:
 
 
 class EvalSetError(FinSightError, ValueError):
-    """An evaluation set that cannot be built; the message names the file or source."""
+    """An evaluation set that cannot be built; the message names the file or source.
+
+    Fix: point `--eval.file` at an existing file in the format the message names, or `--eval.source` at a source
+    of the config that has validation rows.
+    """
 
 
 def _question_markers(encoder: Any, system_prompt: str) -> tuple[str, str]:

@@ -64,7 +64,10 @@ def export_folder(folder: Path, what: str) -> contextlib.AbstractContextManager[
 
 
 class ExportTargetError(FinSightError, ValueError):
-    """An export folder that would replace files that are not an earlier export."""
+    """An export folder that would replace files that are not an earlier export.
+
+    Fix: choose a new or empty `--output` folder, or one that an earlier `finsight export` wrote.
+    """
 
 
 class AdapterExport(Callback):

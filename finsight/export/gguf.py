@@ -37,7 +37,11 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "l
 
 
 class GGUFExportError(FinSightError, ValueError):
-    """A model or tokenizer this GGUF writer cannot represent; the message says which and what is supported."""
+    """A model or tokenizer this GGUF writer cannot represent; the message says which and what is supported.
+
+    Fix: export a Llama-family model with a SentencePiece or byte-level BPE tokenizer, or export the merged
+    model and convert it with llama.cpp's `convert_hf_to_gguf.py`.
+    """
 
 
 def _file_type(gguf_type: GGUFType) -> Any:

@@ -20,7 +20,11 @@ from finsight.errors import FinSightError
 
 
 class GoTemplateError(FinSightError, ValueError):
-    """A template this renderer does not understand (outside the subset above, or malformed)."""
+    """A template this renderer does not understand (outside the subset above, or malformed).
+
+    Fix: keep the template to the subset the message names (`if`, `range`, `with`, variables, comparisons) or
+    correct the template text it quotes.
+    """
 
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)

@@ -31,7 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelfileTemplateError(FinSightError, ValueError):
-    """The tokenizer's chat template is none of the layouts finsight can write as an Ollama template."""
+    """The tokenizer's chat template is none of the layouts finsight can write as an Ollama template.
+
+    Fix: export the GGUF file without the Modelfile and write its `TEMPLATE` by hand, or use a model whose chat
+    template is one of the common layouts (ChatML, Llama-2, Mistral, Llama-3); a system prompt must not contain
+    template markers.
+    """
 
 
 # Each layout with ``{bos}`` and ``{eos}`` for the tokenizer's own strings, and ``{lead}`` for the BOS that starts

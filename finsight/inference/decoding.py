@@ -39,7 +39,10 @@ InferenceDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class GenerationSettingsError(FinSightError, ValueError):
-    """Generation options that cannot work together (an answer longer than the whole context)."""
+    """Generation options that cannot work together (an answer longer than the whole context).
+
+    Fix: lower `--max_new_tokens` below the context length, or raise `--max_length`.
+    """
 
 
 @dataclass
@@ -216,7 +219,11 @@ def generate(
 
 
 class PromptTooLongError(FinSightError, ValueError):
-    """A single message that does not fit the context together with the answer budget."""
+    """A single message that does not fit the context together with the answer budget.
+
+    Fix: shorten the message, or raise `--max_length` up to the model's context (`/reset` starts a new
+    conversation).
+    """
 
 
 class ChatSession:

@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 
 
 class WeightsSourceError(FinSightError, ValueError):
-    """An adapter folder or model reference that cannot be used; the message says why."""
+    """An adapter folder or model reference that cannot be used; the message says why.
+
+    Fix: pass an adapter folder that `finsight fit` or `finsight export` wrote (`adapter_config.json` beside
+    `adapter_model.safetensors`), a `.ckpt` file, or a model reference whose base is available.
+    """
 
 
 @dataclass(frozen=True, eq=False)

@@ -44,6 +44,25 @@ def activation_bytes(config, batch_size: int, length: int, element_bytes: int, l
     return int(per_token * config.num_hidden_layers * batch_size * length)
 
 
+def step_activation_bytes(config, batch_size: int, length: int, element_bytes: int, recomputed_layers: int = 0) -> int:
+    """What one micro-batch's training step holds for backward: the figure the memory plan and the start-up
+    summary give (:mod:`finsight.training.memory_plan`).
+
+    Layers that are not recomputed keep :func:`activation_bytes`' share; a recomputed layer keeps only its
+    input (one hidden-sized tensor per token), and while it recomputes in backward, one layer's full share is
+    alive again. The logits are counted as if every position were trained (an upper bound: the training step
+    runs the LM head on trained positions only), in float32 with their gradient, for the cross-entropy.
+    """
+    layers = config.num_hidden_layers
+    recomputed_layers = min(max(recomputed_layers, 0), layers)
+    per_layer = activation_bytes(config, batch_size, length, element_bytes) / layers
+    kept = per_layer * (layers - recomputed_layers)
+    inputs = recomputed_layers * batch_size * length * config.hidden_size * element_bytes
+    recomputing = per_layer if recomputed_layers else 0
+    logits = 2 * batch_size * length * config.vocab_size * 4
+    return int(kept + inputs + recomputing + logits)
+
+
 def choose_gradient_checkpointing(requested: GradientCheckpointing, config, micro_batch: tuple[int, int] | None,
                                   element_bytes: int) -> tuple[bool, str]:
     """Decide whether to recompute activations in backward, and say why (for the start-up summary).

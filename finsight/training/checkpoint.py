@@ -120,7 +120,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class CheckpointSettingsError(FinSightError, ValueError):
-    """Checkpoint cadence options that contradict each other."""
+    """Checkpoint cadence options that contradict each other.
+
+    Fix: give each checkpoint callback one cadence (`every_n_train_steps` or `train_time_interval`), as the
+    message says.
+    """
 
 
 class LatestCheckpoint(ModelCheckpoint):

@@ -49,11 +49,19 @@ ZeroStage = Literal[1, 2, 3]
 
 
 class StrategyUnavailableError(FinSightError, RuntimeError):
-    """A requested strategy cannot run here; the one-line message names what is missing and how to get it."""
+    """A requested strategy cannot run here; the one-line message names what is missing and how to get it.
+
+    Fix: install what the message names (`pip install 'finsight[deepspeed]'`; on a machine without CUDA
+    `DS_BUILD_OPS=0 pip install 'finsight[deepspeed]'`), or choose another strategy (`--trainer.strategy auto`).
+    """
 
 
 class DeepSpeedSettingsError(FinSightError, ValueError):
-    """A ZeRO setting finsight's DeepSpeed strategy does not take (a stage or offload device it cannot run)."""
+    """A ZeRO setting finsight's DeepSpeed strategy does not take (a stage or offload device it cannot run).
+
+    Fix: use `finsight.callbacks.FinSightDeepSpeedStrategy` with a stage from 1 to 3 and `cpu` offload, as
+    `configs/deepspeed_zero2_offload.yaml` and `configs/deepspeed_zero3_offload.yaml` do.
+    """
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from finsight.model.memory import activation_bytes
+from finsight.model.memory import step_activation_bytes
 
 ADAM_STATE_BYTES = 8
 """AdamW's two fp32 moments per trained element."""
@@ -37,9 +37,33 @@ class RankMemory:
     optimizer_bytes: int
     optimizer_device: str
     activation_bytes: int
-    """One micro-batch without recomputation (estimate, :func:`finsight.model.memory.activation_bytes`)."""
+    """One micro-batch's training step, with the recomputation the run uses (an estimate,
+    :func:`finsight.model.memory.step_activation_bytes`)."""
     ranks: int
     partitioned: bool
+    training_device: str = "cpu"
+    """Where the step computes: activations and the 4-bit scales live there."""
+    adapter_device: str | None = None
+    """Where the adapter's weights live; None: with the base."""
+    gradient_bytes: int = 0
+    """The adapter's fp32 gradients (partitioned over the ranks from ZeRO-2 on), where the step computes."""
+    gathered_bytes: int = 0
+    """ZeRO-3: the whole weights of the layers gathered onto the device at a time (the one computing and the
+    one prefetched); planned only."""
+
+    def parts(self) -> list[tuple[str, int, str]]:
+        """(what, bytes, where) of everything counted, in the order the plan prints them."""
+        return [("base weights", self.base_bytes, self.base_device),
+                ("4-bit scales", self.quant_state_bytes, self.training_device),
+                ("LoRA adapter", self.adapter_bytes, self.adapter_device or self.base_device),
+                ("adapter gradients", self.gradient_bytes, self.training_device),
+                ("optimizer state", self.optimizer_bytes, self.optimizer_device),
+                ("activations", self.activation_bytes, self.training_device),
+                ("ZeRO-3 gathered layers", self.gathered_bytes, self.training_device)]
+
+    def total_on(self, device: str) -> int:
+        """Bytes this rank holds on one kind of device (``gpu``, ``cuda``, ``cpu``)."""
+        return sum(size for _, size, where in self.parts() if where == device)
 
     def described(self) -> str:
         """One line for the start-up summary."""
@@ -47,7 +71,7 @@ class RankMemory:
         return (f"base {gib(self.base_bytes)} on {self.base_device}{share} + 4-bit scales "
                 f"{gib(self.quant_state_bytes)}, adapter {gib(self.adapter_bytes)}, optimizer "
                 f"{gib(self.optimizer_bytes)} on {self.optimizer_device}, activations ~{gib(self.activation_bytes)} "
-                "per micro-batch without recomputation")
+                "per micro-batch step")
 
 
 def gib(count: float) -> str:
@@ -92,27 +116,36 @@ def optimizer_placement(strategy: Any) -> tuple[bool, str, int]:
 
 
 def measured_rank_memory(module: torch.nn.Module, strategy: Any, config: Any,
-                         micro_batch: tuple[int, int] | None, element_bytes: int) -> RankMemory:
-    """What this rank holds now (after the strategy has set the model up), counted parameter by parameter."""
+                         micro_batch: tuple[int, int] | None, element_bytes: int,
+                         recomputed_layers: int = 0) -> RankMemory:
+    """What this rank holds now (after the strategy has set the model up), counted parameter by parameter;
+    the activations are :func:`~finsight.model.memory.step_activation_bytes`' estimate, as in the plan."""
     base = adapter = trained_elements = 0
     devices: set[str] = set()
+    adapter_devices: set[str] = set()
     partitioned = False
     for param in module.parameters():
         size, device = stored_bytes(param)
         partitioned |= hasattr(param, "ds_tensor")
         if param.requires_grad:
             adapter += size
+            adapter_devices.add(device)
             trained_elements += getattr(param, "ds_numel", param.numel())
         else:
             base += size
             devices.add(device)
     deepspeed, optimizer_device, ranks = optimizer_placement(strategy)
+    stage = int(strategy.config["zero_optimization"].get("stage", 0)) if deepspeed else 0
     per_element = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if deepspeed else 0)
-    activations = activation_bytes(config, *micro_batch, element_bytes) if micro_batch else 0
+    activations = (step_activation_bytes(config, *micro_batch, element_bytes, recomputed_layers)
+                   if micro_batch else 0)
     return RankMemory(base_bytes=base, base_device="+".join(sorted(devices)) or "-",
                       quant_state_bytes=quant_state_bytes(module), adapter_bytes=adapter,
                       optimizer_bytes=per_element * trained_elements // ranks, optimizer_device=optimizer_device,
-                      activation_bytes=activations, ranks=strategy.world_size, partitioned=partitioned)
+                      activation_bytes=activations, ranks=strategy.world_size, partitioned=partitioned,
+                      training_device=strategy.root_device.type,
+                      adapter_device="+".join(sorted(adapter_devices)) or None,
+                      gradient_bytes=4 * trained_elements // (ranks if stage >= 2 else 1))
 
 
 def projection_shapes(config: Any) -> list[tuple[int, int]]:
@@ -141,24 +174,31 @@ def lora_elements(config: Any, rank: int) -> int:
 
 def planned_rank_memory(config: Any, *, ranks: int, stage: int, offload_param: bool, offload_optimizer: bool,
                         lora_rank: int, micro_batch: tuple[int, int], compute_bytes: int = 2,
-                        double_quant: bool = True) -> RankMemory:
+                        double_quant: bool = True, quantized: bool = True, recomputed_layers: int = 0,
+                        deepspeed: bool = True, device: str = "gpu") -> RankMemory:
     """What one rank would hold for a model known only by its config: the 4-bit arithmetic of
-    :func:`measured_rank_memory`, for a model too large to build here.
+    :func:`measured_rank_memory`, for a model too large to build here (``finsight plan``).
 
     4-bit weights take half a byte per element; their scales one fp32 (or, double-quantized, one byte plus a
-    second-level fp32 per 256 blocks) per block of 64, kept whole on every rank. Embeddings and norms stay in
-    the compute dtype; LoRA weights are fp32.
+    second-level fp32 per 256 blocks) per block of 64, kept whole on every rank. Without quantization the
+    linear layers stay in the compute dtype. Embeddings and norms stay in the compute dtype; LoRA weights are
+    fp32. AdamW keeps two fp32 moments per trained element, and DeepSpeed an fp32 master copy beside them,
+    partitioned over the ranks from ZeRO-1 on. ``stage`` 0 means no ZeRO (one process, DDP).
     """
     linear, other = linear_elements(config)
-    base = linear // 2 + other * compute_bytes
-    scales = linear // NF4_BLOCK * (1 + 4 / 256 if double_quant else 4)
+    base = (linear // 2 if quantized else linear * compute_bytes) + other * compute_bytes
+    scales = linear // NF4_BLOCK * (1 + 4 / 256 if double_quant else 4) if quantized else 0
     trained = lora_elements(config, lora_rank)
     partitioned = stage == 3
     share = ranks if partitioned else 1
-    device = "cpu" if (partitioned and offload_param) else "gpu"
-    per_element = ADAM_STATE_BYTES + MASTER_COPY_BYTES
-    return RankMemory(base_bytes=base // share, base_device=device, quant_state_bytes=int(scales),
-                      adapter_bytes=4 * trained // share, optimizer_bytes=per_element * trained // ranks,
-                      optimizer_device="cpu" if offload_optimizer else "gpu",
-                      activation_bytes=activation_bytes(config, *micro_batch, compute_bytes),
-                      ranks=ranks, partitioned=partitioned)
+    host_params = partitioned and offload_param
+    per_element = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if deepspeed else 0)
+    # ZeRO-3 gathers one layer's weights while it computes and prefetches the next: two layers in flight.
+    gathered = 2 * base // config.num_hidden_layers if partitioned else 0
+    return RankMemory(base_bytes=base // share, base_device="cpu" if host_params else device,
+                      quant_state_bytes=int(scales), adapter_bytes=4 * trained // share,
+                      optimizer_bytes=per_element * trained // (ranks if deepspeed and stage >= 1 else 1),
+                      optimizer_device="cpu" if offload_optimizer else device,
+                      activation_bytes=step_activation_bytes(config, *micro_batch, compute_bytes, recomputed_layers),
+                      ranks=ranks, partitioned=partitioned, training_device=device, gathered_bytes=gathered,
+                      gradient_bytes=4 * trained // (ranks if deepspeed and stage >= 2 else 1))

@@ -43,7 +43,11 @@ SAFE_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
 class PrecisionError(FinSightError, ValueError):
-    """A Trainer precision that would cast the quantized base model."""
+    """A Trainer precision that would cast the quantized base model.
+
+    Fix: use `bf16-mixed`, `16-mixed` or `32-true`, or leave `trainer.precision` unset (`null`) to follow the
+    hardware; `*-true` half precision would cast the 4-bit weights.
+    """
 
 
 @dataclass(frozen=True)

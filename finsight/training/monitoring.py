@@ -149,6 +149,6 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     if info is not None:
         table.add_row("memory per rank", measured_rank_memory(
             pl_module, trainer.strategy, info.model.config, pl_module.micro_batch(),
-            torch_dtype(hp.get("compute_dtype", "float32")).itemsize).described())
+            torch_dtype(hp.get("compute_dtype", "float32")).itemsize, info.recomputed_layers or 0).described())
     table.add_row("logs", str(rank_zero_log_dir(trainer)))
     Console(stderr=True).print(table)

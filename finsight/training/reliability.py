@@ -30,7 +30,12 @@ from finsight.training.checkpoint import newest_last_checkpoint
 
 
 class NonFiniteError(FinSightError, RuntimeError):
-    """Training produced a NaN or infinite loss or gradient."""
+    """Training produced a NaN or infinite loss or gradient.
+
+    Fix: resume from the `last.ckpt` written before the step with a lower `model.learning_rate`, gradient
+    clipping (`trainer.gradient_clip_val`) or bf16 instead of fp16; the data report shows whether odd rows came
+    in.
+    """
 
 
 class NonFiniteGuard(Callback):
@@ -185,7 +190,11 @@ class ExactResume(Callback):
 
 
 class ResumeChangedError(FinSightError, ValueError):
-    """``--ckpt_path`` with settings that decide what each step trains on, changed since the checkpoint."""
+    """``--ckpt_path`` with settings that decide what each step trains on, changed since the checkpoint.
+
+    Fix: resume with the settings the message lists as they were, or start a new run from the adapter
+    (`--model.adapter_path`).
+    """
 
 
 # What decides which samples each optimizer step holds and how its loss is normalised: with any of these

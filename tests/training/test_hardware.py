@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import CONFIG_DIR, error_lines, files_under, run_entry
 
+from finsight import compat
 from finsight.training.hardware import hardware_problem, requested_device_count
 
 NO_GPU = ("trainer.accelerator 'gpu' asks for a GPU and this machine has none (torch sees no CUDA device; a CPU "
@@ -77,3 +78,37 @@ def test_flash_attention_requested_here_stops_before_the_model_loads(tiny_model_
     assert line.startswith("error: model.attn_implementation 'flash_attention_2' needs ")
     assert files_under(tmp_path) == []
     assert "flash_attn" not in sys.modules
+
+
+@pytest.mark.parametrize(("precision", "compute_dtype", "setting", "alternative"), [
+    ("bf16-mixed", "auto", "trainer.precision 'bf16-mixed'", "--trainer.precision 32-true (or null"),
+    ("bf16-true", "auto", "trainer.precision 'bf16-true'", "--trainer.precision 32-true (or null"),
+    (None, "bfloat16", "model.compute_dtype 'bfloat16'", "--model.compute_dtype float32 (or auto"),
+])
+def test_bf16_on_a_cpu_that_only_emulates_it(without_cuda, monkeypatch, precision, compute_dtype, setting,
+                                               alternative):
+    """An AVX2 CPU (simulated: the detection answers as on one) refuses bf16; a bf16 CPU and the automatic
+    choices run."""
+    trainer, model = {"accelerator": "cpu", "precision": precision}, {"compute_dtype": compute_dtype}
+    monkeypatch.setattr(compat.torch, "cpu_has_native_bf16", lambda: (False, "AVX2"))
+    assert hardware_problem(trainer, model) == (
+        f"{setting} asks for bfloat16, which this CPU (AVX2) only emulates, several times slower than float32: "
+        f"use {alternative}, which follows the hardware), or a CPU with AVX512-BF16 or AMX")
+    assert hardware_problem({**trainer, "accelerator": "auto"}, model) is not None  # auto without CUDA: the CPU
+    assert hardware_problem({"accelerator": "cpu", "precision": None}, {"compute_dtype": "auto"}) is None
+    assert hardware_problem({"accelerator": "cpu", "precision": "32-true"}, {"compute_dtype": "float32"}) is None
+    monkeypatch.setattr(compat.torch, "cpu_has_native_bf16", lambda: (True, "AMX"))
+    assert hardware_problem(trainer, model) is None
+
+
+def test_bf16_on_an_avx2_cpu_stops_the_command_in_one_line(without_cuda, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compat.torch, "cpu_has_native_bf16", lambda: (False, "AVX2"))
+    status, stderr = run_entry(monkeypatch, capsys, [
+        "fit", "--config", str(CONFIG_DIR / "quickstart.yaml"), "--trainer.precision", "bf16-mixed",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    assert status == 1
+    assert error_lines(stderr) == [
+        "error: trainer.precision 'bf16-mixed' asks for bfloat16, which this CPU (AVX2) only emulates, several "
+        "times slower than float32: use --trainer.precision 32-true (or null, which follows the hardware), or a "
+        "CPU with AVX512-BF16 or AMX"]
+    assert files_under(tmp_path) == []
