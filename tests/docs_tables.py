@@ -41,25 +41,25 @@ def gib(count: float) -> str:
 
 
 def plan_table() -> str:
-    """The memory plan of every shipped config, one row each, from ``finsight plan``'s own function."""
+    """The memory plan of every shipped config, from ``finsight plan``'s own function: which command each row
+    is, then its numbers (two tables, so that neither is wider than the page)."""
     from finsight.cli.lightning_cli import main
 
-    lines = ["| `finsight plan ...` | model | devices | per GPU, GiB | host RAM per rank, GiB | base + scales | "
-             "adapter + gradients | optimizer | activations |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for command, model_config in PLANNED_COMMANDS:
+    commands = ["| row | `finsight plan ...` | model | devices |", "|---|---|---|---|"]
+    sizes = ["| row | per GPU | host RAM per rank | base + scales | adapter + gradients | optimizer | activations |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row, (command, model_config) in zip("ABCDEFGHIJ", PLANNED_COMMANDS, strict=False):
         with contextlib.redirect_stdout(io.StringIO()):
             plan = main(["plan", *command.split(), "--model_config", str(MODEL_CONFIGS / model_config)])
         memory = plan.memory
-        devices = f"{plan.ranks} × {plan.device.upper()}"
+        commands.append(f"| {row} | `{command}` | {model_config.removesuffix('.json')} | "
+                        f"{plan.ranks} × {plan.device.upper()} |")
         per_gpu = gib(plan.device_bytes) if plan.device == "gpu" else "-"
-        shown = command.replace("--config configs/", "").replace(" --model.", "<br>--model.").replace(
-            " --trainer.", "<br>--trainer.")
-        lines.append(
-            f"| {shown} | {model_config.removesuffix('.json')} | {devices} | {per_gpu} | {gib(plan.host_bytes)} | "
-            f"{gib(memory.base_bytes + memory.quant_state_bytes)} | "
-            f"{gib(memory.adapter_bytes + memory.gradient_bytes)} | {gib(memory.optimizer_bytes)} | "
-            f"{gib(memory.activation_bytes)} |")
-    return "\n".join(lines)
+        sizes.append(f"| {row} | {per_gpu} | {gib(plan.host_bytes)} | "
+                     f"{gib(memory.base_bytes + memory.quant_state_bytes)} | "
+                     f"{gib(memory.adapter_bytes + memory.gradient_bytes)} | {gib(memory.optimizer_bytes)} | "
+                     f"{gib(memory.activation_bytes)} |")
+    return "\n".join([*commands, "", "Sizes in GiB per rank:", "", *sizes])
 
 
 def error_table() -> str:
