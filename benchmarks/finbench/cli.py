@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--activation-budget-gib", type=float, default=None,
                         help="finsight's activation_budget_gib option: with checkpointing on, only the layers "
                              "whose activations do not fit in this budget recompute")
+    parser.add_argument("--packing", action="store_true",
+                        help="finsight with data.packing (conversations share rows of max_length), TRL tuned "
+                             "with padding_free (its whole micro-batch in one row): the same batches, no padding")
     parser.add_argument("--trl-sampling", choices=("random", "group_by_length"), default="random",
                         help="TRL's train_sampling_strategy (random is its default)")
     parser.add_argument("--trl-presets", default="tuned",
@@ -214,7 +217,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gradient_checkpointing={"true": True, "false": False}.get(args.gradient_checkpointing, "auto"),
         release_freed_memory={"true": True, "false": False}.get(args.release_freed_memory, "auto"),
         activation_budget_gib=args.activation_budget_gib, precision=args.precision,
-        trl_sampling=args.trl_sampling, trl_presets=trl_presets,
+        trl_sampling=args.trl_sampling, trl_presets=trl_presets, packing=args.packing,
         trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda,
         peak_tflops=args.peak_tflops or peak_flops(cuda) or DEFAULT_PEAK_TFLOPS,

@@ -82,6 +82,7 @@ class Settings:
     precision: str = "auto"  # both stacks (TRL tuned); auto: the hardware's choice (finsight.model.precision)
     seed: int = 42
     trl_sampling: str = "random"
+    packing: bool = False  # finsight's data.packing; TRL tuned's padding_free (its whole batch in one row)
     trl_presets: tuple[str, ...] = ("tuned",)
     trl_masking: str = "assistant"
     trl_chat_template: str = ""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
-from transformers import DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from finsight import compat
 from finsight.data.chat import IGNORE_INDEX
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 STEP_TOKENS = "step_trained_tokens"
+CONVERSATION_LENGTHS = "conversation_lengths"
+"""In a packed batch, which has no attention mask: the tokens of each conversation (the rest is padding)."""
 
 
 class DataOrderChangedError(FinSightError, ValueError):
@@ -238,3 +240,63 @@ class FinSightCollator(DataCollatorForSeq2Seq):
         batch = super().__call__(features, return_tensors)
         batch.update(extra)
         return dict(batch)
+
+
+def pack_into_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of at most ``row_length`` tokens: first-fit decreasing (the
+    longest conversation opens the first row; each next one goes into the first row with room), so few rows
+    hold the micro-batch. Deterministic: equal lengths keep their order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([index])
+            room.append(row_length - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return rows
+
+
+class PackingCollator:
+    """Several conversations in one row of at most ``max_length`` tokens, with no padding between them.
+
+    Each row is ``transformers``' ``DataCollatorWithFlattening`` of its conversations: their tokens one after
+    the other, ``position_ids`` that restart at 0 for every conversation, and the first label of each one set
+    to -100, so no position is trained to predict the next conversation's first token. Without an attention
+    mask, ``transformers`` builds attention from the ``position_ids`` that stays inside each conversation
+    (block-diagonal causal masks for sdpa and eager, variable-length kernels for flash-attention). Rows are
+    padded to the longest one; the padding restarts its positions too, so it is a segment of its own that no
+    conversation attends to, and its labels are -100. Every label keeps its meaning, so the trained tokens and
+    their weights in the loss are those of the same conversations unpacked.
+    """
+
+    passthrough = FinSightCollator.passthrough
+
+    def __init__(self, pad_token_id: int, max_length: int, pad_to_multiple_of: int | None = 8):
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = {key: torch.tensor([f[key] for f in features]) for key in self.passthrough if key in features[0]}
+        conversations = [{"input_ids": list(f["input_ids"]), "labels": list(f["labels"])} for f in features]
+        rows = [self.flatten([conversations[i] for i in members], return_tensors="pt")
+                for members in pack_into_rows([len(c["input_ids"]) for c in conversations], self.max_length)]
+        width = max(row["input_ids"].shape[1] for row in rows)
+        if self.pad_to_multiple_of:  # rounded up, but never past max_length for rounding's sake
+            width = max(width, min(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of,
+                                   self.max_length))
+        batch = {"input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+                 "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+                 "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+        for number, row in enumerate(rows):
+            used = row["input_ids"].shape[1]
+            for key in ("input_ids", "labels", "position_ids"):
+                batch[key][number, :used] = row[key][0]
+            batch["position_ids"][number, used:] = torch.arange(width - used)
+        batch[CONVERSATION_LENGTHS] = torch.tensor([len(c["input_ids"]) for c in conversations])
+        batch.update(extra)
+        return batch

@@ -29,6 +29,7 @@ from finsight.data.batching import (
     EpochLengthGroupedSampler,
     EpochRandomSampler,
     FinSightCollator,
+    PackingCollator,
     StepTokens,
     WithStepTokens,
     stratified_validation_order,
@@ -80,6 +81,7 @@ class FinSightDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int | None = 8,
         group_by_length: bool = True,
+        packing: bool = False,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         cache_dir: str | None = None,
     ) -> None:
@@ -106,6 +108,11 @@ class FinSightDataModule(L.LightningDataModule):
                 None pads to the longest sample exactly.
             group_by_length: Batch samples of similar length together (shuffled mega-batches sorted by
                 length), which keeps padding low; False gives plain random batches.
+            packing: Training micro-batches put several conversations in one row of up to ``max_length``
+                tokens, without padding between them; attention never crosses a conversation (``position_ids``
+                restart at each one). The same conversations, tokens and loss weights as unpacked: fewer,
+                fuller rows, for GPUs that a micro-batch of short conversations leaves idle. Validation,
+                test and predict batches stay one conversation per row.
             system_prompt: System prompt given to every conversation that has none of its own.
             cache_dir: Where prepared data is cached; defaults to ``~/.cache/finsight/data``.
         """
@@ -127,6 +134,7 @@ class FinSightDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
+        self.packing = packing
         self.system_prompt = system_prompt
         self.cache_dir = cache_dir
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -393,8 +401,14 @@ class FinSightDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------- loaders
 
     def collator(self) -> FinSightCollator:
-        """The padding collator used by every loader."""
+        """The padding collator of the evaluation loaders (and of training without packing)."""
         return FinSightCollator(self.tokenizer, self.pad_to_multiple_of)
+
+    def train_collator(self) -> FinSightCollator | PackingCollator:
+        """Packed rows with ``packing``, else one padded conversation per row."""
+        if self.packing:
+            return PackingCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        return self.collator()
 
     def train_sampler(self) -> torch.utils.data.Sampler:
         """The training order: length-grouped and seeded per epoch, or plain seeded random; resumable.
@@ -438,7 +452,7 @@ class FinSightDataModule(L.LightningDataModule):
                                                                    "sample_id"])),
             batch_size=self.batch_size,
             sampler=self.train_sampler(),
-            collate_fn=self.collator(),
+            collate_fn=self.train_collator(),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,

@@ -196,9 +196,12 @@ class FinSightModule(L.LightningModule):
             if name not in self.val_source_loss:
                 self.val_source_loss[name] = MeanMetric()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the PEFT model."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the PEFT model; ``position_ids`` that restart mark packed conversations (no mask then, and
+        no KV cache: transformers reads packing from the positions only without one)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
 
     # ------------------------------------------------------------------------------------- steps
 
@@ -206,9 +209,11 @@ class FinSightModule(L.LightningModule):
         """Next-token loss over the trained (assistant) tokens, weighted for the whole optimizer step."""
         # Shift: position t predicts token t+1. Mask: only positions whose next token is trained
         # (assistant answer and its end-of-turn) reach the LM head; prompt and padding never do.
+        # Packed rows (data.packing) have no mask: their position_ids keep attention inside each conversation.
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE_INDEX
-        logits = self.trained_logits(batch["input_ids"], batch["attention_mask"], trained)
+        logits = self.trained_logits(batch["input_ids"], batch.get("attention_mask"), trained,
+                                     batch.get("position_ids"))
         loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
         # Normalisation: an optimizer step's gradient is the mean over every trained token of its accumulation
         # window on every rank, as one big batch would give (a mean of micro-batch means would overweight the
@@ -238,8 +243,8 @@ class FinSightModule(L.LightningModule):
             return batch[STEP_TOKENS][0].to(torch.float32).clamp(min=1)
         return (trained.sum() * micro_batches).float().clamp(min=1)
 
-    def trained_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       trained: torch.Tensor) -> torch.Tensor:
+    def trained_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       trained: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[n_trained, vocab]`` of the positions ``trained`` (``[batch, time - 1]``) selects.
 
         The LM head is the largest single matrix of a small model and its float32 logits the largest
@@ -249,18 +254,30 @@ class FinSightModule(L.LightningModule):
         ``lm_head(hidden)`` (soft-capping, scaling) fail a one-time check and keep the full forward.
         """
         if self._head_on_hidden is None:
-            self._head_on_hidden = self._head_matches_full_forward(input_ids[:1, :16], attention_mask[:1, :16])
+            self._head_on_hidden = self._head_matches_full_forward(
+                input_ids[:1, :16], None if attention_mask is None else attention_mask[:1, :16])
+        rows = input_ids.shape
+        if position_ids is not None and self._packs_into_one_row():
+            # flash-attention reads packed sequences from position_ids only in a batch of one row: the rows go
+            # in as one (each already starts a conversation at position 0), and come back out as rows.
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
         if not self._head_on_hidden:
-            return self(input_ids, attention_mask)[:, :-1][trained]
+            return self(input_ids, attention_mask, position_ids).reshape(*rows, -1)[:, :-1][trained]
         decoder, head = self._decoder_and_head()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return head(hidden[:, :-1][trained])
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        return head(hidden.reshape(*rows, -1)[:, :-1][trained])
+
+    def _packs_into_one_row(self) -> bool:
+        """Whether packed rows go in as one: for flash-attention kernels (sdpa and eager read packing per row,
+        and one long row would make their mask quadratic in the whole batch)."""
+        return "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
 
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         causal_lm = self.model.get_base_model()
         return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
 
-    def _head_matches_full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    def _head_matches_full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
         was_training = self.model.training
         self.model.eval()  # no dropout: both routes must see the same weights
         try:

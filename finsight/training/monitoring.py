@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finsight import compat
+from finsight.data.batching import CONVERSATION_LENGTHS
 from finsight.data.chat import IGNORE_INDEX
 from finsight.model.loading import torch_dtype
 from finsight.model.precision import choose_precision
@@ -70,9 +71,11 @@ class TrainingMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._tokens += int(batch["attention_mask"].sum())
+        # A packed batch (data.packing) has no mask: it says how many tokens each of its conversations has.
+        lengths = batch.get(CONVERSATION_LENGTHS)
+        self._tokens += int(batch["attention_mask"].sum() if lengths is None else lengths.sum())
         self._trained += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self._samples += int(batch["input_ids"].shape[0])
+        self._samples += int(batch["input_ids"].shape[0] if lengths is None else lengths.numel())
         # Lightning steps the optimizer on the last micro-batch of an accumulation window.
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.done:
             return

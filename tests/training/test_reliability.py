@@ -278,6 +278,15 @@ def one_thread():
         yield
 
 
+class PackedRun(Run):
+    """The same run with ``data.packing``: several conversations per row (micro-batches of 4, so rows share)."""
+
+    def _overrides(self) -> dict:
+        overrides = super()._overrides()
+        overrides["data"].update(packing=True, batch_size=4)
+        return overrides
+
+
 def _start_reference(run: Run, request) -> tuple[Run, subprocess.Popen]:
     """Start an uninterrupted run in the background (killed when the module's tests end)."""
     # Prepare the data here, once: runs started together would otherwise all build the same cache.
@@ -297,6 +306,12 @@ def reference_run(tiny_model_dir, tmp_path_factory, request):
 def latest_reference_run(tiny_model_dir, tmp_path_factory, request):
     """The uninterrupted ``LatestRun``, started in the background."""
     return _start_reference(LatestRun(tmp_path_factory.mktemp("latest-reference"), tiny_model_dir), request)
+
+
+@pytest.fixture(scope="module")
+def packed_reference_run(tiny_model_dir, tmp_path_factory, request):
+    """The uninterrupted ``PackedRun``, started in the background."""
+    return _start_reference(PackedRun(tmp_path_factory.mktemp("packed-reference"), tiny_model_dir), request)
 
 
 def _reference(reference_run) -> Run:
@@ -355,6 +370,17 @@ def test_kill_between_checkpoints_and_during_a_save_resumes_exactly(reference_ru
     run.finish(run.start("--ckpt_path=last"))
     assert not stale_temporaries(run.checkpoints / "last.ckpt")
     assert_resumed_like(_reference(reference_run), run, committed=[4, 6])
+
+
+def test_a_packed_run_killed_between_checkpoints_resumes_exactly(packed_reference_run, tiny_model_dir, tmp_path):
+    """data.packing keeps the sampler's order and the loader's position: a kill and a resume end bitwise where
+    the uninterrupted packed run ends."""
+    run = PackedRun(tmp_path / "interrupted", tiny_model_dir)
+    marker = tmp_path / "frozen"
+    run.kill_when(run.start(_freeze_at(5, marker)), marker.exists)
+    assert run.last()["global_step"] == 4
+    run.finish(run.start("--ckpt_path=last"))
+    assert_resumed_like(_reference(packed_reference_run), run, committed=[4])
 
 
 def test_kill_after_a_validation_that_did_not_improve_resumes_from_that_validation(
