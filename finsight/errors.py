@@ -32,7 +32,7 @@ def error_classes() -> list[type[FinSightError]]:
 
 
 def raised_messages() -> dict[str, list[str]]:
-    """The message of every ``raise SomeError(...)`` in finsight's source, by error class name, as a template:
+    """The message of every ``SomeError(...)`` built in finsight's source, by error class name, as a template:
     an f-string's fields shown as ``{name}``, a message built elsewhere as ``(built by ...)``."""
     import ast
     from pathlib import Path
@@ -51,9 +51,12 @@ def raised_messages() -> dict[str, list[str]]:
     root = Path(__file__).resolve().parent
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
-                name = node.exc.func.id if isinstance(node.exc.func, ast.Name) else getattr(node.exc.func, "attr", "")
-                text = template(node.exc.args[0])
+            # Every construction of an error, raised where it is built or returned to be raised elsewhere.
+            if isinstance(node, ast.Call) and node.args:
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if not name.endswith("Error"):
+                    continue
+                text = template(node.args[0])
                 if text not in messages.setdefault(name, []):
                     messages[name].append(text)
     return messages

@@ -161,8 +161,9 @@ def test_both_trl_presets_are_reported_side_by_side_and_a_target_must_hold_again
 
 def test_the_user_preset_keeps_trls_defaults_and_sets_the_methodologys_values(tmp_path):
     pytest.importorskip("trl")
+    # float32 for the tuned preset on every CPU kind (auto would pick bf16 on one with AVX512-BF16 or AMX).
     settings = harness.Settings(model="tiny", batch_size=4, accumulate=2, max_length=256, learning_rate=6e-5,
-                                warmup_ratio=0.03)
+                                warmup_ratio=0.03, precision="32-true")
     user = trl_runner.trl_config(settings, tmp_path, steps=100, parity=False, save=False, preset="user")
     tuned = trl_runner.trl_config(settings, tmp_path, steps=100, parity=False, save=False)
     for config in (user, tuned):

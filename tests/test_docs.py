@@ -272,6 +272,8 @@ def test_every_error_has_an_entry_with_its_cause_fix_and_messages():
     missing = [cls.__name__ for cls in classes if f"### {cls.__name__}\n" not in page]
     assert not missing, f"errors without an entry in docs/troubleshooting.md: {missing}"
     messages = raised_messages()
+    silent = [cls.__name__ for cls in classes if not messages.get(cls.__name__)]
+    assert not silent, f"error classes with no message found where they are built: {silent}"
     assert "checkpoint {path} does not exist" in messages["CheckpointError"]
     assert any(text.startswith("source {") for text in messages["DataSourceError"])
     # A new error class is found as soon as it exists, and its entry is then missing from the committed page.

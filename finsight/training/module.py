@@ -271,7 +271,7 @@ class FinSightModule(L.LightningModule):
     def _packs_into_one_row(self) -> bool:
         """Whether packed rows go in as one: for flash-attention kernels (sdpa and eager read packing per row,
         and one long row would make their mask quadratic in the whole batch)."""
-        return "flash" in str(getattr(self.model.config, "_attn_implementation", ""))
+        return "flash" in compat.transformers.attention_implementation(self.model.config)
 
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         causal_lm = self.model.get_base_model()
