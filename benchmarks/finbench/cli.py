@@ -151,8 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="finsight's activation_budget_gib option: with checkpointing on, only the layers "
                              "whose activations do not fit in this budget recompute")
     parser.add_argument("--packing", action="store_true",
-                        help="finsight with data.packing (conversations share rows of max_length), TRL tuned "
-                             "with padding_free (its whole micro-batch in one row): the same batches, no padding")
+                        help="finsight with data.packing (each micro-batch's conversations share rows of "
+                             "max_length), TRL tuned with its own packing (best-fit decreasing over the dataset, "
+                             "padding-free): trained tokens/s compare, the batches differ")
     parser.add_argument("--trl-sampling", choices=("random", "group_by_length"), default="random",
                         help="TRL's train_sampling_strategy (random is its default)")
     parser.add_argument("--trl-presets", default="tuned",

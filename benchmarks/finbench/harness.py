@@ -82,7 +82,7 @@ class Settings:
     precision: str = "auto"  # both stacks (TRL tuned); auto: the hardware's choice (finsight.model.precision)
     seed: int = 42
     trl_sampling: str = "random"
-    packing: bool = False  # finsight's data.packing; TRL tuned's padding_free (its whole batch in one row)
+    packing: bool = False  # finsight's data.packing; TRL tuned's packing (bfd, padding-free)
     trl_presets: tuple[str, ...] = ("tuned",)
     trl_masking: str = "assistant"
     trl_chat_template: str = ""
@@ -206,13 +206,23 @@ class StepProbe:
 
     def batch(self, batch: dict[str, Any]) -> None:
         """Count one micro-batch as fed to the training step."""
-        mask, labels = batch["attention_mask"], batch["labels"]
-        lengths = mask.sum(dim=1)
+        import torch
+
+        labels = batch["labels"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            lengths = mask.sum(dim=1)
+        elif "conversation_lengths" in batch:  # finsight's packed rows (data.packing) say what they hold
+            lengths = batch["conversation_lengths"]
+        else:  # TRL's padding-free rows: a conversation starts wherever position_ids restart at 0
+            starts = (batch["position_ids"].flatten() == 0).nonzero().flatten().tolist()
+            lengths = torch.tensor([b - a for a, b in zip(starts, [*starts[1:], batch["position_ids"].numel()])])
         self.micro.append({
-            "real": int(lengths.sum()), "all": int(mask.numel()), "trained": int((labels != IGNORE_INDEX).sum()),
-            "squared_lengths": float((lengths.double() ** 2).sum()), "shape": list(mask.shape),
+            "real": int(lengths.sum()), "all": int(labels.numel()), "trained": int((labels != IGNORE_INDEX).sum()),
+            "squared_lengths": float((lengths.double() ** 2).sum()), "shape": list(labels.shape),
             # Only parity runs compare batches; elsewhere the digest's device-to-host copy is not worth it.
-            "digest": sequences_digest(batch["input_ids"], mask, labels) if self.parity_seed is not None else None,
+            "digest": (sequences_digest(batch["input_ids"], mask, labels)
+                       if self.parity_seed is not None and mask is not None else None),
         })
 
     def step_end(self, loss: float | None) -> None:

@@ -95,8 +95,9 @@ def trl_config(settings: Settings, output_dir: Path, *, steps: int, parity: bool
         use_cpu=not settings.cuda,
         gradient_checkpointing=settings.gradient_checkpointing is not False,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=settings.max_length, truncation_mode="keep_start", packing=False,
-        padding_free=settings.packing,
+        # --packing: TRL's own packing (best-fit decreasing into rows of max_length, padding-free, position_ids).
+        max_length=settings.max_length, truncation_mode="keep_start", packing=settings.packing,
+        packing_strategy="bfd", padding_free=settings.packing,
         pad_to_multiple_of=None, loss_type="nll",
         completion_only_loss=settings.trl_masking == "completion",
         assistant_only_loss=settings.trl_masking == "assistant",
