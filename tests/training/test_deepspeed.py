@@ -182,7 +182,10 @@ def runs(setup) -> dict[str, Any]:
         "ddp2": fit(setup, "ddp2", devices=2),
         **({"deepspeed1": fit(setup, "deepspeed1", deepspeed=True),
             "deepspeed2": fit(setup, "deepspeed2", deepspeed=True, devices=2),
-            "zero3": fit(setup, "zero3", *ZERO3, deepspeed=True, devices=2)} if HAS_DEEPSPEED else {}),
+            "zero3": fit(setup, "zero3", *ZERO3, deepspeed=True, devices=2),
+            # data.packing: the same samples per rank and step, several conversations per row.
+            "deepspeed2packed": fit(setup, "deepspeed2packed", "--data.packing=true", deepspeed=True, devices=2)}
+           if HAS_DEEPSPEED else {}),
     }
 
 
@@ -234,7 +237,8 @@ def reference(setup) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["plain", "ddp2", pytest.param("deepspeed1", marks=needs_deepspeed),
                                   pytest.param("deepspeed2", marks=needs_deepspeed),
-                                  pytest.param("zero3", marks=needs_deepspeed)])
+                                  pytest.param("zero3", marks=needs_deepspeed),
+                                  pytest.param("deepspeed2packed", marks=needs_deepspeed)])
 def test_step_gradient_equals_one_big_batch_of_the_same_samples(name, runs, reference):
     ranks = runs[name]["ranks"]
     data, module = reference["data"], reference["module"]
@@ -258,7 +262,8 @@ def test_step_gradient_equals_one_big_batch_of_the_same_samples(name, runs, refe
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("name, baseline", [("deepspeed1", "plain"), ("deepspeed2", "ddp2"), ("zero3", "deepspeed2")])
+@pytest.mark.parametrize("name, baseline", [("deepspeed1", "plain"), ("deepspeed2", "ddp2"), ("zero3", "deepspeed2"),
+                                            ("deepspeed2packed", "deepspeed2")])
 def test_deepspeed_logs_the_same_loss_and_grad_norm_as_the_plain_strategy(name, baseline, runs):
     got, expected = runs[name]["ranks"][0]["steps"], runs[baseline]["ranks"][0]["steps"]
     assert [s["step"] for s in got] == [s["step"] for s in expected] == list(range(1, STEPS + 1))
