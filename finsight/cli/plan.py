@@ -10,7 +10,7 @@ summary prints per rank. A config made for a GPU can be planned on a laptop.
 
 from __future__ import annotations
 
-import json
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +18,23 @@ from typing import Any
 
 import psutil
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 from rich.console import Console
 from rich.table import Table
 
 from finsight.data.datamodule import FinSightDataModule
 from finsight.errors import FinSightError
-from finsight.model.memory import choose_gradient_checkpointing, layers_to_recompute
+from finsight.model.loading import torch_dtype
+from finsight.model.memory import recomputed_layer_count
 from finsight.model.precision import PRECISION_COMPUTE_DTYPES, choose_precision
 from finsight.references import split_checksum
+from finsight.training.deepspeed import strategy_class
 from finsight.training.hardware import GPU_ACCELERATORS, requested_device_count
 from finsight.training.memory_plan import RankMemory, gib, linear_elements, planned_rank_memory
 from finsight.training.module import FinSightModule
 
 # A card's memory that training can use: the CUDA context and the caching allocator's slack take the rest.
 USABLE_GPU_SHARE = 0.9
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class ModelConfigError(FinSightError, ValueError):
@@ -109,22 +111,17 @@ def read_model_config(reference: str, model_config: str | None) -> Any:
 
     from finsight.references import gguf_file
 
+    if model_config is not None and not Path(model_config).exists():
+        raise ModelConfigError(f"--model_config {model_config}: no such file or folder (expected a model's "
+                               "config.json)")
     try:
-        if model_config is not None:
-            path = Path(model_config)
-            if not path.exists():
-                raise ModelConfigError(f"--model_config {model_config}: no such file or folder (expected a "
-                                       "model's config.json)")
-            return AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent)
-                                              if path.name == "config.json" or path.is_dir()
-                                              else str(path), trust_remote_code=False)
+        if model_config is not None:  # a folder holding config.json, or the JSON file itself
+            return AutoConfig.from_pretrained(model_config, trust_remote_code=False)
         gguf = gguf_file(reference)
         if gguf is not None:
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         return AutoConfig.from_pretrained(reference, trust_remote_code=False)
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        if isinstance(error, FinSightError):
-            raise
+    except (OSError, ValueError) as error:  # transformers' download, file and JSON errors
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelConfigError(
             f"cannot read the config of model {reference!r} ({first_line}): pass --model_config with its "
@@ -133,24 +130,29 @@ def read_model_config(reference: str, model_config: str | None) -> Any:
 
 def strategy_settings(strategy: Any) -> tuple[str, int, bool, bool, bool]:
     """(a name, ZeRO stage or 0, DeepSpeed or not, parameter offload, optimizer offload) of ``trainer.strategy``
-    in every form Lightning takes: ``auto``, ``ddp``, ``deepspeed_stage_3_offload``, a ``class_path``."""
-    if strategy is None or isinstance(strategy, str):
-        name = str(strategy or "auto")
-        if name.startswith("deepspeed"):
-            stage = int(next((part for part in name.split("_") if part.isdigit()), 2))
-            offload = name.endswith("offload")
-            return f"DeepSpeed ZeRO-{stage}", stage, True, offload and stage == 3, offload
-        return "DDP" if name.startswith("ddp") else "one process per device", 0, False, False, False
-    class_path = str(strategy.get("class_path", ""))
-    args = strategy.get("init_args") or {}
-    if "DeepSpeed" in class_path:
-        stage = int(args.get("stage", 2))
-        offload_optimizer = bool(args.get("offload_optimizer", "FinSight" in class_path))
-        offload_param = bool(args.get("offload_param", args.get("offload_parameters", False))) and stage == 3
-        where = " + parameter offload" if offload_param else ""
-        where += " + optimizer offload" if offload_optimizer else ""
-        return f"DeepSpeed ZeRO-{stage}{where}", stage, True, offload_param, offload_optimizer
-    return class_path.rsplit(".", 1)[-1] or "auto", 0, False, False, False
+    in every form Lightning takes: ``auto``, ``ddp``, ``deepspeed_stage_3_offload``, a ``class_path``.
+
+    A registered name's settings are Lightning's own (``StrategyRegistry``); a class's unset options take the
+    defaults of its signature (finsight's strategy offloads the optimizer by default, Lightning's does not).
+    """
+    named = isinstance(strategy, str) and strategy in StrategyRegistry
+    cls = StrategyRegistry[strategy]["strategy"] if named else strategy_class(strategy)
+    if cls is None or not issubclass(cls, DeepSpeedStrategy):
+        if cls is not None and issubclass(cls, DDPStrategy):
+            return "DDP", 0, False, False, False
+        if cls is None:
+            return "one process per device", 0, False, False, False
+        return cls.__name__, 0, False, False, False
+    given = StrategyRegistry[strategy]["init_params"] if named else strategy.get("init_args") or {}
+    settings = {**{name: p.default for name, p in inspect.signature(cls).parameters.items()}, **given}
+    stage = int(settings["stage"])
+    offload_optimizer = bool(settings["offload_optimizer"])
+    # finsight's strategy calls it offload_param, Lightning's offload_parameters; DeepSpeed honours it in stage 3.
+    offload_param = bool(settings.get("offload_param", settings.get("offload_parameters"))) and stage == 3
+    if named:
+        return f"DeepSpeed ZeRO-{stage}", stage, True, offload_param, offload_optimizer
+    where = (" + parameter offload" if offload_param else "") + (" + optimizer offload" if offload_optimizer else "")
+    return f"DeepSpeed ZeRO-{stage}{where}", stage, True, offload_param, offload_optimizer
 
 
 def plan_from_config(config: Any, model_config: Any | None = None) -> MemoryPlan:
@@ -174,26 +176,23 @@ def plan_from_config(config: Any, model_config: Any | None = None) -> MemoryPlan
     if dtype == "auto":
         fallback = "bfloat16" if device == "gpu" else choose_precision("cpu").compute_dtype
         dtype = PRECISION_COMPUTE_DTYPES.get(str(precision), fallback)
-    element_bytes = DTYPE_BYTES[dtype]
+    element_bytes = torch_dtype(dtype).itemsize
     micro_batch = (int(data.get("batch_size") or 1), int(data.get("max_length") or 1024))
-    layers = model_config.num_hidden_layers
-    checkpointing = model.get("gradient_checkpointing", True)
-    if checkpointing == "auto":
-        checkpointing = True if device == "gpu" else choose_gradient_checkpointing(
-            "auto", model_config, micro_batch, element_bytes)[0]
-    recomputed = layers if checkpointing else 0
-    if checkpointing and model.get("activation_budget_gib") is not None:
-        recomputed = layers_to_recompute(model_config, micro_batch, element_bytes,
-                                         float(model.activation_budget_gib))[0]
+    # The loader's own choice, for the device the config names (auto recomputes on a GPU).
+    budget = model.get("activation_budget_gib")
+    recomputed, _ = recomputed_layer_count(model.get("gradient_checkpointing", True),
+                                           None if budget is None else float(budget), model_config, micro_batch,
+                                           element_bytes, cuda=device == "gpu")
+    lora_rank = int(model.get("lora_r") or 64)
     memory = planned_rank_memory(
         model_config, ranks=ranks, stage=stage, offload_param=offload_param, offload_optimizer=offload_optimizer,
-        lora_rank=int(model.get("lora_r") or 64), micro_batch=micro_batch, compute_bytes=element_bytes,
+        lora_rank=lora_rank, micro_batch=micro_batch, compute_bytes=element_bytes,
         double_quant=bool(model.get("double_quant", True)), quantized=model.get("quantization", "nf4") != "none",
         recomputed_layers=recomputed, deepspeed=deepspeed, device=device)
     parameters = sum(linear_elements(model_config))
     return MemoryPlan(model=str(model.model_name), parameters=parameters, device=device, ranks=ranks,
-                      strategy=name, micro_batch=micro_batch, lora_rank=int(model.get("lora_r") or 64),
-                      compute_dtype=dtype, recomputed_layers=recomputed, layers=layers, memory=memory)
+                      strategy=name, micro_batch=micro_batch, lora_rank=lora_rank, compute_dtype=dtype,
+                      recomputed_layers=recomputed, layers=model_config.num_hidden_layers, memory=memory)
 
 
 def plan_table(plan: MemoryPlan, gpu_memory_gib: float | None = None) -> Table:

@@ -21,9 +21,8 @@ from finsight.checkpoint_files import verify_folder_pickles
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.model.lora_dropout import fuse_lora_dropout
 from finsight.model.memory import (
-    choose_gradient_checkpointing,
     choose_memory_release,
-    layers_to_recompute,
+    recomputed_layer_count,
     return_freed_memory_to_the_os,
 )
 from finsight.model.precision import ComputeDtype
@@ -139,15 +138,11 @@ def load_peft_model(
     compute_dtype = quantization.compute_dtype
     log.info("Attention: %s (%s)", attention, reason)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    checkpointing, checkpointing_reason = choose_gradient_checkpointing(
-        memory.gradient_checkpointing, model.config, micro_batch, torch_dtype(compute_dtype).itemsize)
+    recomputed, checkpointing_reason = recomputed_layer_count(
+        memory.gradient_checkpointing, memory.activation_budget_gib, model.config, micro_batch,
+        torch_dtype(compute_dtype).itemsize)
     layers = model.config.num_hidden_layers
-    recomputed = layers if checkpointing else 0
-    if checkpointing and memory.activation_budget_gib is not None:
-        recomputed, budget_reason = layers_to_recompute(model.config, micro_batch, torch_dtype(compute_dtype).itemsize,
-                                                        memory.activation_budget_gib)
-        checkpointing_reason = f"{checkpointing_reason}; {budget_reason}"
-        checkpointing = recomputed > 0
+    checkpointing = recomputed > 0
     log.info("Gradient checkpointing: %s (%s)", "on" if checkpointing else "off", checkpointing_reason)
     release, release_reason = choose_memory_release(memory.release_freed_memory, checkpointing, recomputed == layers,
                                                     compute_dtype)

@@ -64,17 +64,18 @@ def step_activation_bytes(config, batch_size: int, length: int, element_bytes: i
 
 
 def choose_gradient_checkpointing(requested: GradientCheckpointing, config, micro_batch: tuple[int, int] | None,
-                                  element_bytes: int) -> tuple[bool, str]:
+                                  element_bytes: int, cuda: bool | None = None) -> tuple[bool, str]:
     """Decide whether to recompute activations in backward, and say why (for the start-up summary).
 
     Recomputation runs every layer's forward twice: about a third more compute per step, in exchange for
     keeping only each layer's input. On a GPU the memory is what limits batch and length, so ``auto``
     turns it on. On the CPU RAM is usually plentiful and compute is the bottleneck, so ``auto`` turns it
-    off when the estimated activations of one micro-batch fit comfortably in the available RAM.
+    off when the estimated activations of one micro-batch fit comfortably in the available RAM. ``cuda``
+    names the device the run will train on (``finsight plan``); None: whether this machine has CUDA.
     """
     if requested != "auto":
         return bool(requested), "set in the config"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         return True, "auto: CUDA, where memory rather than compute limits the micro-batch and length"
     if micro_batch is None:
         return True, "auto: the micro-batch size is unknown (no data module), so memory is kept low"
@@ -103,6 +104,20 @@ def layers_to_recompute(config, micro_batch: tuple[int, int] | None, element_byt
     kept = min(layers, int(budget_gib * 2**30 // (need / layers)))
     return layers - kept, (f"{layers - kept} of {layers} layers recompute: ~{need / 2**30:.2f} GiB estimated for a "
                            f"{micro_batch[0]} x {micro_batch[1]} micro-batch, activation budget {budget_gib:g} GiB")
+
+
+def recomputed_layer_count(requested: GradientCheckpointing, budget_gib: float | None, config,
+                           micro_batch: tuple[int, int] | None, element_bytes: int,
+                           cuda: bool | None = None) -> tuple[int, str]:
+    """How many decoder layers recompute in backward (0: checkpointing off), and why: the loader's choice and
+    the memory plan's, from :func:`choose_gradient_checkpointing` and, with a budget, :func:`layers_to_recompute`."""
+    checkpointing, reason = choose_gradient_checkpointing(requested, config, micro_batch, element_bytes, cuda)
+    if not checkpointing:
+        return 0, reason
+    if budget_gib is None:
+        return config.num_hidden_layers, reason
+    recomputed, budget_reason = layers_to_recompute(config, micro_batch, element_bytes, budget_gib)
+    return recomputed, f"{reason}; {budget_reason}"
 
 
 ReleaseFreedMemory = bool | Literal["auto"]
