@@ -140,7 +140,7 @@ class SampleRecorder(L.Callback):
             "loader": type(loader).__name__, "sampler": type(sampler).__name__,
             "shuffle": getattr(sampler, "shuffle", None),
             "inner_sampler": type(getattr(getattr(sampler, "dataset", None), "_sampler", None)).__name__,
-            "batch_size": loader.batch_sampler.batch_size,
+            "batch_size": getattr(loader.batch_sampler, "batch_size", None),  # None: token budgets
             "lengths": list(trainer.datamodule.train_dataset["length"]),
         }
 

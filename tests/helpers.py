@@ -109,6 +109,19 @@ def prepared_datamodule(model_dir: Path, max_length: int, batch_size: int):
     return dm
 
 
+def tensorboard_scalars(log_dir: str | Path, tag: str) -> dict[int, float]:
+    """A scalar's values by step, read back from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return values
+
+
 # ------------------------------------------------------------------ CLI arguments and shared runs
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

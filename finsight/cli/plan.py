@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from rich.console import Console
 from rich.table import Table
 
+from finsight.data.batching import largest_micro_batch
 from finsight.data.datamodule import FinSightDataModule
 from finsight.errors import FinSightError
 from finsight.model.loading import torch_dtype
@@ -177,7 +178,9 @@ def plan_from_config(config: Any, model_config: Any | None = None) -> MemoryPlan
         fallback = "bfloat16" if device == "gpu" else choose_precision("cpu").compute_dtype
         dtype = PRECISION_COMPUTE_DTYPES.get(str(precision), fallback)
     element_bytes = torch_dtype(dtype).itemsize
-    micro_batch = (int(data.get("batch_size") or 1), int(data.get("max_length") or 1024))
+    batch_tokens = data.get("batch_tokens")
+    micro_batch = largest_micro_batch(int(data.get("batch_size") or 1), int(data.get("max_length") or 1024),
+                                      None if batch_tokens is None else int(batch_tokens))
     # The loader's own choice, for the device the config names (auto recomputes on a GPU).
     budget = model.get("activation_budget_gib")
     recomputed, _ = recomputed_layer_count(model.get("gradient_checkpointing", True),

@@ -5,6 +5,9 @@ Both training samplers draw an order that is a pure function of ``(seed, epoch)`
 state, which Lightning puts in checkpoints, and a fresh sampler that loads it continues the same epoch's
 order exactly where it stopped, whatever epoch the fresh sampler was at.
 
+With a token budget (:class:`TokenBudgetBatchSampler`) the sampler yields whole micro-batches instead of
+indices, each filled to the budget, and the same holds per micro-batch.
+
 Since the order is known in advance, so is every optimizer step's content: with :class:`StepTokens` set, a
 sampler yields ``(index, trained tokens of the optimizer step this sample belongs to)``, counted over all
 micro-batches of the accumulation window on all ranks, and :class:`WithStepTokens` puts that total in each
@@ -14,10 +17,12 @@ row. The training loss divides by it, so a step's gradient is the mean over all 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
@@ -56,6 +61,7 @@ class StepTokens:
     trained: Sequence[int]
     """Per sample: the positions whose next token is trained (the terms of its loss)."""
     batch_size: int
+    """Order entries per micro-batch: samples, or 1 when each entry is a whole micro-batch (a token budget)."""
     accumulation: int = 1
     world_size: int = 1
 
@@ -73,8 +79,14 @@ class StepTokens:
         totals: list[int] = []
         for begin in range(0, len(order), size):
             chunk = order[begin:begin + size]
-            totals += [sum(self.trained[index] for index in chunk)] * len(chunk)
+            totals += [sum(self._trained(entry) for entry in chunk)] * len(chunk)
         return totals
+
+    def _trained(self, entry: int | list[int]) -> int:
+        """The trained tokens of an order entry: one sample, or a whole micro-batch of them."""
+        if isinstance(entry, list):
+            return sum(self.trained[index] for index in entry)
+        return self.trained[entry]
 
 
 class _ResumableEpochOrder:
@@ -99,7 +111,7 @@ class _ResumableEpochOrder:
             return self._size()
         return math.ceil(self._size() / self.step_tokens.world_size) * self.step_tokens.world_size
 
-    def _order(self, generator: torch.Generator) -> list[int]:
+    def _order(self, generator: torch.Generator) -> list[Any]:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
@@ -108,7 +120,7 @@ class _ResumableEpochOrder:
             self._resume_at = 0  # a saved position belongs to the epoch it was saved in
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+    def __iter__(self) -> Iterator[Any]:
         order = self._order(torch.Generator().manual_seed(self.seed + self.epoch))
         totals = None
         if self.step_tokens is not None:
@@ -119,7 +131,13 @@ class _ResumableEpochOrder:
         self._drawn = start
         for position in range(start, len(order)):
             self._drawn += 1
-            yield order[position] if totals is None else (order[position], totals[position])
+            entry = order[position]
+            if totals is None:
+                yield entry
+            elif isinstance(entry, list):  # a whole micro-batch: every sample carries the step's total
+                yield [(index, totals[position]) for index in entry]
+            else:
+                yield entry, totals[position]
 
     def state_dict(self) -> dict[str, int]:
         """The epoch and how many indices of its order were drawn."""
@@ -171,6 +189,96 @@ class EpochRandomSampler(_ResumableEpochOrder, Sampler[int]):
         return torch.randperm(self.size, generator=generator).tolist()
 
 
+def rounded_up(length: int, multiple: int | None) -> int:
+    """``length`` padded up to a multiple of ``multiple`` (unchanged for None), as the collators pad rows."""
+    return math.ceil(length / multiple) * multiple if multiple else length
+
+
+def padded_tokens(lengths: Sequence[int], pad_to_multiple_of: int | None) -> int:
+    """Tokens a micro-batch of one conversation per row computes: rows × the longest, padded as the collator pads."""
+    return len(lengths) * rounded_up(max(lengths), pad_to_multiple_of)
+
+
+def packed_tokens(lengths: Sequence[int], row_length: int, pad_to_multiple_of: int | None) -> int:
+    """Tokens a packed micro-batch computes: :class:`PackingCollator`'s rows × its row width."""
+    rows = pack_into_rows(lengths, row_length)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    return len(rows) * max(width, min(rounded_up(width, pad_to_multiple_of), row_length))
+
+
+def cut_to_budget(ascending: Sequence[int], budget: int, cost: Callable[[Sequence[int]], int]) -> list[int]:
+    """The sizes of the micro-batches that a run of sample lengths sorted in ascending order is cut into: each
+    the longest prefix of what is left whose ``cost`` fits ``budget`` (found by doubling, then bisection; the
+    cost grows with the prefix), and at least one sample, so a sample over the budget is a micro-batch alone."""
+    sizes: list[int] = []
+    begin, total = 0, len(ascending)
+    while begin < total:
+        def fits(size: int) -> bool:
+            return cost(ascending[begin:begin + size]) <= budget
+
+        fitting, too_many = 1, 2
+        while begin + too_many <= total and fits(too_many):
+            fitting, too_many = too_many, too_many * 2
+        too_many = min(too_many, total - begin + 1)
+        while too_many - fitting > 1:
+            middle = (fitting + too_many) // 2
+            fitting, too_many = (middle, too_many) if fits(middle) else (fitting, middle)
+        sizes.append(fitting)
+        begin += fitting
+    return sizes
+
+
+class TokenBudgetBatchSampler(_ResumableEpochOrder, Sampler[list[int]]):
+    """Micro-batches filled to a budget of tokens: many short conversations or a few long ones, never more
+    than ``budget`` tokens of compute (the tensor the collator builds: rows × row width, padding included;
+    ``packed_row_length`` set: packed rows of that length) unless one sample alone is longer.
+
+    Every epoch sorts the samples by length, breaking ties in a seeded random order, and cuts the sorted run
+    (:func:`cut_to_budget`). The cut depends only on the sorted lengths, so every epoch has the same number of
+    micro-batches, which Lightning reads once (progress bar, schedule, the epoch's end), while which samples of
+    equal length share a micro-batch changes from epoch to epoch; unpacked, lengths are rounded up to
+    ``pad_to_multiple_of`` first, as the collator pads, so more samples tie. The micro-batches then go in a
+    seeded random order, the one holding the longest sample first, so a run that would run out of memory does
+    so at its first step. Yields lists of indices (or of ``(index, step total)`` with :class:`StepTokens`).
+    """
+
+    def __init__(self, lengths: Sequence[int], budget: int, seed: int, packed_row_length: int | None = None,
+                 pad_to_multiple_of: int | None = 8):
+        self.budget = budget
+        self.seed = seed
+        self.epoch = 0
+        if packed_row_length is None:
+            self.lengths = [rounded_up(length, pad_to_multiple_of) for length in lengths]
+            cost = partial(padded_tokens, pad_to_multiple_of=None)  # already rounded
+        else:
+            self.lengths = list(lengths)
+            cost = partial(packed_tokens, row_length=packed_row_length, pad_to_multiple_of=pad_to_multiple_of)
+        self.sizes = cut_to_budget(sorted(self.lengths), budget, cost)
+
+    def _size(self) -> int:
+        return len(self.sizes)
+
+    def _order(self, generator: torch.Generator) -> list[list[int]]:
+        tie_break = torch.rand(len(self.lengths), generator=generator).numpy()
+        ascending = np.lexsort((tie_break, self.lengths)).tolist()
+        batches, begin = [], 0
+        for size in self.sizes:
+            batches.append(ascending[begin:begin + size])
+            begin += size
+        order = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+        longest = next(k for k, batch in enumerate(order) if ascending[-1] in batch)
+        order.insert(0, order.pop(longest))
+        return order
+
+
+def largest_micro_batch(batch_size: int, max_length: int, batch_tokens: int | None = None) -> tuple[int, int]:
+    """(rows, length) of the largest training micro-batch the settings allow, for memory estimates: under a
+    token budget, as many rows of ``max_length`` as the budget holds (the most attention per token)."""
+    if batch_tokens is not None:
+        return max(1, batch_tokens // max_length), max_length
+    return batch_size, max_length
+
+
 class WithStepTokens(TorchDataset):
     """A dataset read with ``(index, step total)`` keys: each row gets the total as ``step_trained_tokens``."""
 
@@ -186,8 +294,9 @@ class WithStepTokens(TorchDataset):
             row[STEP_TOKENS] = total
         return rows
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        return self.__getitems__([key])[0]
+    def __getitem__(self, key: tuple[int, int] | list[tuple[int, int]]) -> dict[str, Any] | list[dict[str, Any]]:
+        # A list is a whole micro-batch from a token budget (a loader without batch_size hands it over as is).
+        return self.__getitems__(key) if isinstance(key, list) else self.__getitems__([key])[0]
 
 
 def stratified_validation_order(source_index: list[int], lengths: list[int], batch_size: int,

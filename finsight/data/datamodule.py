@@ -31,6 +31,7 @@ from finsight.data.batching import (
     FinSightCollator,
     PackingCollator,
     StepTokens,
+    TokenBudgetBatchSampler,
     WithStepTokens,
     stratified_validation_order,
 )
@@ -74,6 +75,7 @@ class FinSightDataModule(L.LightningDataModule):
         tokenizer: str | Any | None = None,
         max_length: int = 1024,
         batch_size: int = 4,
+        batch_tokens: int | None = None,
         val_fraction: float = 0.05,
         val_max_rows: int = 200,
         seed: int = 42,
@@ -95,7 +97,12 @@ class FinSightDataModule(L.LightningDataModule):
             max_length: Tokens per sample; longer samples are truncated, and a sample left with no
                 trained token is dropped and counted. Higher: more context and memory.
             batch_size: Micro-batch size per device (the optimizer sees ``batch_size`` × accumulation
-                × devices samples per step).
+                × devices samples per step), and of validation, test and predict batches.
+            batch_tokens: Fill each training micro-batch to this many tokens instead of ``batch_size``
+                conversations: many short conversations or a few long ones, every micro-batch about the same
+                compute (its tensor, rows × row width with padding, packed rows too). Always length-grouped;
+                at least ``max_length``. The loss stays the mean over the
+                step's trained tokens. Higher: fuller devices and more memory; None: ``batch_size``.
             val_fraction: Share of each source held out for validation, in whole groups of rows that
                 share an answer (so no answer is both trained and validated).
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.
@@ -124,9 +131,16 @@ class FinSightDataModule(L.LightningDataModule):
             raise DataSourceError(f"source names must be unique, got {names}")
         if not self.sources:
             raise DataSourceError("at least one source is needed")
+        if batch_tokens is not None and batch_tokens < max_length:
+            raise DataSourceError(f"data.batch_tokens={batch_tokens} is less than data.max_length={max_length}: a "
+                                  "sample of max_length tokens would not fit a micro-batch; raise batch_tokens")
+        if batch_tokens is not None and not group_by_length:
+            raise DataSourceError("data.batch_tokens always groups by length (its micro-batches are cut from the "
+                                  "samples sorted by length): leave data.group_by_length true, or unset batch_tokens")
         self.tokenizer_ref = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.val_fraction = val_fraction
         self.val_max_rows = val_max_rows
         self.seed = seed
@@ -411,22 +425,29 @@ class FinSightDataModule(L.LightningDataModule):
         return self.collator()
 
     def train_sampler(self) -> torch.utils.data.Sampler:
-        """The training order: length-grouped and seeded per epoch, or plain seeded random; resumable.
+        """The training order: length-grouped and seeded per epoch, or plain seeded random, or micro-batches cut
+        to ``batch_tokens``; resumable.
 
         Under a distributed strategy every rank draws the same order and keeps every world_size-th sample of it.
         Each index comes with the trained-token total of its optimizer step (:class:`StepTokens`), for the
         token-exact loss.
         """
-        if self.group_by_length:
+        sampler: EpochLengthGroupedSampler | EpochRandomSampler | TokenBudgetBatchSampler
+        if self.batch_tokens is not None:
+            sampler = TokenBudgetBatchSampler(self._train_lengths, self.batch_tokens, self.seed,
+                                              self.max_length if self.packing else None, self.pad_to_multiple_of)
+        elif self.group_by_length:
             sampler = EpochLengthGroupedSampler(self._train_lengths, self.batch_size, self.seed)
         else:
             sampler = EpochRandomSampler(len(self._train_lengths), self.seed)
         trainer = self.trainer
         accumulation = int(trainer.accumulate_grad_batches) if trainer is not None else 1
         world_size = trainer.world_size if trainer is not None else 1
-        sampler.step_tokens = StepTokens(self._train_trained, self.batch_size, accumulation, world_size)
+        # Under a token budget each entry of the order is a whole micro-batch; the ranks take them in turn.
+        entries_per_batch = 1 if self.batch_tokens is not None else self.batch_size
+        sampler.step_tokens = StepTokens(self._train_trained, entries_per_batch, accumulation, world_size)
         if trainer is not None and trainer.strategy.handles_gradient_accumulation and accumulation > 1:
-            batches = math.ceil(len(sampler) / world_size / self.batch_size)
+            batches = math.ceil(len(sampler) / world_size / entries_per_batch)
             if batches % accumulation:
                 log.warning("DeepSpeed accumulates across epoch ends: with %d batches per epoch and accumulation "
                             "%d, an optimizer step that spans two epochs is normalised by the tokens of its "
@@ -434,7 +455,9 @@ class FinSightDataModule(L.LightningDataModule):
         if trainer is not None and trainer.distributed_sampler_kwargs is not None:
             # Lightning would wrap the sampler itself (under any distributed strategy, DeepSpeed on one device
             # too), but with shuffle=True, which reshuffles single samples and undoes the length grouping and
-            # the step totals; sharding the order in place keeps neighbours (similar lengths) together.
+            # the step totals; sharding the order in place keeps neighbours (similar lengths) together. Under a
+            # token budget the ranks take whole micro-batches in turn, each filled to the same budget, and the
+            # order is padded to a multiple of the ranks, so every rank runs as many micro-batches.
             return compat.lightning.distributed_sampler(sampler, shuffle=False, **trainer.distributed_sampler_kwargs)
         return sampler
 
@@ -442,7 +465,8 @@ class FinSightDataModule(L.LightningDataModule):
         """A stateful loader: Lightning saves its position in checkpoints, so a resume continues mid-epoch.
 
         Its ``state_dict`` holds the sampler's epoch and position, so ``load_state_dict`` on a fresh loader
-        continues the same epoch's order without repeating or skipping a sample.
+        continues the same epoch's order without repeating or skipping a sample. Under ``batch_tokens`` the
+        sampler hands over whole micro-batches (``batch_size=None``: the loader neither groups nor counts them).
         """
         if self.train_dataset is None:
             self.setup("fit")
@@ -450,7 +474,7 @@ class FinSightDataModule(L.LightningDataModule):
         return StatefulDataLoader(
             WithStepTokens(self.train_dataset.with_format(columns=["input_ids", "labels", "source_index",
                                                                    "sample_id"])),
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if self.batch_tokens is None else None,
             sampler=self.train_sampler(),
             collate_fn=self.train_collator(),
             num_workers=self.num_workers,

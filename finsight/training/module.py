@@ -20,7 +20,7 @@ from torchmetrics.text import Perplexity
 
 from finsight import compat
 from finsight.checkpoint_files import CheckpointContentError, loadable_checkpoint, read_checkpoint
-from finsight.data.batching import STEP_TOKENS
+from finsight.data.batching import STEP_TOKENS, largest_micro_batch
 from finsight.data.chat import IGNORE_INDEX
 from finsight.errors import FinSightError
 from finsight.model.loading import load_peft_model
@@ -177,11 +177,13 @@ class FinSightModule(L.LightningModule):
         return QuantizationSettings.from_hparams(self.hparams)
 
     def micro_batch(self) -> tuple[int, int] | None:
-        """(batch size, max length) of the attached data module: ``gradient_checkpointing: auto`` and the memory
-        plan estimate the activations of one micro-batch from it."""
+        """(rows, max length) of the attached data module's largest micro-batch: ``gradient_checkpointing: auto``
+        and the memory plan estimate the activations of one micro-batch from it."""
         datamodule = getattr(compat.lightning.attached_trainer(self), "datamodule", None)
         size, length = getattr(datamodule, "batch_size", None), getattr(datamodule, "max_length", None)
-        return (int(size), int(length)) if size and length else None
+        if not (size and length):
+            return None
+        return largest_micro_batch(int(size), int(length), getattr(datamodule, "batch_tokens", None))
 
     def setup(self, stage: str) -> None:
         """Refuse precisions that would cast the 4-bit weights, and create per-source metrics."""

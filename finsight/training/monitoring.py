@@ -111,6 +111,7 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     batch_size = getattr(datamodule, "batch_size", None) or 0
     accumulation = trainer.accumulate_grad_batches
     effective = batch_size * accumulation * trainer.world_size
+    batch_tokens = getattr(datamodule, "batch_tokens", None)
     table = Table(title="FinSight run", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -130,8 +131,16 @@ def print_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     report = getattr(datamodule, "report", None)
     if report is not None:
         table.add_row("data (train/val)", ", ".join(f"{s.name} {s.train}/{s.val}" for s in report.sources))
-    table.add_row("effective batch", f"{effective} = micro-batch {batch_size} × accumulation {accumulation} × "
-                                     f"{trainer.world_size} device(s)")
+    if batch_tokens is None:
+        table.add_row("effective batch", f"{effective} = micro-batch {batch_size} × accumulation {accumulation} × "
+                                         f"{trainer.world_size} device(s)")
+    else:
+        micro_batches = len(trainer.train_dataloader or datamodule.train_dataloader()) * trainer.world_size
+        table.add_row("effective batch", f"{batch_tokens * accumulation * trainer.world_size:,} tokens at most = "
+                                         f"micro-batch of {batch_tokens:,} tokens × accumulation {accumulation} × "
+                                         f"{trainer.world_size} device(s); "
+                                         f"{len(datamodule.train_dataset) / micro_batches:.1f} conversations per "
+                                         "micro-batch on average")
     table.add_row("optimizer steps", str(trainer.estimated_stepping_batches))
     table.add_row("precision", precision_summary(str(trainer.precision), trainer.strategy.root_device.type))
     interval = trainer.val_check_interval

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sample_sources, tiny_fit_args
+from helpers import sample_sources, tensorboard_scalars, tiny_fit_args
 from transformers import AutoModelForCausalLM
 
 from finsight import FinSightDataModule, FinSightModule
@@ -158,18 +158,6 @@ def test_the_optimizer_step_gradient_equals_the_unpacked_one(tiny_model_dir, con
         torch.testing.assert_close(grad, grads_padded[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def scalars(log_dir: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values.update({event.step: event.value for event in accumulator.Scalars(tag)})
-    return values
-
-
 def test_a_packed_run_trains_and_validates_like_an_unpacked_one(tiny_model_dir, tmp_path):
     """The CLI with --data.packing true: its per-step losses equal the unpacked run's, and its checkpoint
     validates to the same loss with packing on and off. (A killed packed run resumes exactly:
@@ -178,11 +166,11 @@ def test_a_packed_run_trains_and_validates_like_an_unpacked_one(tiny_model_dir, 
     unpacked = main(tiny_fit_args(tiny_model_dir, tmp_path / "unpacked", "--trainer.max_steps=4", *common))
     straight = main(tiny_fit_args(tiny_model_dir, tmp_path / "straight", "--trainer.max_steps=4",
                                   "--data.packing=true", *common))
-    losses = scalars(straight.trainer.log_dir, "train/loss")
+    losses = tensorboard_scalars(straight.trainer.log_dir, "train/loss")
     assert sorted(losses) == [0, 1, 2, 3]
-    reference = scalars(unpacked.trainer.log_dir, "train/loss")
+    reference = tensorboard_scalars(unpacked.trainer.log_dir, "train/loss")
     assert losses == pytest.approx(reference, rel=1e-4)
-    assert scalars(straight.trainer.log_dir, "perf/samples_per_s")  # conversations counted, also packed
+    assert tensorboard_scalars(straight.trainer.log_dir, "perf/samples_per_s")  # conversations counted, also packed
 
     checkpoint = Path(straight.trainer.log_dir) / "checkpoints" / "last.ckpt"
     validated = {}
