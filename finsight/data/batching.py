@@ -213,7 +213,7 @@ def cut_to_budget(ascending: Sequence[int], budget: int, cost: Callable[[Sequenc
     sizes: list[int] = []
     begin, total = 0, len(ascending)
     while begin < total:
-        def fits(size: int) -> bool:
+        def fits(size: int, begin: int = begin) -> bool:
             return cost(ascending[begin:begin + size]) <= budget
 
         fitting, too_many = 1, 2

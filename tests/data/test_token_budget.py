@@ -14,8 +14,8 @@ from functools import partial
 
 import pytest
 import torch
-from rich.console import Console
 from helpers import sample_sources, tensorboard_scalars, tiny_fit_args
+from rich.console import Console
 
 from finsight import FinSightDataModule, FinSightModule
 from finsight.cli.lightning_cli import main
