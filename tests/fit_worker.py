@@ -79,11 +79,13 @@ class StepRecorder(Callback):
         super().__init__()
         self.out_dir, self.tag, self.grad_step = Path(out_dir), tag, grad_step
         self.window: list[int] = []
+        self.window_sizes: list[int] = []
         self.steps: list[dict[str, Any]] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.window += batch["sample_id"].tolist()
+        self.window_sizes.append(len(batch["sample_id"]))
         self._batch_tokens = int((batch["labels"][:, 1:] != -100).sum())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -100,9 +102,9 @@ class StepRecorder(Callback):
         if trainer.global_step == len(self.steps) + self._first_step:
             return  # still accumulating
         metrics = trainer.callback_metrics
-        self.steps.append({"step": trainer.global_step, "samples": self.window,
+        self.steps.append({"step": trainer.global_step, "samples": self.window, "micro_batches": self.window_sizes,
                            "loss": float(metrics["train/loss"]), "grad_norm": float(metrics["train/grad_norm"])})
-        self.window = []
+        self.window, self.window_sizes = [], []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{self.tag}-rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.steps))

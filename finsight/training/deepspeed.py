@@ -202,6 +202,16 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         """
         yield
 
+    def setup(self, trainer: Any) -> None:
+        """Lightning's, with DeepSpeed's nominal micro-batch size set to 1 under ``data.batch_tokens``.
+
+        Lightning reads that size from the train loader's batch sampler, which a loader of whole token-budget
+        micro-batches does not have; DeepSpeed uses it only for its throughput log and a consistency check.
+        """
+        if getattr(trainer.datamodule, "batch_tokens", None) is not None:
+            self.config.setdefault("train_micro_batch_size_per_gpu", 1)
+        super().setup(trainer)
+
     # Lightning's DeepSpeedStrategy refuses anything but CUDA in three places; DeepSpeed itself runs on the CPU
     # (its CPU accelerator, gloo between processes). The three overrides below lift exactly those refusals.
 

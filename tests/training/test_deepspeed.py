@@ -67,6 +67,7 @@ DEEPSPEED_YAML = ROOT / "configs" / "deepspeed_zero2_offload.yaml"
 # A cold machine compiles DeepSpeed's CPU ops during the first run.
 RUN_TIMEOUT_S = 1800
 BATCH, ACCUMULATION, STEPS, MAX_LENGTH = 2, 2, 3, 512
+BUDGET = 2 * MAX_LENGTH  # data.batch_tokens of the token-budget run
 # Strategies compared on the same batches: the same float32 sums reduced in another order across ranks and
 # partitions (differences seen: ~1e-7 relative); a wrong normalisation or a lost micro-batch moves them by percents.
 RELATIVE_TOLERANCE = 1e-5
@@ -184,7 +185,10 @@ def runs(setup) -> dict[str, Any]:
             "deepspeed2": fit(setup, "deepspeed2", deepspeed=True, devices=2),
             "zero3": fit(setup, "zero3", *ZERO3, deepspeed=True, devices=2),
             # data.packing: the same samples per rank and step, several conversations per row.
-            "deepspeed2packed": fit(setup, "deepspeed2packed", "--data.packing=true", deepspeed=True, devices=2)}
+            "deepspeed2packed": fit(setup, "deepspeed2packed", "--data.packing=true", deepspeed=True, devices=2),
+            # data.batch_tokens: micro-batches of different sizes, taken by the ranks in turn.
+            "deepspeed2budget": fit(setup, "deepspeed2budget", f"--data.batch_tokens={BUDGET}", deepspeed=True,
+                                    devices=2)}
            if HAS_DEEPSPEED else {}),
     }
 
@@ -259,6 +263,28 @@ def test_step_gradient_equals_one_big_batch_of_the_same_samples(name, runs, refe
         sums = [F.cross_entropy(module(b["input_ids"], b["attention_mask"])[:, :-1][b["labels"][:, 1:] != -100].float(),
                                 b["labels"][:, 1:][b["labels"][:, 1:] != -100], reduction="sum") for b in micro_batches]
     assert ranks[0]["steps"][0]["loss"] == pytest.approx(float(sum(sums)) / sum(tokens), rel=RELATIVE_TOLERANCE)
+
+
+@needs_deepspeed
+def test_token_budget_ranks_run_as_many_micro_batches_and_step_on_all_their_tokens(runs, reference):
+    """DeepSpeed ZeRO-2 on 2 processes with data.batch_tokens: every rank runs the same number of micro-batches
+    per step (of different sizes), and the step's gradient is the mean over every trained token of the step,
+    on both ranks, whatever the micro-batches' sizes."""
+    ranks = runs["deepspeed2budget"]["ranks"]
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) >= 1  # the epoch's steps (a few large micro-batches)
+    for step in range(len(ranks[0]["steps"])):
+        assert [len(rank["steps"][step]["micro_batches"]) for rank in ranks] == [ACCUMULATION, ACCUMULATION]
+        assert ranks[0]["steps"][step]["loss"] == ranks[1]["steps"][step]["loss"]
+    sizes = [size for rank in ranks for step in rank["steps"] for size in step["micro_batches"]]
+    assert len(set(sizes)) > 1, sizes
+    data, module = reference["data"], reference["module"]
+    samples = [i for rank in ranks for i in rank["steps"][0]["samples"]]
+    assert len(set(samples)) == len(samples)
+    # The token-exact gradient does not depend on how the samples are split into batches.
+    batches = [_batch(data, samples[i:i + BATCH]) for i in range(0, len(samples), BATCH)]
+    expected = _gradients(module, batches, token_exact=True)
+    for rank in ranks:
+        assert _relative_error(rank["grads"], expected) < RELATIVE_TOLERANCE
 
 
 @needs_deepspeed
