@@ -287,6 +287,15 @@ class PackedRun(Run):
         return overrides
 
 
+class TokenBudgetRun(Run):
+    """The same run with ``data.batch_tokens``: micro-batches of different sizes, handed over whole."""
+
+    def _overrides(self) -> dict:
+        overrides = super()._overrides()
+        overrides["data"].update(batch_tokens=1024)
+        return overrides
+
+
 def _start_reference(run: Run, request) -> tuple[Run, subprocess.Popen]:
     """Start an uninterrupted run in the background (killed when the module's tests end)."""
     # Prepare the data here, once: runs started together would otherwise all build the same cache.
@@ -312,6 +321,12 @@ def latest_reference_run(tiny_model_dir, tmp_path_factory, request):
 def packed_reference_run(tiny_model_dir, tmp_path_factory, request):
     """The uninterrupted ``PackedRun``, started in the background."""
     return _start_reference(PackedRun(tmp_path_factory.mktemp("packed-reference"), tiny_model_dir), request)
+
+
+@pytest.fixture(scope="module")
+def token_budget_reference_run(tiny_model_dir, tmp_path_factory, request):
+    """The uninterrupted ``TokenBudgetRun``, started in the background."""
+    return _start_reference(TokenBudgetRun(tmp_path_factory.mktemp("budget-reference"), tiny_model_dir), request)
 
 
 def _reference(reference_run) -> Run:
@@ -381,6 +396,18 @@ def test_a_packed_run_killed_between_checkpoints_resumes_exactly(packed_referenc
     assert run.last()["global_step"] == 4
     run.finish(run.start("--ckpt_path=last"))
     assert_resumed_like(_reference(packed_reference_run), run, committed=[4])
+
+
+def test_a_token_budget_run_killed_between_checkpoints_resumes_exactly(token_budget_reference_run, tiny_model_dir,
+                                                                      tmp_path):
+    """data.batch_tokens: the loader's position counts whole micro-batches; a kill and a resume end bitwise
+    where the uninterrupted run ends, every micro-batch the same."""
+    run = TokenBudgetRun(tmp_path / "interrupted", tiny_model_dir)
+    marker = tmp_path / "frozen"
+    run.kill_when(run.start(_freeze_at(5, marker)), marker.exists)
+    assert run.last()["global_step"] == 4
+    run.finish(run.start("--ckpt_path=last"))
+    assert_resumed_like(_reference(token_budget_reference_run), run, committed=[4])
 
 
 def test_kill_after_a_validation_that_did_not_improve_resumes_from_that_validation(
