@@ -57,6 +57,16 @@ def is_batch_size_finder_checkpoint(path: str | None) -> bool:
     return path is not None and Path(path).name.startswith(".scale_batch_size_")
 
 
+def batch_size_finder_argument(finder: Any) -> str:
+    """A ``BatchSizeFinder``'s ``batch_arg_name``, kept only as a private attribute."""
+    return finder._batch_arg_name
+
+
+def retarget_batch_size_finder(finder: Any, batch_arg_name: str) -> None:
+    """Make a ``BatchSizeFinder`` search another attribute, before its search begins."""
+    finder._batch_arg_name = batch_arg_name
+
+
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The trainer a module is attached to, or None: ``module.trainer`` raises when there is none.
 

@@ -170,6 +170,16 @@ class FinSightDataModule(L.LightningDataModule):
         return [s.name for s in self.sources]
 
     @property
+    def batch_token_rows(self) -> int | None:
+        """``batch_tokens`` in rows of ``max_length`` tokens: the unit the batch size finder searches a budget in
+        (its search stops when a size reaches the number of samples, which a count of tokens soon would)."""
+        return None if self.batch_tokens is None else self.batch_tokens // self.max_length
+
+    @batch_token_rows.setter
+    def batch_token_rows(self, rows: int) -> None:
+        self.batch_tokens = int(rows) * self.max_length
+
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer, loaded on first use (so parsing a config never loads one)."""
         if self._tokenizer is None:
