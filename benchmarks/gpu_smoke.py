@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-2 + optimizer offload, ZeRO-3 + parameter offload and packed rows (``data.packing``) against
-the plain strategy, side by side.
+"""DeepSpeed ZeRO-2 + optimizer offload, ZeRO-3 + parameter offload, packed rows (``data.packing``) and
+token-budget micro-batches (``data.batch_tokens``) against the plain strategy, side by side.
 
 Each strategy is one ``python -m finsight fit`` run of the quickstart config (the bundled data), read back from
 its TensorBoard events: trained tokens/s (median over steps), peak CUDA memory (or RSS on the CPU), the loss per
@@ -50,6 +50,8 @@ def fit(strategy: str, model: Path, out: Path, steps: int, cpu: bool) -> dict:
         args += ["--config", str(ROOT / "configs" / f"deepspeed_{'zero3' if strategy == 'zero3' else 'zero2'}_offload.yaml")]
     if strategy == "packed":  # the plain strategy, several conversations per row (flash-attention reads them)
         args += ["--data.packing=true"]
+    if strategy == "budget":  # the plain strategy, micro-batches of 8 full-length rows' worth of tokens
+        args += ["--data.batch_tokens=3072"]
     args += [f"--model.model_name={model}", f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1",
              f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=2",
              f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.logger.init_args.name={strategy}",
@@ -80,7 +82,7 @@ def fit(strategy: str, model: Path, out: Path, steps: int, cpu: bool) -> dict:
 
 
 NAMES = {"plain": "plain", "deepspeed": "DeepSpeed ZeRO-2 + offload", "zero3": "ZeRO-3 + parameter offload",
-         "packed": "plain, packed rows"}
+         "packed": "plain, packed rows", "budget": "plain, 3,072-token micro-batches"}
 
 
 def table(rows: list[dict]) -> str:
@@ -116,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model = build_model(args.config_folder, Path(scratch) / "model", tiny=args.cpu)
         rows = [fit(strategy, model, args.out, args.steps, args.cpu)
-                for strategy in ("plain", "deepspeed", "zero3", "packed")]
+                for strategy in ("plain", "deepspeed", "zero3", "packed", "budget")]
     report = table(rows)
     print(report)
     (args.out / "gpu_smoke.md").write_text(report + "\n")

@@ -154,6 +154,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="finsight with data.packing (each micro-batch's conversations share rows of "
                              "max_length), TRL tuned with its own packing (best-fit decreasing over the dataset, "
                              "padding-free): trained tokens/s compare, the batches differ")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="finsight with data.batch_tokens (micro-batches filled to this many tokens, length-"
+                             "grouped); TRL keeps --batch-size conversations, which it has no budget for")
     parser.add_argument("--trl-sampling", choices=("random", "group_by_length"), default="random",
                         help="TRL's train_sampling_strategy (random is its default)")
     parser.add_argument("--trl-presets", default="tuned",
@@ -219,6 +222,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         release_freed_memory={"true": True, "false": False}.get(args.release_freed_memory, "auto"),
         activation_budget_gib=args.activation_budget_gib, precision=args.precision,
         trl_sampling=args.trl_sampling, trl_presets=trl_presets, packing=args.packing,
+        batch_tokens=args.batch_tokens,
         trl_masking=args.trl_masking, num_proc=num_proc, trl_num_proc=trl_num_proc,
         gpu_mode=gpu_mode, cuda=cuda,
         peak_tflops=args.peak_tflops or peak_flops(cuda) or DEFAULT_PEAK_TFLOPS,

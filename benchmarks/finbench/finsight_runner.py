@@ -38,7 +38,8 @@ def finsight_datamodule(settings: Settings, tokenizer: Any, sources: list[dict],
 
         cls = FixedOrderDataModule
     return cls(sources=sources, tokenizer=tokenizer, max_length=settings.max_length, batch_size=settings.batch_size,
-               seed=settings.seed, num_proc=settings.num_proc, cache_dir=cache_dir, packing=settings.packing)
+               seed=settings.seed, num_proc=settings.num_proc, cache_dir=cache_dir, packing=settings.packing,
+               batch_tokens=settings.batch_tokens)
 
 
 def finsight_prepare(settings: Settings, spec: dict) -> dict:

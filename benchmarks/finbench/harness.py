@@ -83,6 +83,7 @@ class Settings:
     seed: int = 42
     trl_sampling: str = "random"
     packing: bool = False  # finsight's data.packing; TRL tuned's packing (bfd, padding-free)
+    batch_tokens: int | None = None  # finsight's data.batch_tokens (TRL has no token-budget micro-batches)
     trl_presets: tuple[str, ...] = ("tuned",)
     trl_masking: str = "assistant"
     trl_chat_template: str = ""
