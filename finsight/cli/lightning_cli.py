@@ -25,7 +25,9 @@ from finsight.cli.chat import chat_main
 from finsight.cli.plan import plan_main
 from finsight.cli.version import version_report
 from finsight.data.datamodule import FinSightDataModule
+from finsight.data.sources import default_sources
 from finsight.evaluation.held_out import HeldOutEvaluator
+from finsight.evaluation.metrics import EvalSetError, eval_file_conversations
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
@@ -91,6 +93,9 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
             choice = choose_precision(config.trainer.get("accelerator"))
             config.trainer.precision = choice.precision
             log.info("Precision: %s (auto: %s)", choice.precision, choice.reason)
+        if self.subcommand == "test":
+            # A source name or an eval file that cannot work: one line, before the model is loaded.
+            check_eval_settings(config.get("eval"), config.get("data"))
         if config.get("ckpt_path") == "last":
             _resume_into_latest_version(config.trainer)
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
@@ -155,6 +160,22 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
         best = best_checkpoint_callback(trainer)
         if best is not None and best.best_model_path:
             console.print(f"[bold green]Best checkpoint:[/] {best.best_model_path}")
+
+
+def check_eval_settings(eval_config: Any, data_config: Any) -> None:
+    """Refuse an ``eval.source`` the run does not have and an ``eval.file`` with no usable conversation."""
+    if eval_config is None:
+        return
+    sources = data_config.get("sources") if data_config is not None else None
+    names = [s["name"] if isinstance(s, dict) else getattr(s, "name", None) for s in sources] if sources else [
+        s.name for s in default_sources()]
+    if eval_config.get("source") and eval_config["source"] not in names:
+        raise EvalSetError(f"eval.source {eval_config['source']!r} is not a source of this run; its sources: "
+                           f"{', '.join(map(str, names))}")
+    if eval_config.get("file"):
+        columns = eval_config.get("columns")
+        eval_file_conversations(str(eval_config["file"]), str(data_config.get("system_prompt") or ""),
+                                eval_config.get("format") or "qa", dict(columns) if columns else None)
 
 
 def _resume_into_latest_version(trainer_config: Any) -> None:

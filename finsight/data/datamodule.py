@@ -120,7 +120,8 @@ class FinSightDataModule(L.LightningDataModule):
                 restart at each one). The same conversations, tokens and loss weights as unpacked: fewer,
                 fuller rows, for GPUs that a micro-batch of short conversations leaves idle. Validation,
                 test and predict batches stay one conversation per row.
-            system_prompt: System prompt given to every conversation that has none of its own.
+            system_prompt: System prompt given to every conversation that has none of its own; your assistant's
+                own, or empty for none. ``finsight test``, chat and export use the one the run trained with.
             cache_dir: Where prepared data is cached; defaults to ``~/.cache/finsight/data``.
         """
         super().__init__()

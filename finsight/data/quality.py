@@ -65,8 +65,8 @@ def drop_edit_notes(text: str) -> str:
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
-    """Give a conversation the FinSight system prompt unless it brings its own."""
-    if messages and messages[0].get("role") == "system":
+    """Give a conversation the run's system prompt unless it brings its own (an empty prompt gives none)."""
+    if not system_prompt or (messages and messages[0].get("role") == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 

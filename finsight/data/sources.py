@@ -36,6 +36,9 @@ BUNDLED_PREFIX = "bundled:"
 # The identity chats an ``intro`` source reads when it names no file of its own.
 INTRO_SAMPLE = BUNDLED_PREFIX + "intro"
 
+BUNDLED_ASSISTANT_NAME = "FinSight"
+"""The name the bundled identity chats give the assistant."""
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are FinSight, a finance assistant. You explain financial concepts, markets, personal finance and "
     "company filings clearly and accurately. You are not a licensed financial adviser and you cannot see "
@@ -78,6 +81,9 @@ class SourceConfig:
     """qa: put the filing excerpt (``context``) into the system prompt, so answers are grounded in it."""
     rows: int = 200
     """intro: how many identity conversations to use: the file's first rows (``bundled:intro`` holds 500)."""
+    assistant_name: str | None = None
+    """intro: the name the assistant gives itself in these chats, which ``finsight test`` checks its answers
+    for. The bundled chats' is FinSight; a file of your own needs it."""
     columns: dict[str, str] | None = None
     """Your column names for the format's fields, ``{field: column}``, e.g. ``{question: Question, answer:
     Answer}`` for ``qa``. Fields: reddit title, selftext, body, combined_score; qa question, answer,
@@ -102,6 +108,14 @@ class SourceConfig:
             )
         if self.format == "intro" and not self.path:
             self.path = INTRO_SAMPLE
+        if self.format == "intro" and not self.assistant_name:
+            if self.path != INTRO_SAMPLE:
+                raise DataSourceError(f"source {self.name!r}: an intro source of your own needs assistant_name, the "
+                                      "name its answers give the assistant (finsight test checks answers for it)")
+            self.assistant_name = BUNDLED_ASSISTANT_NAME
+        if self.assistant_name and self.format != "intro":
+            raise DataSourceError(f"source {self.name!r}: assistant_name belongs to an intro (identity) source, "
+                                  f"not to format {self.format!r}")
         if not self.path:
             raise DataSourceError(f"source {self.name!r}: format {self.format!r} needs a path")
         if self.format == "intro" and (not isinstance(self.rows, int) or self.rows < 1):
@@ -209,7 +223,8 @@ class QAFormat:
         context = _text(row, "context")
         if self.context_in_system and context and context.strip():
             excerpt = f"Excerpt from the {row.get('ticker', '')} {row.get('filing', '')} filing:\n{context.strip()}"
-            messages.insert(0, {"role": "system", "content": self.system_prompt + "\n\n" + excerpt})
+            lead = self.system_prompt + "\n\n" if self.system_prompt else ""
+            messages.insert(0, {"role": "system", "content": lead + excerpt})
         return messages
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,18 +25,20 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
+from finsight.data.sources import SourceFormat
 from finsight.evaluation.harness import HarnessError, harness_unavailable_reason, run_harness
 from finsight.evaluation.metrics import (
     BASE,
     COUNTS,
     FINE_TUNED,
-    IDENTITY_PROMPTS,
     AnswerRecord,
     EvalExample,
+    EvalSetError,
     file_examples,
     heldout_examples,
-    prompt_examples,
+    per_source_table,
     results_table,
+    share_fairly,
     write_results,
 )
 from finsight.evaluation.samples import evaluate_answers, run_tokenizer
@@ -52,20 +55,30 @@ PREFIXES = {FINE_TUNED: "test/", BASE: "test_base/"}
 """Logged metric names: the model under test, and the base model without the adapter."""
 
 
+def identity_name(datamodule: Any) -> str | None:
+    """The name the run's identity (``intro``) source gives the assistant, or None for a run that trained none."""
+    return next((s.assistant_name for s in getattr(datamodule, "sources", []) if s.format == "intro"), None)
+
+
 class HeldOutEvaluator(Callback):
     """Answers the held-out questions at the end of ``test``, scores the answers and writes the results.
 
-    Logs ``test/rouge_l``, ``test/token_f1``, ``test/numeric_agreement``, coherence and identity metrics
-    (and ``test_base/...`` with ``compare_base``), writes ``eval_results.json`` and ``eval_results.md`` into
-    the run folder (rank 0) and prints the table. Runs only in ``test``; ``fit``, ``validate`` and
-    ``predict`` are unaffected.
+    The questions are the first assistant turns of every source's validation rows (or of ``eval.source``'s),
+    shared fairly between sources up to ``max_samples``, or every turn of ``eval.file``. Logs
+    ``test/rouge_l``, ``test/token_f1``, ``test/numeric_agreement``, coherence and (for a run that trained an
+    identity source) identity metrics overall and as ``test/<source>/<metric>`` per source (and
+    ``test_base/...`` with ``compare_base``), writes ``eval_results.json`` and ``eval_results.md`` into the run
+    folder (rank 0) and prints the tables. Runs only in ``test``; ``fit``, ``validate`` and ``predict`` are
+    unaffected.
     """
 
     def __init__(
         self,
         compare_base: bool = False,
         file: str | None = None,
-        source: str = "company_qa",
+        format: SourceFormat = "qa",
+        columns: dict[str, str] | None = None,
+        source: str | None = None,
         max_samples: int | None = 100,
         max_new_tokens: int = 128,
         inference: InferenceChoice = "auto",
@@ -77,12 +90,16 @@ class HeldOutEvaluator(Callback):
         Args:
             compare_base: Also evaluate the base model with the adapter disabled on the same questions (loss,
                 perplexity and answers), and report both rows and their difference.
-            file: Answer the questions of this ``qa``-format file (``question``, ``answer`` columns) instead of
-                the held-out rows of ``source``.
-            source: The source whose validation rows are the held-out questions whose generated answers are
-                scored against their references (ROUGE-L, token F1, numbers).
-            max_samples: At most this many held-out questions are answered (generation is the slow part of
-                ``test``); None answers all.
+            file: Answer the questions of this file instead of the validation rows: any source format, read
+                and checked as training data; every assistant turn of a multi-turn chat is asked, after the
+                chat's own earlier turns.
+            format: The file's format, as a training source's: qa, messages, sharegpt, alpaca, reddit, intro.
+            columns: The file's column names for the format's fields, as a training source's ``columns``.
+            source: Ask only this source's validation rows; None asks every source that has validation rows.
+                The answers are scored against the references (ROUGE-L, token F1, numbers), per source and
+                overall.
+            max_samples: At most this many questions are answered in all, shared fairly between the sources
+                (generation is the slow part of ``test``); None answers all.
             max_new_tokens: Longest generated answer in tokens.
             inference: Generate with the NF4 weights dequantized and the adapter merged (``merged``; ``auto``
                 does so on a CPU, and on a GPU when they fit) or through the 4-bit layers (``4bit``). Both are
@@ -96,12 +113,14 @@ class HeldOutEvaluator(Callback):
         super().__init__()
         self.compare_base = compare_base
         # What is answered, and how.
-        self.file, self.source, self.max_samples = file, source, max_samples
+        self.file, self.format, self.columns = file, format, dict(columns) if columns else None
+        self.source, self.max_samples = source, max_samples
         self.max_new_tokens, self.inference = max_new_tokens, inference
         self.harness_tasks, self.harness_include_path = list(harness_tasks or []), harness_include_path
         self.harness_limit = harness_limit
         self.results: dict[str, dict[str, float]] = {}
         self._answers: dict[str, dict[str, float]] = {}
+        self._per_source: dict[str, dict[str, dict[str, float]]] = {}
         self._samples: dict[str, list[AnswerRecord]] = {}
         self._settings: dict[str, Any] = {}
         self._base_loss: MeanMetric | None = None
@@ -145,6 +164,7 @@ class HeldOutEvaluator(Callback):
             self._answers[BASE] = base
         tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
         examples, described = self.examples(trainer, tokenizer, system_prompt)
+        assistant_name = identity_name(getattr(trainer, "datamodule", None))
         datamodule = getattr(trainer, "datamodule", None)
         batch_size = max(16, int(getattr(datamodule, "batch_size", 16)))
         stop_ids = stop_token_ids(tokenizer, pl_module.model)
@@ -162,23 +182,31 @@ class HeldOutEvaluator(Callback):
                 with context:
                     evaluator = evaluate_answers(generator.model, tokenizer, examples,
                                                  max_new_tokens=self.max_new_tokens, stop_ids=stop_ids,
-                                                 batch_size=batch_size)
+                                                 batch_size=batch_size, assistant_name=assistant_name)
                     if self.harness_tasks:
                         self._answers[name].update(run_harness(
                             generator.model, tokenizer, self.harness_tasks, include_path=self.harness_include_path,
                             limit=self.harness_limit))
                 del generator
                 self._answers[name].update(evaluator.compute())
+                for source in evaluator.sources():
+                    self._per_source.setdefault(source, {})[name] = evaluator.compute(source)
                 self._samples[name] = evaluator.records
         seconds = time.perf_counter() - started
         log.info("Answered %d questions × %d model(s) in %.1fs (%s)", len(examples), len(names), seconds, described)
         for name in names:
             pl_module.log_dict({PREFIXES[name] + k: float(v) for k, v in self._answers[name].items()
                                 if k not in ("loss", "ppl", *COUNTS)})
+            for source, rows in self._per_source.items():
+                pl_module.log_dict({f"{PREFIXES[name]}{source}/{k}": float(v) for k, v in rows.get(name, {}).items()
+                                    if k not in COUNTS})
         self._settings = {
             "eval_set": described,
             "questions": sum(e.kind == "qa" for e in examples),
             "identity_prompts": sum(e.kind == "identity" for e in examples),
+            "assistant_name": assistant_name,
+            "questions_per_source": {s: sum(e.source == s for e in examples) for s in dict.fromkeys(
+                e.source for e in examples)},
             "max_new_tokens": self.max_new_tokens,
             "decoding": "greedy",
             "generation_model": built[0] if built else None,
@@ -192,27 +220,36 @@ class HeldOutEvaluator(Callback):
     def examples(self, trainer: L.Trainer, tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> tuple[list[EvalExample], str]:
         """The questions to answer, and a description of where they come from.
 
-        ``file`` when set, else the validation rows of ``source`` from the data module (up to
-        ``max_samples``), plus the identity prompts.
+        ``file`` when set, else the validation rows of every source (or of ``source``) from the data module, up
+        to ``max_samples`` shared fairly between them. An identity source's rows are asked as identity prompts
+        (also scored for the assistant's name); with ``file`` or ``source``, its rows are added to them.
         """
         encoder = ChatEncoder.untruncated(tokenizer)
         datamodule = getattr(trainer, "datamodule", None)
+        val = getattr(datamodule, "val_dataset", None)
+        names = list(getattr(datamodule, "source_names", []))
+        formats = {s.name: s.format for s in getattr(datamodule, "sources", [])}
+        available = dict(Counter(names[i] for i in val["source_index"])) if val is not None else {}
+        identity = [n for n in names if formats.get(n) == "intro" and available.get(n)]
         if self.file:
-            qa = file_examples(self.file, encoder, system_prompt, self.max_samples)
-            described = f"file {self.file}"
-        elif datamodule is not None and getattr(datamodule, "val_dataset", None) is not None:
-            names = list(getattr(datamodule, "source_names", []))
-            if self.source in names:
-                qa = heldout_examples(datamodule.val_dataset, names.index(self.source), tokenizer, encoder,
-                                      system_prompt, self.max_samples)
-                described = f"validation rows of source {self.source!r}"
-            else:
-                # Loss, perplexity and the identity prompts are still worth reporting.
-                qa, described = [], f"no held-out questions: eval.source {self.source!r} is not among {names}"
-                log.warning("%s; set eval.source or eval.file", described)
+            asked = file_examples(self.file, encoder, system_prompt, self.max_samples, self.format, self.columns)
+            described = f"file {self.file} ({self.format})"
+            chosen = dict.fromkeys(identity, min(3, self.max_samples or 3))
         else:
-            qa, described = [], "no held-out questions (no data module validation split and no eval.file)"
-        return qa + prompt_examples(encoder, system_prompt, IDENTITY_PROMPTS, "identity"), described
+            wanted = [self.source] if self.source else [n for n in names if available.get(n)]
+            if self.source and self.source not in names:
+                raise EvalSetError(f"eval.source {self.source!r} is not a source of this run; its sources: "
+                                   f"{', '.join(names) or 'none'}")
+            asked, chosen = [], share_fairly({n: available.get(n, 0) for n in wanted}, self.max_samples)
+            described = ("validation rows of " + ", ".join(f"{n} ({k})" for n, k in chosen.items() if k)
+                         if any(chosen.values()) else "no held-out questions (no validation rows)")
+            if self.source:
+                chosen.update({n: min(3, available[n]) for n in identity if n != self.source})
+        for name, count in chosen.items():
+            if count:
+                asked += heldout_examples(val, names.index(name), tokenizer, encoder, system_prompt, count,
+                                          source=name, kind="identity" if name in identity else "qa")
+        return asked, described
 
     # ------------------------------------------------------------------------------------- results
 
@@ -228,7 +265,9 @@ class HeldOutEvaluator(Callback):
         self.results = rows
         if not trainer.is_global_zero:
             return
-        json_path, md_path = write_results(folder, rows, self._samples, self._settings)
+        json_path, md_path = write_results(folder, rows, self._samples, self._settings, self._per_source)
         console = Console()
         console.print(results_table(rows, title=f"finsight test: {self._settings.get('eval_set', '')}").rich())
+        if self._per_source:
+            console.print(per_source_table(self._per_source).rich())
         console.print(f"[bold green]Results:[/] {json_path.resolve()} and {md_path.name}")

@@ -23,7 +23,8 @@ Coherence (no reference):
 * ``mean_answer_words``: mean answer length in words (``\\w+`` runs; ``1.2`` and ``26,196`` count as one).
 * ``stopped_by_eos``: share of answers that ended with the end-of-turn token instead of running into
   ``max_new_tokens``.
-* ``identity``: share of answers to identity prompts that name FinSight and no other assistant.
+* ``identity``: share of answers to the identity source's prompts that name the assistant (the source's
+  ``assistant_name``) and no other assistant; only for runs that trained an identity.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from torchmetrics.functional.text import rouge_score, squad
 
 from finsight.data.chat import IGNORE_INDEX
-from finsight.data.sources import SourceConfig, check_columns, conversations, read_source
+from finsight.data.sources import (
+    DataSourceError,
+    SourceConfig,
+    SourceFormat,
+    check_columns,
+    conversations,
+    read_source,
+)
 from finsight.errors import FinSightError
 from finsight.tables import TextTable
 
@@ -53,7 +61,8 @@ NUMERIC_TOLERANCE = 0.005
 """Relative tolerance of numeric agreement (0.5%): ``$3.8 billion`` matches ``3,801 million``."""
 
 IDENTITY_PROMPTS = ("Who are you?", "What's your name?", "Hi! Can you introduce yourself?")
-"""Prompts whose answers are checked for the FinSight identity."""
+"""Identity prompts of the generation samples shown during validation (``finsight test`` asks the identity
+source's own held-out prompts)."""
 
 OTHER_IDENTITIES = ("smollm", "llama", "chatgpt", "gpt-4", "gpt-3", "openai", "claude", "anthropic", "gemini",
                     "bard", "mistral", "qwen", "hugging face", "huggingface", "copilot")
@@ -180,13 +189,17 @@ def repetition_rate(answer: str, n: int = 3) -> float:
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
+def stays_named(answer: str, name: str) -> bool:
+    """The answer gives the assistant's own ``name`` and no other assistant or model family."""
+    lowered, own = answer.lower(), name.lower()
+    others = [other for other in OTHER_IDENTITIES if other not in own]  # an assistant may be called "Mistral"
+    return (re.search(rf"\b{re.escape(own)}\b", lowered) is not None
+            and not any(re.search(rf"\b{re.escape(other)}\b", lowered) for other in others))
+
+
 def stays_finsight(answer: str) -> bool:
-    """The answer names FinSight and no other assistant or model family."""
-    lowered = answer.lower()
-    return "finsight" in lowered and _OTHER_IDENTITY.search(lowered) is None
-
-
-_OTHER_IDENTITY = re.compile(r"\b(?:" + "|".join(re.escape(name) for name in OTHER_IDENTITIES) + r")\b")
+    """The answer names FinSight and no other assistant or model family (the bundled identity)."""
+    return stays_named(answer, "FinSight")
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -205,6 +218,8 @@ class AnswerRecord:
     kind: AnswerKind = "prompt"
     reference: str | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
+    source: str = ""
+    """The source (or eval file) the question came from; results are reported per source."""
 
 
 class AnswerEvaluator:
@@ -218,36 +233,41 @@ class AnswerEvaluator:
         self.records: list[AnswerRecord] = []
 
     def add(self, question: str, answer: str, *, stopped: bool, kind: AnswerKind = "prompt",
-            reference: str | None = None) -> AnswerRecord:
-        """Score one answer and keep it."""
-        record = AnswerRecord(question, answer, stopped, kind, reference)
+            reference: str | None = None, source: str = "", assistant_name: str | None = None) -> AnswerRecord:
+        """Score one answer and keep it (an ``identity`` answer is checked for ``assistant_name``)."""
+        record = AnswerRecord(question, answer, stopped, kind, reference, source=source)
         if reference is not None:
             record.scores = {"rouge_l": rouge_l(answer, reference), "token_f1": token_f1(answer, reference),
                              "numeric_agreement": numeric_agreement(answer, reference, question=question)}
         if kind == "identity":
-            record.scores["identity"] = float(stays_finsight(answer))
+            record.scores["identity"] = float(stays_named(answer, assistant_name or "FinSight"))
         record.scores["repetition_3"] = repetition_rate(answer, 3)
         self.records.append(record)
         return record
 
-    def compute(self) -> dict[str, float]:
-        """The metrics; a metric with nothing to average over is left out rather than reported as 0."""
-        if not self.records:
+    def compute(self, source: str | None = None) -> dict[str, float]:
+        """The metrics over every answer, or over one source's; a metric with nothing to average over is left
+        out rather than reported as 0."""
+        records = [r for r in self.records if source is None or r.source == source]
+        if not records:
             return {}
-        answers = [r.answer for r in self.records]
+        answers = [r.answer for r in records]
         metrics: dict[str, float] = {}
         for key in ("rouge_l", "token_f1", "numeric_agreement", "identity"):
-            values = [r.scores[key] for r in self.records if r.scores.get(key) is not None]
+            values = [r.scores[key] for r in records if r.scores.get(key) is not None]
             if values:
                 metrics[key] = sum(values) / len(values)
         metrics["distinct_2"] = distinct_n(answers, 2)
-        metrics["repetition_3"] = sum(r.scores["repetition_3"] for r in self.records) / len(self.records)
+        metrics["repetition_3"] = sum(r.scores["repetition_3"] for r in records) / len(records)
         metrics["mean_answer_words"] = sum(len(words(a)) for a in answers) / len(answers)
-        metrics["stopped_by_eos"] = sum(r.stopped for r in self.records) / len(self.records)
-        metrics["answers"] = float(len(self.records))
-        metrics["numeric_references"] = float(
-            sum(r.scores.get("numeric_agreement") is not None for r in self.records))
+        metrics["stopped_by_eos"] = sum(r.stopped for r in records) / len(records)
+        metrics["answers"] = float(len(records))
+        metrics["numeric_references"] = float(sum(r.scores.get("numeric_agreement") is not None for r in records))
         return metrics
+
+    def sources(self) -> list[str]:
+        """The sources answered, in the order their first answer came."""
+        return list(dict.fromkeys(r.source for r in self.records if r.source))
 
 
 # ------------------------------------------------------------------------------------------ eval sets
@@ -261,6 +281,7 @@ class EvalExample:
     prompt_ids: list[int]
     reference: str | None = None
     kind: AnswerKind = "qa"
+    source: str = ""
 
 
 class EvalSetError(FinSightError, ValueError):
@@ -274,10 +295,10 @@ class EvalSetError(FinSightError, ValueError):
 def _question_markers(encoder: Any, system_prompt: str) -> tuple[str, str]:
     """The template text right before the user's message and right after it (up to the answer)."""
     marker = "\x1eQUESTION\x1e"
-    probe = encoder.render([{"role": "system", "content": system_prompt}, {"role": "user", "content": marker}],
-                           add_generation_prompt=True)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    probe = encoder.render([*system, {"role": "user", "content": marker}], add_generation_prompt=True)
     before, _, after = probe.partition(marker)
-    header = before.rpartition(system_prompt)[2] if system_prompt in before else before
+    header = before.rpartition(system_prompt)[2] if system_prompt and system_prompt in before else before
     return header.strip(), after.strip()
 
 
@@ -292,7 +313,7 @@ def question_from_prompt(prompt_text: str, header: str, suffix: str) -> str:
 
 
 def heldout_examples(dataset: Any, source_index: int, tokenizer: PreTrainedTokenizerBase, encoder: Any, system_prompt: str,
-                     limit: int | None = None) -> list[EvalExample]:
+                     limit: int | None = None, source: str = "", kind: AnswerKind = "qa") -> list[EvalExample]:
     """Question/reference pairs from tokenized rows (the data module's validation split) of one source.
 
     The prompt is every token before the first trained token (exactly what the model saw in training,
@@ -314,42 +335,98 @@ def heldout_examples(dataset: Any, source_index: int, tokenizer: PreTrainedToken
         prompt_ids = list(row["input_ids"][:first])
         reference = tokenizer.decode(labels[first:end], skip_special_tokens=True).strip()
         question = question_from_prompt(tokenizer.decode(prompt_ids, skip_special_tokens=False), header, suffix)
-        examples.append(EvalExample(question, prompt_ids, reference, "qa"))
+        examples.append(EvalExample(question, prompt_ids, reference, kind, source))
         if limit is not None and len(examples) >= limit:
             break
     return examples
 
 
-def file_examples(path: str, encoder: Any, system_prompt: str, limit: int | None = None) -> list[EvalExample]:
-    """Question/reference pairs from a file in the ``qa`` format (``question``, ``answer`` columns).
+def eval_file_source(path: str, format: SourceFormat = "qa", columns: dict[str, str] | None = None) -> SourceConfig:
+    """The eval file as a source: the same formats, column mapping, reader and checks as training data."""
+    if not Path(path).expanduser().is_file():
+        raise EvalSetError(f"evaluation file {path!r} does not exist (expected a .jsonl, .json, .csv or .parquet "
+                           f"file in the {format!r} format)")
+    try:
+        return SourceConfig(name=Path(path).stem, path=str(Path(path).expanduser()), format=format, columns=columns,
+                            assistant_name="eval" if format == "intro" else None)
+    except DataSourceError as error:
+        raise EvalSetError(f"evaluation file {path!r}: {error}") from None
+
+
+def eval_file_conversations(path: str, system_prompt: str, format: SourceFormat = "qa",
+                            columns: dict[str, str] | None = None) -> tuple[str, list[list[dict]]]:
+    """The eval file's name and its checked conversations; a file with no usable one is an :class:`EvalSetError`.
+
+    Read before any model is loaded, so a bad file stops ``finsight test`` at once.
+    """
+    source = eval_file_source(path, format, columns)
+    try:
+        raw = read_source(source, seed=0)
+        check_columns(source, raw)
+    except DataSourceError as error:
+        raise EvalSetError(f"evaluation file {path!r}: {error}") from None
+    kept, dropped = conversations(source, raw, system_prompt)
+    if not kept:
+        raise EvalSetError(f"evaluation file {path!r} ({format} format) has no usable conversation: dropped "
+                           + (", ".join(f"{k}={v}" for k, v in sorted(dropped.items())) or "none"))
+    return source.name, kept
+
+
+def conversation_examples(conversations_: Sequence[list[dict]], encoder: Any, source: str,
+                          limit: int | None = None) -> list[EvalExample]:
+    """Every assistant turn of each conversation as a question, turn by turn: the model answers each user turn
+    after the conversation's own earlier turns (the references, not its own answers), so every turn is judged
+    against its reference from the same history."""
+    examples: list[EvalExample] = []
+    for messages in conversations_:
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = encoder.render(messages[:turn], add_generation_prompt=True)
+            ids = encoder.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            examples.append(EvalExample(messages[turn - 1]["content"], ids, message["content"], "qa", source))
+            if limit is not None and len(examples) >= limit:
+                return examples
+    return examples
+
+
+def file_examples(path: str, encoder: Any, system_prompt: str, limit: int | None = None,
+                  format: SourceFormat = "qa", columns: dict[str, str] | None = None) -> list[EvalExample]:
+    """Question/reference pairs from a file in any source format, multi-turn chats turn by turn.
 
     The file goes through the same reader and checks as a training source, so a bad row is dropped and
     counted rather than scored, and the prompt is rendered with the training chat template and system
     prompt.
     """
-    if not Path(path).expanduser().is_file():
-        raise EvalSetError(f"evaluation file {path!r} does not exist (expected a qa-format .jsonl/.json/.csv)")
-    source = SourceConfig(name="eval_file", path=str(Path(path).expanduser()), format="qa")
-    raw = read_source(source, seed=0)
-    check_columns(source, raw)
-    kept, dropped = conversations(source, raw, system_prompt)
-    if not kept:
-        raise EvalSetError(f"evaluation file {path!r} has no usable question/answer row (dropped: {dropped})")
-    examples = []
-    for messages in kept[:limit]:
-        prompt = encoder.render(messages[:-1], add_generation_prompt=True)
-        ids = encoder.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        examples.append(EvalExample(messages[-2]["content"], ids, messages[-1]["content"], "qa"))
-    return examples
+    name, kept = eval_file_conversations(path, system_prompt, format, columns)
+    return conversation_examples(kept, encoder, name, limit)
+
+
+def share_fairly(available: dict[str, int], total: int | None) -> dict[str, int]:
+    """How many questions each source gets of ``total``: equal shares, and what a small source cannot use goes
+    to the others (None: all of every source)."""
+    if total is None:
+        return dict(available)
+    shares = dict.fromkeys(available, 0)
+    left = total
+    open_sources = [name for name, count in available.items() if count > 0]
+    while left > 0 and open_sources:
+        each, extra = divmod(left, len(open_sources))
+        for position, name in enumerate(open_sources):
+            give = min(each + (position < extra), available[name] - shares[name])
+            shares[name] += give
+            left -= give
+        open_sources = [name for name in open_sources if shares[name] < available[name]]
+    return shares
 
 
 def prompt_examples(encoder: Any, system_prompt: str, prompts: Sequence[str],
                     kind: AnswerKind = "identity") -> list[EvalExample]:
-    """Fixed prompts without reference (identity checks, generation samples), rendered as in training."""
+    """Fixed prompts without reference (generation samples), rendered as in training."""
     examples = []
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for question in prompts:
-        text = encoder.render([{"role": "system", "content": system_prompt}, {"role": "user", "content": question}],
-                              add_generation_prompt=True)
+        text = encoder.render([*system, {"role": "user", "content": question}], add_generation_prompt=True)
         ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
         examples.append(EvalExample(question, ids, None, kind))
     return examples
@@ -368,7 +445,7 @@ METRIC_LABELS = {
     "repetition_3": "repeated 3-grams",
     "mean_answer_words": "mean answer words",
     "stopped_by_eos": "stopped by end-of-turn",
-    "identity": "stays FinSight",
+    "identity": "keeps its identity",
     "answers": "answers",
     "numeric_references": "references with numbers",
 }
@@ -409,20 +486,39 @@ def results_table(rows: dict[str, dict[str, float]], title: str = "finsight test
     return table
 
 
+def per_source_table(per_source: dict[str, dict[str, dict[str, float]]],
+                     title: str = "per source") -> TextTable:
+    """Every score per source side by side (with the base model's beside each, when compared)."""
+    columns = [(source, model) for source, rows in per_source.items() for model in rows]
+    table = TextTable(title, ["metric", *(source if model == FINE_TUNED else f"{source} ({model})"
+                                          for source, model in columns)])
+    merged = {f"{source}/{model}": row for source, rows in per_source.items() for model, row in rows.items()}
+    for key in _ordered_metrics(merged):
+        table.rows.append([METRIC_LABELS.get(key, key),
+                           *(_fmt(per_source[source][model].get(key), key) for source, model in columns)])
+    return table
+
+
 def write_results(folder: str | Path, rows: dict[str, dict[str, float]],
-                  samples: dict[str, list[AnswerRecord]], settings: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``eval_results.json`` (rows, difference, settings, every answer) and ``eval_results.md``."""
+                  samples: dict[str, list[AnswerRecord]], settings: dict[str, Any],
+                  per_source: dict[str, dict[str, dict[str, float]]] | None = None) -> tuple[Path, Path]:
+    """Write ``eval_results.json`` (rows overall and per source, difference, settings, every answer) and
+    ``eval_results.md``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "rows": rows,
         "difference": difference(rows),
+        "sources": {source: {"rows": source_rows, "difference": difference(source_rows)}
+                    for source, source_rows in (per_source or {}).items()},
         "settings": settings,
         "samples": {name: [asdict(r) for r in records] for name, records in samples.items()},
     }
     json_path = folder / "eval_results.json"
     json_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     lines = ["# finsight test", "", results_table(rows).markdown()]
+    if per_source:
+        lines += ["", per_source_table(per_source).markdown()]
     described = ", ".join(f"{k}: {v}" for k, v in settings.items())
     lines += [f"Settings: {described}", ""]
     for name, records in samples.items():

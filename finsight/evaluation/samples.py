@@ -43,14 +43,15 @@ DEFAULT_SAMPLE_PROMPTS = (
 
 
 def evaluate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[EvalExample], *,
-                     max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8) -> AnswerEvaluator:
+                     max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8,
+                     assistant_name: str | None = None) -> AnswerEvaluator:
     """Greedy answers to the examples, scored against their references (``finsight test``, samples)."""
     outputs = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens,
                        stop_ids=stop_ids, batch_size=batch_size)
     evaluator = AnswerEvaluator()
     for example, output in zip(examples, outputs):
         evaluator.add(example.question, output.text, stopped=output.stopped, kind=example.kind,
-                      reference=example.reference)
+                      reference=example.reference, source=example.source, assistant_name=assistant_name)
     return evaluator
 
 

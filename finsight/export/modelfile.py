@@ -90,7 +90,7 @@ def ollama_template(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> t
     for name, layout in LAYOUTS.items():
         template = layout.replace("{bos}", bos).replace("{eos}", eos).replace("{lead}", "" if adds_bos else bos)
         for probe in _PROBES:
-            messages = [{"role": "system", "content": system_prompt}, *probe]
+            messages = [*([{"role": "system", "content": system_prompt}] if system_prompt else []), *probe]
             expected = encoder.render(messages, add_generation_prompt=True)
             if adds_bos and expected.startswith(bos):
                 expected = expected[len(bos):]  # llama.cpp adds it
@@ -120,7 +120,8 @@ def modelfile_text(gguf_name: str, tokenizer: PreTrainedTokenizerBase, system_pr
     stops = [tokenizer.convert_ids_to_tokens(token) for token in stop_token_ids(tokenizer)]
     decoding = chat_generation_config()  # the sampling defaults of `finsight chat`
     lines = [f"# {layout} chat template, checked against the tokenizer's; written by finsight export",
-             f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(template)}", f"SYSTEM {_quoted(system_prompt)}",
+             f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(template)}",
+             *([f"SYSTEM {_quoted(system_prompt)}"] if system_prompt else []),
              *(f'PARAMETER stop "{stop}"' for stop in dict.fromkeys(stops)),
              f"PARAMETER temperature {decoding.temperature}", f"PARAMETER top_p {decoding.top_p}",
              f"PARAMETER repeat_penalty {decoding.repetition_penalty}"]

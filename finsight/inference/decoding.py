@@ -263,9 +263,9 @@ class ChatSession:
         self.answers = 0
 
     def messages(self, question: str) -> list[dict[str, str]]:
-        """System prompt, kept history, and the new question."""
-        return [{"role": "system", "content": self.system_prompt}, *self.history,
-                {"role": "user", "content": question}]
+        """System prompt (none when empty), kept history, and the new question."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, *self.history, {"role": "user", "content": question}]
 
     def prompt_ids(self, question: str) -> list[int]:
         """The prompt's tokens, after dropping the oldest exchanges until prompt + answer fit ``max_length``."""

@@ -353,12 +353,17 @@ class FinSightModule(L.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        """Log ``test/loss`` and ``test/ppl`` (answer metrics come from ``finsight.evaluation.held_out``)."""
+        """Log ``test/loss``, ``test/ppl`` and ``test/<source>/loss`` (answer metrics come from
+        ``finsight.evaluation.held_out``)."""
         self.log("test/loss", self.val_loss.compute())
         self.log("test/ppl", self.val_ppl.compute())
         self.val_loss.reset()
         self.val_ppl.reset()
-        for metric in self.val_source_loss.values():
+        for name, metric in self.val_source_loss.items():
+            with compat.torchmetrics.compute_before_update_allowed():  # every rank computes; see validation
+                value = metric.compute()
+            if not torch.isnan(value):
+                self.log(f"test/{name}/loss", value)
             metric.reset()
 
     # ------------------------------------------------------------------------------------- optimizer

@@ -99,12 +99,15 @@ def test_intro_takes_its_own_file_and_refuses_more_rows_than_a_file_holds(tmp_pa
     mine = write_jsonl(tmp_path / "who.jsonl", [{"messages": [{"role": "user", "content": f"Who are you? ({i})"},
                                                              {"role": "assistant", "content": "I am Ledger."}]}
                                                 for i in range(3)])
-    source = SourceConfig("intro", str(mine), "intro", rows=2)
+    with pytest.raises(DataSourceError, match="an intro source of your own needs assistant_name"):
+        SourceConfig("intro", str(mine), "intro", rows=2)
+    source = SourceConfig("intro", str(mine), "intro", rows=2, assistant_name="Ledger")
+    assert SourceConfig("intro", None, "intro").assistant_name == "FinSight"  # the bundled chats' name
     kept, dropped = conversations(source, read_source(source, seed=0), "sys")
     assert [m[1]["content"] for m in kept] == ["Who are you? (0)", "Who are you? (1)"] and dropped == {}
     for path, held in ((None, 500), (str(mine), 3)):
         with pytest.raises(DataSourceError) as exc_info:
-            read_source(SourceConfig("intro", path, "intro", rows=held + 1), seed=0)
+            read_source(SourceConfig("intro", path, "intro", rows=held + 1, assistant_name="Ledger"), seed=0)
         assert str(exc_info.value).startswith(f"source 'intro': rows is {held + 1}, but ")
         assert f"holds {held} readable conversations" in str(exc_info.value)
     with pytest.raises(DataSourceError, match="rows must be a whole number of conversations, at least 1; got 0"):
