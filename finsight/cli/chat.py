@@ -86,7 +86,7 @@ def chat(
     ckpt_path: str | None = None,
     model_name: str | None = None,
     prompt: str | None = None,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
     max_new_tokens: int = 256,
     max_length: int = 1024,
     quantization: QuantizationKind | None = None,
@@ -112,7 +112,8 @@ def chat(
         model_name: Base model reference (Hub id, folder, .gguf, ``pypi:...``). Alone, chats with the base
             model without any adapter (to compare).
         prompt: Ask this one question, print the answer and exit (for scripts).
-        system_prompt: System prompt of every conversation; keep the one used in training.
+        system_prompt: System prompt of every conversation. Default: the one the run trained with (recorded in
+            the adapter folder or the checkpoint), else finsight's own; an empty one gives none.
         max_new_tokens: Longest answer in tokens.
         max_length: Context budget in tokens: prompt (system prompt, kept history, question) plus
             ``max_new_tokens``. The oldest exchanges are dropped to stay inside it.
@@ -159,6 +160,8 @@ def chat(
     print(f"Generation model: {generator.described}", file=sys.stderr)
     decoding = chat_generation_config(temperature, top_p, repetition_penalty, no_repeat_ngram_size,
                                       prompt_lookup_tokens)
+    if system_prompt is None:
+        system_prompt = weights.run_settings.get("data.system_prompt", DEFAULT_SYSTEM_PROMPT)
     session = ChatSession(generator.model, tokenizer, system_prompt=system_prompt, max_length=max_length,
                           max_new_tokens=max_new_tokens, decoding=decoding, seed=seed)
     if prompt is not None:

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -31,7 +33,7 @@ from finsight.evaluation.metrics import EvalSetError, eval_file_conversations
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
-from finsight.run_dir import rank_zero_log_dir
+from finsight.run_dir import assign_run_folder, rank_zero_log_dir, record_tracked_run, shared_run_folder
 from finsight.tensors_only import tensors_only
 from finsight.training.checkpoint import (
     best_checkpoint_callback,
@@ -98,6 +100,8 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
             check_eval_settings(config.get("eval"), config.get("data"))
         if config.get("ckpt_path") == "last":
             _resume_into_latest_version(config.trainer)
+        # A logger that keeps no folder of its own (MLflow, W&B): finsight chooses the run's folder.
+        assign_run_folder(config.trainer, resume=config.get("ckpt_path") == "last")
         # A strategy this machine cannot run (DeepSpeed without its package) stops here, in one line.
         exit_if_strategy_unavailable(config.trainer)
 
@@ -144,6 +148,10 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
             if isinstance(callback, JsonlPredictionWriter) and output:
                 callback.output = Path(output)
 
+    def before_fit(self) -> None:
+        """Record the tracker's run id in the run folder, so ``--ckpt_path last`` continues the same tracked run."""
+        record_tracked_run(self.trainer)
+
     def after_fit(self) -> None:
         """Tell the user where the run's outputs are."""
         trainer = self.trainer
@@ -155,11 +163,31 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
             console.print(f"[bold green]Adapter:[/] {Path(adapter).resolve()}")
         log_dir = rank_zero_log_dir(trainer)
         if log_dir:
-            console.print(f"[bold green]Logs:[/] {Path(log_dir).resolve()}  "
-                          f"(tensorboard --logdir {Path(log_dir).parent})")
+            tensorboard = isinstance(trainer.logger, TensorBoardLogger)
+            console.print(f"[bold green]{'Logs' if tensorboard else 'Run folder'}:[/] {Path(log_dir).resolve()}"
+                          + (f"  (tensorboard --logdir {Path(log_dir).parent})" if tensorboard else ""))
         best = best_checkpoint_callback(trainer)
         if best is not None and best.best_model_path:
             console.print(f"[bold green]Best checkpoint:[/] {best.best_model_path}")
+
+
+class RunFolderConfigSaver(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, into finsight's run folder for loggers that keep none of their own
+    (Lightning's asserts that ``trainer.log_dir`` is a folder, which an MLflow database is not)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Write the config into the run folder once (rank 0)."""
+        if self.already_saved or not trainer.loggers or isinstance(trainer.loggers[0], TensorBoardLogger | CSVLogger):
+            super().setup(trainer, pl_module, stage)
+            return
+        folder = shared_run_folder(trainer)
+        if trainer.is_global_zero:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(Path(folder) / self.config_filename), skip_none=False,
+                             overwrite=self.overwrite, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 def check_eval_settings(eval_config: Any, data_config: Any) -> None:
@@ -249,4 +277,5 @@ def _main(args: list[str] | None, run: bool) -> FinSightCLI | Any:
             "plugins": [{"class_path": "finsight.callbacks.AtomicCheckpointIO"}],
             "callbacks": [*reliability_callbacks(), JsonlPredictionWriter()],
         },
+        save_config_callback=RunFolderConfigSaver,
     )

@@ -49,7 +49,7 @@ from finsight.data.sources import (
 from finsight.data.split import split_by_groups
 from finsight.data.tokenizer import load_tokenizer_reference
 from finsight.references import cache_root
-from finsight.run_dir import rank_zero_log_dir
+from finsight.run_dir import publish_file, rank_zero_log_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -417,7 +417,9 @@ class FinSightDataModule(L.LightningDataModule):
             return
         self.report.print()
         if trainer is not None and trainer.logger is not None and rank_zero_log_dir(trainer):
-            self.report.save(Path(rank_zero_log_dir(trainer)) / "data_report.json")
+            path = Path(rank_zero_log_dir(trainer)) / "data_report.json"
+            self.report.save(path)
+            publish_file(trainer, path)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 self.report.log_to_tensorboard(experiment)

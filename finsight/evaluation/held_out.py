@@ -44,6 +44,7 @@ from finsight.evaluation.metrics import (
 from finsight.evaluation.samples import evaluate_answers, run_tokenizer
 from finsight.inference.decoding import InferenceChoice, stop_token_ids
 from finsight.inference.generation_model import get_generation_model
+from finsight.run_dir import publish_file, shared_run_folder
 from finsight.training.deepspeed import generation_inference, whole_parameters
 
 if TYPE_CHECKING:
@@ -255,8 +256,8 @@ class HeldOutEvaluator(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write ``eval_results.json`` and ``.md`` into the run folder and print the table (rank 0)."""
-        # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        # A collective call that every rank must make (it broadcasts rank 0's folder).
+        folder = Path(shared_run_folder(trainer))
         metrics = trainer.callback_metrics
         rows = {FINE_TUNED: {"loss": float(metrics["test/loss"]), "ppl": float(metrics["test/ppl"]),
                              **self._answers.get(FINE_TUNED, {})}}
@@ -266,6 +267,8 @@ class HeldOutEvaluator(Callback):
         if not trainer.is_global_zero:
             return
         json_path, md_path = write_results(folder, rows, self._samples, self._settings, self._per_source)
+        for path in (json_path, md_path):
+            publish_file(trainer, path)
         console = Console()
         console.print(results_table(rows, title=f"finsight test: {self._settings.get('eval_set', '')}").rich())
         if self._per_source:

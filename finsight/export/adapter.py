@@ -5,6 +5,7 @@ Hugging Face model, or a GGUF file."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,8 +25,9 @@ from finsight.export.modelfile import write_modelfile
 from finsight.inference.cache import cache_trained_model
 from finsight.inference.decoding import InferenceDtype
 from finsight.inference.generation_model import get_generation_model
-from finsight.inference.weights import TrainedWeights
+from finsight.inference.weights import ADAPTER_RUN_SETTINGS, TrainedWeights
 from finsight.references import gguf_file
+from finsight.run_dir import shared_run_folder
 from finsight.training.checkpoint import best_checkpoint_callback
 from finsight.training.deepspeed import load_trained_weights, shards_parameters, whole_parameters
 from finsight.training.module import FinSightModule
@@ -36,13 +38,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight."""
+def write_adapter(module: FinSightModule, folder: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None,
+                  system_prompt: str | None = None) -> Path:
+    """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, folder)`` loads without finsight, with
+    the system prompt the run trained with beside it (``finsight_run.json``), which chat and export then use."""
     folder = Path(folder)
     tokenizer = tokenizer or load_chat_tokenizer(module.hparams.model_name)
     with export_folder(folder, "the adapter") as temporary:
         module.model.save_pretrained(str(temporary))
         tokenizer.save_pretrained(str(temporary))
+        if system_prompt is not None:
+            (temporary / ADAPTER_RUN_SETTINGS).write_text(json.dumps({"data.system_prompt": system_prompt}) + "\n")
     return folder
 
 
@@ -96,14 +102,14 @@ class AdapterExport(Callback):
         if best and Path(best).exists():  # a file, or a folder under DeepSpeed
             load_trained_weights(trainer.strategy, pl_module, read_checkpoint(best))
             log.info("Exporting the best adapter (%s)", Path(best).name)
-        # trainer.log_dir broadcasts rank 0's folder: a collective call that every rank must make.
-        log_dir = trainer.log_dir
+        log_dir = shared_run_folder(trainer)  # a collective call that every rank must make
         with whole_parameters(trainer.strategy, pl_module, trained_only=True):  # under ZeRO-3 a collective call too
             if not trainer.is_global_zero:
                 return
             target = Path(self.folder or Path(log_dir or "lightning_logs") / "adapter")
             datamodule = getattr(trainer, "datamodule", None)
-            write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None))
+            write_adapter(pl_module, target, getattr(datamodule, "tokenizer", None),
+                          getattr(datamodule, "system_prompt", None))
         log.info("Adapter written to %s", target)
         self.path = target
         # Under ZeRO-3 each rank holds a slice of the base: the first chat builds its model from the files.

@@ -39,6 +39,10 @@ class WeightsSourceError(FinSightError, ValueError):
     """
 
 
+ADAPTER_RUN_SETTINGS = "finsight_run.json"
+"""In an adapter folder finsight wrote: the run's settings chat and export need (its system prompt)."""
+
+
 @dataclass(frozen=True, eq=False)
 class TrainedWeights:
     """A base model and, optionally, the adapter trained on it, with the settings its base was quantized with.
@@ -69,7 +73,9 @@ class TrainedWeights:
             model_name = json.loads(config_file.read_text()).get("base_model_name_or_path")
             if not model_name:
                 raise WeightsSourceError(f"{config_file} does not name its base model; give --model_name")
-        return cls(model_name, settings, adapter=config_file.parent)
+        settings_file = config_file.parent / ADAPTER_RUN_SETTINGS
+        run_settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        return cls(model_name, settings, adapter=config_file.parent, run_settings=run_settings)
 
     @classmethod
     def of_checkpoint(cls, path: str | Path, overrides: Mapping[str, Any] | None = None,

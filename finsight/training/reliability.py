@@ -200,7 +200,8 @@ class ResumeChangedError(FinSightError, ValueError):
 # What decides which samples each optimizer step holds and how its loss is normalised: with any of these
 # changed, the resumed run is not the continuation of the checkpoint's run (the data order, the loader
 # position and the step boundaries saved in it mean something else).
-RESUME_SETTINGS = ("data.batch_size", "data.max_length", "data.seed", "data.sources", "data.system_prompt")
+RESUME_SETTINGS = ("data.batch_size", "data.batch_tokens", "data.max_length", "data.seed", "data.sources",
+                   "data.system_prompt")
 
 
 def run_settings(trainer: L.Trainer) -> dict[str, Any]:
@@ -216,6 +217,15 @@ def run_settings(trainer: L.Trainer) -> dict[str, Any]:
     return settings
 
 
+def _as_saved(current: Any, saved: Any) -> Any:
+    """``current`` without the source fields a checkpoint of an earlier version did not record (they had their
+    default then): a field added since is no change."""
+    if isinstance(current, list) and isinstance(saved, list) and len(current) == len(saved):
+        return [{k: v for k, v in now.items() if k in before} if isinstance(now, dict) and isinstance(before, dict)
+                else now for now, before in zip(current, saved)]
+    return current
+
+
 def _plain(value: Any) -> Any:
     return vars(value) if hasattr(value, "__dict__") else str(value)
 
@@ -223,7 +233,7 @@ def _plain(value: Any) -> Any:
 def refuse_changed_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise one ``ResumeChangedError`` naming every setting that differs from the checkpoint's run."""
     changed = [f"{key} was {saved[key]!r}, now {current[key]!r}" for key in saved
-               if key in current and saved[key] != current[key]]
+               if key in current and saved[key] != _as_saved(current[key], saved[key])]
     if changed:
         raise ResumeChangedError(
             "--ckpt_path: this run changes what the checkpoint's steps were trained with: " + "; ".join(changed)
