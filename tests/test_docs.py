@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 import shutil
 import sys
 from functools import cache
@@ -20,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import yaml
 from docs_tables import TABLES, marked_block
 from helpers import ROOT, sampled_fit
 
@@ -242,6 +244,7 @@ def test_every_python_example_runs(tmp_path, monkeypatch, tiny_model_dir, tmp_pa
                            {"role": "assistant", "content": f"Bond {i} yields {i % 7 + 1}% a year."}]}
              for i in range(60)]
     (tmp_path / "my_chats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chats))
+    write_own_data(tmp_path / "data")  # the files of the own-data tutorial
     monkeypatch.chdir(tmp_path)
     for page, code in examples:
         out = io.StringIO()
@@ -280,3 +283,61 @@ def test_every_error_has_an_entry_with_its_cause_fix_and_messages():
     new = type("BrandNewError", (classes[0],), {"__doc__": "Cause.\n\nFix: do this.", "__module__": "finsight.x"})
     assert new in error_classes()
     assert "### BrandNewError\n" in error_catalogue_markdown() and "### BrandNewError" not in page
+
+
+def write_own_data(folder: Path) -> None:
+    """The own-data tutorial's files, in the shapes its page shows: chats, a CSV with its own headers, and a
+    held-out CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chats = [{"messages": [{"role": "user", "content": f"How do I order card number {i}?"},
+                           {"role": "assistant", "content": f"In the app: Cards, then Replace card {i}."}]}
+             for i in range(40)]
+    (folder / "my_chats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chats))
+    faq = "Question,Answer\n" + "".join(f"What is limit {i}?,\"{i},000 dollars a day, unless you change it.\"\n"
+                                         for i in range(40))
+    (folder / "faq.csv").write_text(faq)
+    (folder / "held_out.csv").write_text("Question,Answer\nWhat is the weekend limit?,500 dollars.\n")
+
+
+TUTORIAL_RUN = {  # what makes each step of the tutorial quick on the tiny model
+    "fit": ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.max_length=256",
+            "--trainer.precision=32-true", "--data.num_proc=1", "--trainer.accelerator=cpu"],
+    "test": ["--trainer.limit_test_batches=1", "--eval.max_samples=4", "--eval.max_new_tokens=4",
+             "--data.max_length=256", "--trainer.precision=32-true", "--data.num_proc=1",
+             "--trainer.accelerator=cpu"],
+    "chat": ["--max_new_tokens=4"],
+    "export": [],
+}
+
+
+def test_the_own_data_tutorial_runs(tmp_path, monkeypatch, tiny_model_dir):
+    """Every command of docs/own-data.md, in order, in a folder with the page's files: training on the tiny
+    model, the evaluation of both files' sources, the chat with the run's system prompt, the GGUF export."""
+    page = (DOCS / "own-data.md").read_text(encoding="utf-8")
+    commands = [command for block in re.findall(r"^```bash\n(.*?)^```", page, re.S | re.M)
+                for command in [re.sub(r"\\\n\s*", "", block).strip()]]
+    assert [c.split()[1] for c in commands] == ["fit", "test", "test", "chat", "export"]
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    write_own_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["finsight"])
+    for command in commands:
+        words = shlex.split(command)[1:]
+        model = [f"--model.model_name={tiny_model_dir}"] if words[0] in ("fit", "test") else []
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main([*words, *model, *TUTORIAL_RUN[words[0]]])
+        if words[0] == "chat":
+            assert out.getvalue().strip()  # an answer, however short
+    run = tmp_path / "lightning_logs" / "own_data"
+    results = sorted(run.glob("version_*/eval_results.json"))
+    assert len(results) == 2
+    held_out, from_file = (json.loads(path.read_text()) for path in results)
+    assert set(held_out["sources"]) == {"my_chats", "faq"} and set(held_out["rows"]) == {"fine_tuned", "base"}
+    assert "identity" not in held_out["rows"]["fine_tuned"]  # no identity source: no identity check
+    assert set(from_file["sources"]) == {"held_out"}
+    prompt = yaml.safe_load((ROOT / "configs" / "own_data.yaml").read_text())["data"]["system_prompt"]
+    recorded = json.loads((run / "version_0" / "adapter" / "finsight_run.json").read_text())
+    assert recorded == {"data.system_prompt": prompt}  # what the chat above answered with
+    modelfile = next((tmp_path / "exported").glob("*.Modelfile")).read_text()
+    assert f'SYSTEM """{prompt}"""' in modelfile
