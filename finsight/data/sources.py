@@ -149,6 +149,12 @@ class SourceConfig:
         return asdict(self)
 
 
+def trained_assistant_name(sources: list[SourceConfig]) -> str | None:
+    """The name the mixture's identity (``intro``) source teaches the assistant; None for a mixture without one,
+    which no identity check applies to."""
+    return next((s.assistant_name for s in sources if s.format == "intro"), None)
+
+
 def default_sources() -> list[SourceConfig]:
     """The methodology's mixture, with the real datasets on the Hub."""
     return [

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from finsight.data.chat import IGNORE_INDEX, ChatEncoder
-from finsight.data.sources import SourceFormat
+from finsight.data.sources import SourceFormat, trained_assistant_name
 from finsight.evaluation.harness import HarnessError, harness_unavailable_reason, run_harness
 from finsight.evaluation.metrics import (
     BASE,
@@ -58,7 +58,7 @@ PREFIXES = {FINE_TUNED: "test/", BASE: "test_base/"}
 
 def identity_name(datamodule: Any) -> str | None:
     """The name the run's identity (``intro``) source gives the assistant, or None for a run that trained none."""
-    return next((s.assistant_name for s in getattr(datamodule, "sources", []) if s.format == "intro"), None)
+    return trained_assistant_name(list(getattr(datamodule, "sources", [])))
 
 
 class HeldOutEvaluator(Callback):

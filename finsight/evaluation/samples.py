@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from finsight.data.chat import ChatEncoder
-from finsight.data.sources import DEFAULT_SYSTEM_PROMPT
+from finsight.data.sources import DEFAULT_SYSTEM_PROMPT, trained_assistant_name
 from finsight.data.tokenizer import load_chat_tokenizer
 from finsight.evaluation.metrics import (
     COUNTS,
@@ -95,9 +95,9 @@ class GenerationSamples(Callback):
         Args:
             prompts: Finance questions to answer; defaults to four covering concepts, personal finance
                 and filings.
-            identity_prompts: Questions about the assistant itself; their answers count for
-                ``samples/identity`` (names FinSight, no other assistant). Defaults to ``Who are you?``
-                and ``What's your name?``.
+            identity_prompts: Questions about the assistant itself, asked when the run trains an identity
+                (an ``intro`` source); their answers count for ``samples/identity`` (names that source's
+                ``assistant_name``, no other assistant). Defaults to ``Who are you?`` and ``What's your name?``.
             max_new_tokens: Longest answer in tokens; bounds the cost of every validation.
             batch_size: Prompts generated together (left-padded).
             inference: ``auto`` generates with the dequantized, merged weights on a CPU (and on a GPU when
@@ -120,8 +120,10 @@ class GenerationSamples(Callback):
         started = time.perf_counter()
         tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
         encoder = ChatEncoder.untruncated(tokenizer)
-        examples = (prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
-                    + prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity"))
+        name = trained_assistant_name(list(getattr(getattr(trainer, "datamodule", None), "sources", [])))
+        examples = prompt_examples(encoder, system_prompt, self.prompts, kind="prompt")
+        if name is not None:  # a run that trains no identity is not asked who it is
+            examples += prompt_examples(encoder, system_prompt, self.identity_prompts, kind="identity")
         # Under ZeRO-3 every rank gathers the whole model to build its generation model from.
         with whole_parameters(trainer.strategy, pl_module):
             model = get_generation_model(pl_module.model,
@@ -129,7 +131,8 @@ class GenerationSamples(Callback):
         # The precision context gives generation the same autocast as the validation steps.
         with trainer.precision_plugin.forward_context():
             evaluator = evaluate_answers(model, tokenizer, examples, max_new_tokens=self.max_new_tokens,
-                                         batch_size=self.batch_size, stop_ids=stop_token_ids(tokenizer, pl_module.model))
+                                         batch_size=self.batch_size, stop_ids=stop_token_ids(tokenizer, pl_module.model),
+                                         assistant_name=name)
         del model
         seconds = time.perf_counter() - started
         metrics = {k: v for k, v in evaluator.compute().items() if k not in COUNTS}

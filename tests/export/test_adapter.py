@@ -93,3 +93,20 @@ def test_a_merged_export_killed_while_writing_leaves_no_folder_under_its_name(tr
     main(["export", "--checkpoint", str(run["best"]), "--output", str(output), "--merged", "true"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     torch.testing.assert_close(_merged_logits(output), expected, rtol=0, atol=1e-4)
+
+
+def test_an_adapter_folder_carries_the_run_system_prompt_to_chat_and_export(tmp_path):
+    """finsight_run.json beside the adapter is read back as the run's settings (chat's and export's system
+    prompt); a folder without it has none, and the chat then falls back to finsight's own prompt."""
+    import json
+
+    from finsight.inference.weights import ADAPTER_RUN_SETTINGS, TrainedWeights
+    from finsight.model.settings import QuantizationSettings
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some/base"}))
+    settings = QuantizationSettings()
+    assert TrainedWeights.of_adapter(folder, settings).run_settings == {}
+    (folder / ADAPTER_RUN_SETTINGS).write_text(json.dumps({"data.system_prompt": ""}))
+    assert TrainedWeights.of_adapter(folder, settings).run_settings == {"data.system_prompt": ""}
