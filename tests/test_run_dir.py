@@ -52,6 +52,48 @@ def test_mlflow_with_a_sqlite_store_gets_every_metric_and_file_and_resumes_its_r
     assert {"eval_results.json", "eval_results.md"} <= {a.path for a in client.list_artifacts(test_run)}
 
 
+def test_mlflow_through_a_local_server(tiny_model_dir, tmp_path):
+    """The same with ``mlflow server`` on this machine (its SQLite store, artifacts served through it)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        cli = main(tiny_fit_args(tiny_model_dir, tmp_path, *FIT, "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger",
+                                 f"--trainer.logger.init_args.tracking_uri={uri}",
+                                 f"--trainer.default_root_dir={tmp_path}"))
+        run_id = cli.trainer.logger.run_id
+        client = MlflowClient(uri)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [0, 1]
+        assert "data_report.json" in {a.path for a in client.list_artifacts(run_id)}
+        assert (tmp_path / "runs" / "mlflow" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
+        server.wait(timeout=30)
+
+
 def wandb_history(run_file: Path) -> dict[str, list]:
     """The logged values of an offline W&B run, read from its ``.wandb`` file (a log of protobuf records in
     32 KiB blocks, each record cut into chunks with a 7-byte header, after a 7-byte file header)."""
