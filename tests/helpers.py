@@ -109,6 +109,23 @@ def prepared_datamodule(model_dir: Path, max_length: int, batch_size: int):
     return dm
 
 
+def qlora_module_for_gradients(model_dir: Path, monkeypatch):
+    """The real 4-bit QLoRA module in float32, no dropout, with non-zero LoRA B (so every LoRA tensor gets a
+    gradient) and logging switched off: for comparing one training step's gradients between two batchings."""
+    import torch
+
+    from finsight import FinSightModule
+
+    module = FinSightModule(model_name=str(model_dir), compute_dtype="float32", lora_dropout=0.0)
+    module.configure_model()
+    torch.manual_seed(0)
+    for name, param in module.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    return module
+
+
 def tensorboard_scalars(log_dir: str | Path, tag: str) -> dict[int, float]:
     """A scalar's values by step, read back from a run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

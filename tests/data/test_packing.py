@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sample_sources, tensorboard_scalars, tiny_fit_args
+from helpers import qlora_module_for_gradients, sample_sources, tensorboard_scalars, tiny_fit_args
 from transformers import AutoModelForCausalLM
 
 from finsight import FinSightDataModule, FinSightModule
@@ -132,13 +132,7 @@ def test_the_optimizer_step_gradient_equals_the_unpacked_one(tiny_model_dir, con
     """The real 4-bit QLoRA training step: loss and every LoRA gradient, packed against padded."""
     from transformers import AutoTokenizer
 
-    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", lora_dropout=0.0)
-    module.configure_model()
-    torch.manual_seed(0)
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)  # non-zero B: gradients reach every LoRA tensor
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module = qlora_module_for_gradients(tiny_model_dir, monkeypatch)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     padded = FinSightCollator(tokenizer)(conversations)
     pack = packed(conversations, tokenizer.pad_token_id)

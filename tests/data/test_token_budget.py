@@ -14,10 +14,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import sample_sources, tensorboard_scalars, tiny_fit_args
+from helpers import qlora_module_for_gradients, sample_sources, tensorboard_scalars, tiny_fit_args
 from rich.console import Console
 
-from finsight import FinSightDataModule, FinSightModule
+from finsight import FinSightDataModule
 from finsight.cli.lightning_cli import main
 from finsight.compat.lightning import distributed_sampler
 from finsight.data.batching import (
@@ -180,13 +180,7 @@ def test_the_step_gradient_of_unequal_micro_batches_equals_one_big_batch(tiny_mo
     everything = collate([row for keys in (first, second) for row in rows[keys]])
     del everything[STEP_TOKENS]
 
-    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", lora_dropout=0.0)
-    module.configure_model()
-    torch.manual_seed(0)
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)  # non-zero B: gradients reach every LoRA tensor
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module = qlora_module_for_gradients(tiny_model_dir, monkeypatch)
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
 
     module.zero_grad()

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import prepared_datamodule, sample_sources
+from helpers import prepared_datamodule, qlora_module_for_gradients, sample_sources
 
 from finsight import FinSightDataModule, FinSightModule, compat
 from finsight.cli.lightning_cli import main
@@ -72,14 +72,7 @@ def _lora_grads(module, loss):
 
 def test_training_step_runs_the_head_on_trained_positions_with_the_same_loss_and_gradients(
         tiny_model_dir, datamodule, monkeypatch):
-    module = FinSightModule(model_name=str(tiny_model_dir), compute_dtype="float32", lora_dropout=0.0)
-    module.configure_model()
-    # Non-zero LoRA B so the gradients reach every LoRA tensor.
-    torch.manual_seed(0)
-    for name, param in module.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module = qlora_module_for_gradients(tiny_model_dir, monkeypatch)
     batch = next(iter(datamodule.train_dataloader()))
     head_rows = []
     head = module.model.get_base_model().get_output_embeddings()

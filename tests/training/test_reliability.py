@@ -387,27 +387,27 @@ def test_kill_between_checkpoints_and_during_a_save_resumes_exactly(reference_ru
     assert_resumed_like(_reference(reference_run), run, committed=[4, 6])
 
 
-def test_a_packed_run_killed_between_checkpoints_resumes_exactly(packed_reference_run, tiny_model_dir, tmp_path):
-    """data.packing keeps the sampler's order and the loader's position: a kill and a resume end bitwise where
-    the uninterrupted packed run ends."""
-    run = PackedRun(tmp_path / "interrupted", tiny_model_dir)
+def _killed_at_5_resumes_like(run: Run, reference_run, tmp_path: Path) -> None:
+    """Kill ``run`` between its checkpoints (at step 5, after the one at 4), resume it, compare with the reference."""
     marker = tmp_path / "frozen"
     run.kill_when(run.start(_freeze_at(5, marker)), marker.exists)
     assert run.last()["global_step"] == 4
     run.finish(run.start("--ckpt_path=last"))
-    assert_resumed_like(_reference(packed_reference_run), run, committed=[4])
+    assert_resumed_like(_reference(reference_run), run, committed=[4])
+
+
+def test_a_packed_run_killed_between_checkpoints_resumes_exactly(packed_reference_run, tiny_model_dir, tmp_path):
+    """data.packing keeps the sampler's order and the loader's position: a kill and a resume end bitwise where
+    the uninterrupted packed run ends."""
+    _killed_at_5_resumes_like(PackedRun(tmp_path / "interrupted", tiny_model_dir), packed_reference_run, tmp_path)
 
 
 def test_a_token_budget_run_killed_between_checkpoints_resumes_exactly(token_budget_reference_run, tiny_model_dir,
                                                                       tmp_path):
     """data.batch_tokens: the loader's position counts whole micro-batches; a kill and a resume end bitwise
     where the uninterrupted run ends, every micro-batch the same."""
-    run = TokenBudgetRun(tmp_path / "interrupted", tiny_model_dir)
-    marker = tmp_path / "frozen"
-    run.kill_when(run.start(_freeze_at(5, marker)), marker.exists)
-    assert run.last()["global_step"] == 4
-    run.finish(run.start("--ckpt_path=last"))
-    assert_resumed_like(_reference(token_budget_reference_run), run, committed=[4])
+    _killed_at_5_resumes_like(TokenBudgetRun(tmp_path / "interrupted", tiny_model_dir), token_budget_reference_run,
+                              tmp_path)
 
 
 def test_kill_after_a_validation_that_did_not_improve_resumes_from_that_validation(
