@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+IDENTITY_CHECKS = 3
+"""Identity prompts (from the identity source's held-out rows) added to the questions of an eval file or of one
+other source, so a narrowed test still says whether the assistant keeps its name."""
+
 PREFIXES = {FINE_TUNED: "test/", BASE: "test_base/"}
 """Logged metric names: the model under test, and the base model without the adapter."""
 
@@ -235,7 +239,7 @@ class HeldOutEvaluator(Callback):
         if self.file:
             asked = file_examples(self.file, encoder, system_prompt, self.max_samples, self.format, self.columns)
             described = f"file {self.file} ({self.format})"
-            chosen = dict.fromkeys(identity, min(3, self.max_samples or 3))
+            chosen = dict.fromkeys(identity, IDENTITY_CHECKS)
         else:
             wanted = [self.source] if self.source else [n for n in names if available.get(n)]
             if self.source and self.source not in names:
@@ -245,7 +249,7 @@ class HeldOutEvaluator(Callback):
             described = ("validation rows of " + ", ".join(f"{n} ({k})" for n, k in chosen.items() if k)
                          if any(chosen.values()) else "no held-out questions (no validation rows)")
             if self.source:
-                chosen.update({n: min(3, available[n]) for n in identity if n != self.source})
+                chosen.update({n: IDENTITY_CHECKS for n in identity if n != self.source})
         for name, count in chosen.items():
             if count:
                 asked += heldout_examples(val, names.index(name), tokenizer, encoder, system_prompt, count,
