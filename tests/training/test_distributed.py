@@ -231,6 +231,8 @@ def test_fit_validate_test_on_two_ranks_when_one_rank_lacks_a_source(tiny_model_
     written = json.loads(results[0].read_text())
     assert set(written["rows"]) == {FINE_TUNED, BASE}
     assert written["rows"][FINE_TUNED]["loss"] == pytest.approx(ranks[0]["test"]["test/loss"])
-    assert written["settings"]["questions"] == 1
+    # max_samples=1 goes to the first source with validation rows: intro, the identity source.
+    assert written["settings"]["questions_per_source"] == {"intro": 1}
+    assert written["settings"]["identity_prompts"] == 1 and written["settings"]["questions"] == 0
     assert output.count("Results:") == 1 and output.count("Adapter written to") == 1
     assert (log_dir / "adapter" / "adapter_model.safetensors").is_file()
