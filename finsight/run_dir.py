@@ -11,7 +11,6 @@ tracked run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from finsight.class_paths import configured_class
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,11 @@ def shared_run_folder(trainer: L.Trainer) -> str:
     return str(trainer.strategy.broadcast(rank_zero_log_dir(trainer) or trainer.default_root_dir or "."))
 
 
-def _logger_class(logger_config: Any) -> type | None:
-    """The logger class a parsed ``trainer.logger`` value names (the first of a list), or None."""
-    if isinstance(logger_config, list):
-        logger_config = logger_config[0] if logger_config else None
-    if logger_config is None or isinstance(logger_config, bool):
-        return None
-    class_path = logger_config.get("class_path") if hasattr(logger_config, "get") else None
-    if not isinstance(class_path, str):
-        return type(logger_config)
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name, None)
-
-
 def _first(logger_config: Any) -> Any:
-    return logger_config[0] if isinstance(logger_config, list) else logger_config
+    """The first logger of a ``trainer.logger`` value (a list or one)."""
+    if isinstance(logger_config, list):
+        return logger_config[0] if logger_config else None
+    return logger_config
 
 
 def assign_run_folder(trainer_config: Any, resume: bool) -> Path | None:
@@ -79,7 +70,7 @@ def assign_run_folder(trainer_config: Any, resume: bool) -> Path | None:
     logger continues the tracked run recorded there. Returns the folder, or None for loggers that keep their own
     (TensorBoard, CSV) and for no logger (``default_root_dir``, where Lightning finds ``last`` itself).
     """
-    logger_class = _logger_class(trainer_config.get("logger"))
+    logger_class = configured_class(_first(trainer_config.get("logger")))
     if logger_class is None or issubclass(logger_class, TensorBoardLogger | CSVLogger):
         return None
     kind = logger_class.__name__.removesuffix("Logger").lower() or "logger"
@@ -97,15 +88,10 @@ def assign_run_folder(trainer_config: Any, resume: bool) -> Path | None:
         folder = root / f"version_{max(versions, default=-1) + 1}"
     for callback in trainer_config.get("callbacks") or []:
         args = callback.get("init_args") if hasattr(callback, "get") else None
-        if args is not None and args.get("dirpath") is None and _is_checkpoint_callback(callback):
+        cls = configured_class(callback)
+        if args is not None and args.get("dirpath") is None and cls is not None and issubclass(cls, ModelCheckpoint):
             args["dirpath"] = str(folder / "checkpoints")
     return folder
-
-
-def _is_checkpoint_callback(callback_config: Any) -> bool:
-    module, _, name = str(callback_config.get("class_path", "")).rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None) if module else None
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def _continue_tracked_run(logger_config: Any, logger_class: type, folder: Path) -> None:

@@ -126,6 +126,39 @@ def qlora_module_for_gradients(model_dir: Path, monkeypatch):
     return module
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on, for a server a test starts."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server, what: str, timeout_s: float = 120) -> None:
+    """Poll ``url``/health until it answers 200; fail with the server's output when it exits or time runs out."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            if server.poll() is None:  # still starting after the deadline
+                server.terminate()
+            output = server.communicate(timeout=30)[0]
+            pytest.fail(f"{what} did not start (exit status {server.returncode}; a negative one is the signal that "
+                        f"stopped it):\n{(output or '')[-3000:]}")
+        time.sleep(0.5)
+
+
 def tensorboard_scalars(log_dir: str | Path, tag: str) -> dict[int, float]:
     """A scalar's values by step, read back from a run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

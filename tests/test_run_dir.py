@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import tiny_fit_args, tiny_test_args
+from helpers import free_port, tiny_fit_args, tiny_test_args, wait_until_healthy
 
 from finsight.cli.lightning_cli import main
 
@@ -56,31 +56,19 @@ def test_mlflow_through_a_local_server(tiny_model_dir, tmp_path):
     """The same with ``mlflow server`` on this machine (its SQLite store, artifacts served through it)."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     from mlflow.tracking import MlflowClient
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "artifacts")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_until_healthy(uri, server, "mlflow server")
         cli = main(tiny_fit_args(tiny_model_dir, tmp_path, *FIT, "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger",
                                  f"--trainer.logger.init_args.tracking_uri={uri}",
                                  f"--trainer.default_root_dir={tmp_path}"))

@@ -29,11 +29,11 @@ from finsight.cli.version import version_report
 from finsight.data.datamodule import FinSightDataModule
 from finsight.data.sources import default_sources
 from finsight.evaluation.held_out import HeldOutEvaluator
-from finsight.evaluation.metrics import EvalSetError, eval_file_conversations
+from finsight.evaluation.metrics import check_eval_source, eval_file_conversations
 from finsight.evaluation.prediction import JsonlPredictionWriter
 from finsight.export.adapter import AdapterExport, export_main
 from finsight.model.precision import choose_precision
-from finsight.run_dir import assign_run_folder, rank_zero_log_dir, record_tracked_run, shared_run_folder
+from finsight.run_dir import assign_run_folder, rank_zero_log_dir, record_tracked_run
 from finsight.tensors_only import tensors_only
 from finsight.training.checkpoint import (
     best_checkpoint_callback,
@@ -172,22 +172,25 @@ class FinSightCLI(compat.lightning.CheckpointHyperParametersHook, LightningCLI):
 
 
 class RunFolderConfigSaver(SaveConfigCallback):
-    """LightningCLI's ``config.yaml`` writer, into finsight's run folder for loggers that keep none of their own
-    (Lightning's asserts that ``trainer.log_dir`` is a folder, which an MLflow database is not)."""
+    """LightningCLI's ``config.yaml`` writer, into finsight's run folder for loggers that keep none of their own.
+
+    Lightning writes into ``trainer.log_dir`` and asserts it is a folder, which an MLflow database is not; for
+    such loggers its own writing is off and its ``save_config`` hook (rank 0) writes into the run folder.
+    """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Write the config into the run folder once (rank 0)."""
-        if self.already_saved or not trainer.loggers or isinstance(trainer.loggers[0], TensorBoardLogger | CSVLogger):
-            super().setup(trainer, pl_module, stage)
+        """Lightning's, with its own writing on only for a logger with a folder (or none)."""
+        self.save_to_log_dir = not trainer.loggers or isinstance(trainer.loggers[0], TensorBoardLogger | CSVLogger)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Write the config into finsight's run folder when Lightning's writing is off."""
+        if self.save_to_log_dir:
             return
-        folder = shared_run_folder(trainer)
-        if trainer.is_global_zero:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(Path(folder) / self.config_filename), skip_none=False,
-                             overwrite=self.overwrite, multifile=self.multifile)
-            self.save_config(trainer, pl_module, stage)
-            self.already_saved = True
-        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+        folder = Path(rank_zero_log_dir(trainer))
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=self.overwrite,
+                         multifile=self.multifile)
 
 
 def check_eval_settings(eval_config: Any, data_config: Any) -> None:
@@ -197,9 +200,7 @@ def check_eval_settings(eval_config: Any, data_config: Any) -> None:
     sources = data_config.get("sources") if data_config is not None else None
     names = [s["name"] if isinstance(s, dict) else getattr(s, "name", None) for s in sources] if sources else [
         s.name for s in default_sources()]
-    if eval_config.get("source") and eval_config["source"] not in names:
-        raise EvalSetError(f"eval.source {eval_config['source']!r} is not a source of this run; its sources: "
-                           f"{', '.join(map(str, names))}")
+    check_eval_source(eval_config.get("source"), names)
     if eval_config.get("file"):
         columns = eval_config.get("columns")
         eval_file_conversations(str(eval_config["file"]), str(data_config.get("system_prompt") or ""),

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from rich.console import Console
 from rich.table import Table
 
+from finsight.class_paths import configured_class
 from finsight.data.batching import largest_micro_batch
 from finsight.data.datamodule import FinSightDataModule
 from finsight.errors import FinSightError
@@ -29,7 +30,6 @@ from finsight.model.loading import torch_dtype
 from finsight.model.memory import recomputed_layer_count
 from finsight.model.precision import PRECISION_COMPUTE_DTYPES, choose_precision
 from finsight.references import split_checksum
-from finsight.training.deepspeed import strategy_class
 from finsight.training.hardware import GPU_ACCELERATORS, requested_device_count
 from finsight.training.memory_plan import RankMemory, gib, linear_elements, planned_rank_memory
 from finsight.training.module import FinSightModule
@@ -137,7 +137,7 @@ def strategy_settings(strategy: Any) -> tuple[str, int, bool, bool, bool]:
     defaults of its signature (finsight's strategy offloads the optimizer by default, Lightning's does not).
     """
     named = isinstance(strategy, str) and strategy in StrategyRegistry
-    cls = StrategyRegistry[strategy]["strategy"] if named else strategy_class(strategy)
+    cls = StrategyRegistry[strategy]["strategy"] if named else configured_class(strategy)
     if cls is None or not issubclass(cls, DeepSpeedStrategy):
         if cls is not None and issubclass(cls, DDPStrategy):
             return "DDP", 0, False, False, False

@@ -101,8 +101,8 @@ class FinSightDataModule(L.LightningDataModule):
             batch_tokens: Fill each training micro-batch to this many tokens instead of ``batch_size``
                 conversations: many short conversations or a few long ones, every micro-batch about the same
                 compute (its tensor, rows × row width with padding, packed rows too). Always length-grouped;
-                at least ``max_length``. The loss stays the mean over the
-                step's trained tokens. Higher: fuller devices and more memory; None: ``batch_size``.
+                at least ``max_length``. The loss stays the mean over the step's trained tokens. Higher:
+                fuller devices and more memory; None: ``batch_size``.
             val_fraction: Share of each source held out for validation, in whole groups of rows that
                 share an answer (so no answer is both trained and validated).
             val_max_rows: Cap on validation rows per source, so validation stays cheap on large sources.

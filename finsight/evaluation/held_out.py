@@ -33,7 +33,7 @@ from finsight.evaluation.metrics import (
     FINE_TUNED,
     AnswerRecord,
     EvalExample,
-    EvalSetError,
+    check_eval_source,
     file_examples,
     heldout_examples,
     per_source_table,
@@ -169,8 +169,8 @@ class HeldOutEvaluator(Callback):
             self._answers[BASE] = base
         tokenizer, system_prompt = run_tokenizer(trainer, pl_module)
         examples, described = self.examples(trainer, tokenizer, system_prompt)
-        assistant_name = identity_name(getattr(trainer, "datamodule", None))
         datamodule = getattr(trainer, "datamodule", None)
+        assistant_name = identity_name(datamodule)
         batch_size = max(16, int(getattr(datamodule, "batch_size", 16)))
         stop_ids = stop_token_ids(tokenizer, pl_module.model)
         built: list[str] = []
@@ -241,10 +241,8 @@ class HeldOutEvaluator(Callback):
             described = f"file {self.file} ({self.format})"
             chosen = dict.fromkeys(identity, IDENTITY_CHECKS)
         else:
+            check_eval_source(self.source, names)
             wanted = [self.source] if self.source else [n for n in names if available.get(n)]
-            if self.source and self.source not in names:
-                raise EvalSetError(f"eval.source {self.source!r} is not a source of this run; its sources: "
-                                   f"{', '.join(names) or 'none'}")
             asked, chosen = [], share_fairly({n: available.get(n, 0) for n in wanted}, self.max_samples)
             described = ("validation rows of " + ", ".join(f"{n} ({k})" for n, k in chosen.items() if k)
                          if any(chosen.values()) else "no held-out questions (no validation rows)")

@@ -42,6 +42,7 @@ from torchmetrics.functional.text import rouge_score, squad
 
 from finsight.data.chat import IGNORE_INDEX
 from finsight.data.sources import (
+    BUNDLED_ASSISTANT_NAME,
     DataSourceError,
     SourceConfig,
     SourceFormat,
@@ -197,11 +198,6 @@ def stays_named(answer: str, name: str) -> bool:
             and not any(re.search(rf"\b{re.escape(other)}\b", lowered) for other in others))
 
 
-def stays_finsight(answer: str) -> bool:
-    """The answer names FinSight and no other assistant or model family (the bundled identity)."""
-    return stays_named(answer, "FinSight")
-
-
 # ------------------------------------------------------------------------------------------ aggregation
 
 AnswerKind = Literal["qa", "identity", "prompt"]
@@ -240,7 +236,7 @@ class AnswerEvaluator:
             record.scores = {"rouge_l": rouge_l(answer, reference), "token_f1": token_f1(answer, reference),
                              "numeric_agreement": numeric_agreement(answer, reference, question=question)}
         if kind == "identity":
-            record.scores["identity"] = float(stays_named(answer, assistant_name or "FinSight"))
+            record.scores["identity"] = float(stays_named(answer, assistant_name or BUNDLED_ASSISTANT_NAME))
         record.scores["repetition_3"] = repetition_rate(answer, 3)
         self.records.append(record)
         return record
@@ -339,6 +335,13 @@ def heldout_examples(dataset: Any, source_index: int, tokenizer: PreTrainedToken
         if limit is not None and len(examples) >= limit:
             break
     return examples
+
+
+def check_eval_source(source: str | None, names: Sequence[str]) -> None:
+    """Refuse an ``eval.source`` that is not among the run's source names."""
+    if source and source not in names:
+        raise EvalSetError(f"eval.source {source!r} is not a source of this run; its sources: "
+                           f"{', '.join(map(str, names)) or 'none'}")
 
 
 def eval_file_source(path: str, format: SourceFormat = "qa", columns: dict[str, str] | None = None) -> SourceConfig:

@@ -38,6 +38,7 @@ from finsight.atomic import (
     temporary_sibling,
 )
 from finsight.checkpoint_files import read_checkpoint, verify_deepspeed_folder
+from finsight.class_paths import configured_class
 from finsight.errors import FinSightError
 from finsight.tensors_only import tensors_only
 from finsight.training.checkpoint import tensor_bytes
@@ -322,23 +323,11 @@ class FinSightDeepSpeedStrategy(DeepSpeedStrategy):
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
 
-def strategy_class(strategy: Any) -> type | None:
-    """The class a parsed ``trainer.strategy`` value names (a class_path namespace or mapping, or an instance)."""
-    class_path = strategy.get("class_path") if isinstance(strategy, dict) else getattr(strategy, "class_path", None)
-    if isinstance(class_path, str):
-        module, _, name = class_path.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            return None  # jsonargparse has already rejected unknown classes; nothing to check here
-    return type(strategy) if not isinstance(strategy, str | dict | type(None)) else None
-
-
 def uses_deepspeed(strategy: Any) -> bool:
     """Whether a ``trainer.strategy`` value (name, class_path namespace or instance) selects DeepSpeed."""
     if isinstance(strategy, str):
         return strategy.lower().startswith("deepspeed")
-    cls = strategy_class(strategy)
+    cls = configured_class(strategy)
     return cls is not None and issubclass(cls, DeepSpeedStrategy)
 
 
@@ -349,7 +338,7 @@ def strategy_problem(strategy: Any) -> str | None:
     reason = deepspeed_unavailable_reason()
     if reason:
         return f"DeepSpeed strategy requested, but {reason}"
-    cls = strategy_class(strategy)
+    cls = configured_class(strategy)
     if cls is None or not issubclass(cls, FinSightDeepSpeedStrategy):
         # Lightning's own class (or a registered name such as deepspeed_stage_3) refuses the CPU, scales the loss
         # twice under gradient accumulation and, in stage 3, builds the model inside zero.Init, which a 4-bit

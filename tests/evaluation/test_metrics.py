@@ -20,7 +20,7 @@ from finsight.evaluation.metrics import (
     repetition_rate,
     results_table,
     rouge_l,
-    stays_finsight,
+    stays_named,
     token_f1,
     words,
     write_results,
@@ -97,10 +97,10 @@ def test_repetition_rate_counts_repeated_trigrams():
 
 
 def test_identity_check():
-    assert stays_finsight("I'm FinSight, a finance assistant.")
-    assert not stays_finsight("I am SmolLM, trained by Hugging Face.")
-    assert not stays_finsight("I'm FinSight, built on Llama.")
-    assert not stays_finsight("I am a helpful assistant.")
+    assert stays_named("I'm FinSight, a finance assistant.", "FinSight")
+    assert not stays_named("I am SmolLM, trained by Hugging Face.", "FinSight")
+    assert not stays_named("I'm FinSight, built on Llama.", "FinSight")
+    assert not stays_named("I am a helpful assistant.", "FinSight")
 
 
 def test_evaluator_averages_each_metric_over_the_answers_it_applies_to():

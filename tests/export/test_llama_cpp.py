@@ -8,9 +8,7 @@ Slow: the first run on a machine builds llama.cpp (about 15 minutes on 2 cores);
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +17,7 @@ from pathlib import Path
 import llama_cpp_build
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, free_port, wait_until_healthy
 
 from finsight.cli.lightning_cli import main
 
@@ -37,12 +35,6 @@ Q8_TOLERANCE = 0.04
 @pytest.fixture(scope="module")
 def llama_cpp() -> Path:
     return llama_cpp_build.build()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -66,28 +58,14 @@ SERVER_CPU_ARGS = ["--no-repack"] if _cpu_has_amx() else []
 @contextmanager
 def served(gguf: Path) -> Iterator[str]:
     """``llama-server`` on ``gguf`` with its embedded chat template (``--jinja``), on a free local port."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(llama_cpp_build.binary("llama-server")), "-m", str(gguf), "--jinja", "--host",
                                "127.0.0.1", "--port", str(port), "-c", "1024", "-t", "2", "--no-webui",
                                *SERVER_CPU_ARGS],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                if server.poll() is None:  # still loading after the deadline
-                    server.terminate()
-                output = server.communicate(timeout=30)[0]
-                pytest.fail(f"llama-server did not start on {gguf} (exit status {server.returncode}; a negative "
-                            f"one is the signal that stopped it):\n{(output or '')[-3000:]}")
-            time.sleep(0.5)
+        wait_until_healthy(url, server, f"llama-server on {gguf}")
         yield url
     finally:
         server.terminate()
